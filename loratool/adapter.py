@@ -1,0 +1,114 @@
+"""The canonical in-memory adapter: what every codec reads into and writes from.
+
+Modules are keyed by the name the file uses and point at canonical targets of the architecture.
+Tensors stay on disk until asked for (`Adapter.tensors`), so an adapter of any size costs only its
+header to hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .archs import Architecture, HFArchitecture, Targets
+from .io.source import TensorSource
+from .kinds import Kind
+
+
+@dataclass
+class AdapterModule:
+    name: str  # as written in the file (kohya name, dotted path, ...)
+    kind: Kind
+    keys: dict[str, str]  # role -> tensor key in the source
+    shapes: dict[str, tuple[int, ...]]  # role -> shape, from the header
+    dtypes: dict[str, str]  # role -> safetensors dtype, from the header
+    targets: Targets = ()  # canonical modules; empty when the architecture does not know the name
+    component: str | None = None
+    alpha: float | None = None  # None: not recorded anywhere (alpha = rank then)
+    alpha_key: str | None = None  # the tensor holding alpha, when the layout stores it as a tensor
+    alpha_dtype: str | None = None
+    alpha_source: str = "default"  # tensor | config | metadata | default
+    rslora: bool = False
+    declared_rank: int | None = None  # rank from a config, for kinds whose tensors do not show one
+    transposed: bool = False  # the base weight is stored (in, out) relative to the update (fan_in_fan_out, embeddings)
+    dora_key: str | None = None  # DoRA magnitude (LyCORIS dora_scale or PEFT lora_magnitude_vector)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the factor shapes cannot belong together (None when they can); nothing numeric
+        is computed for a module with a problem."""
+        return self.kind.check(self.shapes)
+
+    @property
+    def rank(self) -> int | None:
+        return self.kind.rank(self.shapes) or self.declared_rank
+
+    @property
+    def effective_alpha(self) -> float | None:
+        """The alpha the math uses: the stored one, or the rank when none is stored."""
+        if self.alpha is not None:
+            return self.alpha
+        return None if self.rank is None else float(self.rank)
+
+    @property
+    def scale(self) -> float:
+        return self.kind.scale(self.alpha, self.shapes, self.rslora, self.declared_rank)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the weight this module updates, oriented as the base model stores it."""
+        shape = self.kind.weight_shape(self.shapes)
+        return (shape[1], shape[0], *shape[2:]) if self.transposed else shape
+
+    @property
+    def parameters(self) -> int:
+        return self.kind.parameters(self.shapes)
+
+    @property
+    def kind_label(self) -> str:
+        return self.kind.name + ("+dora" if self.dora_key else "")
+
+
+@dataclass
+class Orphan:
+    """A tensor that belongs to no complete module."""
+
+    key: str
+    module: str
+    reason: str
+    severity: str = "error"
+
+
+@dataclass
+class Adapter:
+    source: TensorSource
+    format: str
+    variant: str  # which dialect of the format: prefixes used, producing tool, ...
+    arch: Architecture | HFArchitecture | None
+    arch_reason: str
+    modules: dict[str, AdapterModule]
+    metadata: dict[str, str]
+    config: dict | None = None  # PEFT adapter_config.json or diffusers lora_adapter_metadata
+    alpha_convention: str = "tensor"  # where this layout keeps alpha: tensor | config | none
+    orphans: list[Orphan] = field(default_factory=list)
+    extra_keys: dict[str, str] = field(default_factory=dict)  # explained but not adapter tensors: key -> what it is
+
+    @property
+    def arch_name(self) -> str | None:
+        return None if self.arch is None else self.arch.name
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.source.load(key)
+
+    def tensors(self, module: AdapterModule) -> dict[str, torch.Tensor]:
+        return {role: self.source.load(key) for role, key in module.keys.items()}
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,98 @@
+"""Which model a LoRA belongs to, and where each of its modules lives.
+
+`architectures()` loads the generated tables; `detect` picks the architecture whose table explains
+most of a file's module names, breaking ties with metadata and then with factor shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+from .hf import HFArchitecture, detect_hf
+from .table import TABLES, Architecture, Component, FusedSpec, ModuleSpec, Targets, kohya_flat
+
+__all__ = [
+    "ArchDetection",
+    "Architecture",
+    "Component",
+    "FusedSpec",
+    "HFArchitecture",
+    "ModuleSpec",
+    "Targets",
+    "architectures",
+    "detect",
+    "get_architecture",
+    "kohya_flat",
+]
+
+ORDER = ("sd1", "sd2", "sdxl", "flux1")
+
+
+@cache
+def architectures() -> dict[str, Architecture]:
+    return {name: Architecture.load(TABLES / f"{name}.json") for name in ORDER}
+
+
+def get_architecture(name: str) -> Architecture:
+    return architectures()[name]
+
+
+@dataclass
+class ArchDetection:
+    arch: Architecture | HFArchitecture | None
+    resolved: dict[str, Targets]  # file module name -> canonical targets (only names the arch knows)
+    scores: list[tuple[str, int]] = field(default_factory=list)  # (arch name, names explained), best first
+    reason: str = ""
+
+
+def _hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
+    for key, prefixes in arch.hints.items():
+        value = metadata.get(key, "")
+        if value and any(value.startswith(p) for p in prefixes):
+            return True
+    return False
+
+
+def detect(
+    names: list[str],
+    scheme: str,
+    metadata: dict[str, str],
+    implied_shape: Callable[[str], tuple[int, ...] | None] = lambda name: None,
+    hf_name_hint: str | None = None,
+) -> ArchDetection:
+    """Score every table on `names`, written in `scheme` (kohya, diffusers or native names).
+
+    Ties (an SD1 and an SD2 UNet share every module name) go to the architecture the metadata
+    names, then to the one whose full-size shapes match the factors, then to table order.
+    """
+    scored: list[tuple[Architecture, dict[str, Targets]]] = []
+    for arch in architectures().values():
+        index = arch.index(scheme)
+        scored.append((arch, {n: index[n] for n in names if n in index}))
+    scored.sort(key=lambda ar: -len(ar[1]))
+    best_count = len(scored[0][1])
+    scores = [(a.name, len(r)) for a, r in scored]
+    if best_count == 0:
+        hf = detect_hf(names, name_hint=hf_name_hint) if scheme == "diffusers" else None
+        if hf is not None:
+            return ArchDetection(hf, {n: (n,) for n in names}, scores, f"HF {hf.name} module paths")
+        return ArchDetection(None, {}, scores, "no known architecture has these module names")
+    tied = [(a, r) for a, r in scored if len(r) == best_count]
+    reason = f"{best_count} of {len(names)} module names"
+    if len(tied) > 1:
+        by_hint = [(a, r) for a, r in tied if _hint_matches(a, metadata)]
+        if len(by_hint) == 1:
+            tied, reason = by_hint, reason + ", metadata names it"
+        else:
+            shape_scores = [
+                (sum(1 for n, t in r.items() if implied_shape(n) == a.modules[t[0]].shape), a, r) for a, r in tied
+            ]
+            shape_scores.sort(key=lambda s: -s[0])
+            if shape_scores[0][0] > shape_scores[1][0]:
+                tied, reason = [(shape_scores[0][1], shape_scores[0][2])], reason + ", full-size shapes match"
+            else:
+                reason += f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
+    arch, resolved = tied[0]
+    return ArchDetection(arch, resolved, scores, reason)

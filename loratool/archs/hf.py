@@ -1,0 +1,102 @@
+"""HF transformers models, resolved from the file's own module paths.
+
+LLM adapters name modules by their path in the transformers model, so no table of modules is
+needed: the path is the canonical name. What a table adds is the family: which model type a set of
+paths looks like. That knowledge is data below (path patterns per family), checked by tests against
+tiny models built from transformers configs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    model_type: str
+    patterns: tuple[str, ...]  # regexes a module path of this family matches (searched, not anchored at 0)
+    same_names: tuple[str, ...] = ()  # model types whose module paths are identical
+
+
+HF_FAMILIES: tuple[HFFamily, ...] = (
+    HFFamily(
+        "llama",
+        (r"layers\.\d+\.self_attn\.[qkvo]_proj$", r"layers\.\d+\.mlp\.(gate|up|down)_proj$"),
+        ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "olmo", "cohere", "granite", "starcoder2"),
+    ),
+    HFFamily("mixtral", (r"layers\.\d+\.self_attn\.[qkvo]_proj$", r"block_sparse_moe\.(gate|experts\.\d+\.w[123])$")),
+    HFFamily("phi3", (r"layers\.\d+\.self_attn\.(qkv_proj|o_proj)$", r"layers\.\d+\.mlp\.(gate_up_proj|down_proj)$")),
+    HFFamily("phi", (r"layers\.\d+\.self_attn\.([qkv]_proj|dense)$", r"layers\.\d+\.mlp\.fc[12]$")),
+    HFFamily("gpt2", (r"\bh\.\d+\.attn\.c_(attn|proj)$", r"\bh\.\d+\.mlp\.c_(fc|proj)$")),
+    HFFamily(
+        "gpt_neox", (r"layers\.\d+\.attention\.(query_key_value|dense)$", r"layers\.\d+\.mlp\.dense_(h_to_4h|4h_to_h)$")
+    ),
+    HFFamily(
+        "falcon",
+        (r"\bh\.\d+\.self_attention\.(query_key_value|dense)$", r"\bh\.\d+\.mlp\.dense_(h_to_4h|4h_to_h)$"),
+        ("bloom",),
+    ),
+    HFFamily("opt", (r"decoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$", r"decoder\.layers\.\d+\.fc[12]$")),
+    HFFamily(
+        "t5",
+        (
+            r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.[qkvo]$",
+            r"block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)$",
+        ),
+    ),
+    HFFamily(
+        "bert",
+        (
+            r"layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$",
+            r"layer\.\d+\.(intermediate|output)\.dense$",
+        ),
+        ("roberta",),
+    ),
+    HFFamily("clip", (r"layers\.\d+\.self_attn\.(q|k|v|out)_proj$", r"layers\.\d+\.mlp\.fc[12]$")),
+)
+COMMON_LEAVES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "shared", "score", "classifier")
+
+
+@dataclass
+class HFArchitecture:
+    """A transformers model type; canonical module names are the model's own paths."""
+
+    name: str
+    family: HFFamily | None
+    source: str  # how we know: "config" (base config.json), "name" (PEFT base_model_name_or_path), "keys"
+    title: str = "HF transformers model"
+
+    @property
+    def candidates(self) -> list[str]:
+        if self.family is None:
+            return [self.name]
+        return [self.family.model_type, *self.family.same_names]
+
+
+def family_scores(paths: list[str]) -> list[tuple[HFFamily, int]]:
+    """How many of `paths` each family's patterns explain, best first."""
+    scores = []
+    for family in HF_FAMILIES:
+        rx = [re.compile(p) for p in family.patterns]
+        n = sum(1 for p in paths if any(r.search(p) for r in rx) or p.rsplit(".", 1)[-1] in COMMON_LEAVES)
+        scores.append((family, n))
+    return sorted(scores, key=lambda fs: -fs[1])
+
+
+def detect_hf(paths: list[str], config: dict | None = None, name_hint: str | None = None) -> HFArchitecture | None:
+    """Model type from a base config.json if we have one, else from paths, sharpened by a model name."""
+    if config and isinstance(config.get("model_type"), str):
+        model_type = config["model_type"]
+        family = next((f for f in HF_FAMILIES if model_type in (f.model_type, *f.same_names)), None)
+        return HFArchitecture(model_type, family, "config")
+    scored = family_scores(paths)
+    best, count = scored[0]
+    if count == 0:
+        return None
+    if name_hint:
+        hint = name_hint.lower().replace("-", "").replace("_", "")
+        for model_type in sorted((best.model_type, *best.same_names), key=len, reverse=True):
+            if model_type.replace("_", "") in hint:
+                return HFArchitecture(model_type, best, "name")
+    return HFArchitecture(best.model_type, best, "keys")

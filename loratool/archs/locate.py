@@ -1,0 +1,76 @@
+"""Where a canonical module's weight lives in a base checkpoint, in whatever layout the base uses.
+
+A diffusers folder names it `<component>.<path>.weight`; a single file by its LDM/sgm/BFL/OpenCLIP
+key under the component's prefix, possibly as a row block of a fused weight; an HF model by its
+own path. Row blocks are computed from the base weight's shape, never from constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from dataclasses import dataclass
+
+from .hf import HFArchitecture
+from .table import Architecture, Targets, level_variants
+
+
+@dataclass(frozen=True)
+class Location:
+    key: str  # key in the base source
+    rows: tuple[int, int] | None = None  # row block of a fused weight
+    transposed: bool = False  # stored (in, out)
+    swap_halves: bool = False  # rows are the canonical halves swapped (Flux final modulation)
+
+
+def _locate_one(
+    arch: Architecture, target: str, keys: Container[str], shape_of: Callable[[str], tuple[int, ...]]
+) -> Location | None:
+    spec = arch.modules[target]
+    comp = arch.components[spec.component]
+    for variant in level_variants(spec.path, comp.optional_levels):
+        key = f"{comp.name}.{variant}.weight"
+        if key in keys:
+            return Location(key)
+    for prefix in comp.file_prefixes:
+        if spec.native_weight is not None:
+            key = prefix + spec.native_weight
+            if key in keys:
+                return Location(key, None, spec.transposed, spec.rows == "swap_halves")
+        elif spec.fused is not None:
+            group = arch.fused[spec.fused]
+            key = prefix + group.weight
+            if key in keys:
+                out_features, in_features = shape_of(key)[:2]
+                sizes = group.row_sizes(in_features, out_features)
+                start = sum(sizes[: spec.part])
+                return Location(key, (start, start + sizes[spec.part]))
+    return None
+
+
+def _hf_candidates(path: str) -> list[str]:
+    """An adapter made on a CausalLM names `model.layers...`; a bare base model saves `layers...`."""
+    out = [path + ".weight"]
+    if path.startswith("model."):
+        out.append(path[len("model.") :] + ".weight")
+    else:
+        out.append("model." + path + ".weight")
+    return out
+
+
+def locate(
+    arch: Architecture | HFArchitecture,
+    targets: Targets,
+    keys: Container[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+) -> list[Location] | None:
+    """One location per target, or None when the base lacks any of them."""
+    found: list[Location] = []
+    for target in targets:
+        if isinstance(arch, HFArchitecture):
+            location = next((Location(k) for k in _hf_candidates(target) if k in keys), None)
+        else:
+            location = _locate_one(arch, target, keys, shape_of)
+        if location is None:
+            return None
+        found.append(location)
+    return found

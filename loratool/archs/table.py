@@ -1,0 +1,205 @@
+"""Architecture tables: every module of a model family and its name in every layout.
+
+A table is data generated from the reference implementations (see `generate.py`). Here it becomes
+lookups: any name a LoRA file may use for a module (kohya, diffusers/PEFT path, single-file path
+with the prefixes ComfyUI and BFL use) maps to a tuple of canonical module names. A tuple longer
+than one means the name covers a fused weight (Flux `qkv`/`linear1`, OpenCLIP `in_proj`) whose row
+blocks are those modules, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+TABLES = Path(__file__).with_name("tables")
+
+Targets = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KohyaNaming:
+    prefix: str
+    paths: str  # "native" (single-file module path) or "name" (diffusers/HF path)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # diffusers component name: unet, text_encoder, text_encoder_2, transformer
+    short: str  # what users call it: unet, te, te1, te2, t5, transformer
+    kohya: tuple[KohyaNaming, ...]
+    file_prefixes: tuple[str, ...]  # prefixes of this component's keys in single-file checkpoints
+    lora_prefixes: tuple[str, ...]  # prefixes LoRA files use with single-file module paths
+    optional_levels: tuple[str, ...] = ()  # path levels some library versions omit (CLIP's text_model.)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    name: str  # canonical: "<component>.<diffusers or HF path>"
+    component: str
+    type: str  # linear | conv | embedding
+    shape: tuple[int, ...]  # full-size weight shape, informational: narrow test models differ
+    target: str  # default | conv | extra: which modules trainers adapt by default
+    native: str | None = None  # module path in the single-file layout (None: lives in a fused weight)
+    weight: str | None = None  # parameter key when it is not native + ".weight"
+    transposed: bool = False  # single-file parameter stored as (in, out)
+    rows: str | None = None  # "swap_halves": single-file rows are the diffusers halves swapped
+    fused: str | None = None  # fused group this module is a row block of
+    part: int | None = None
+
+    @property
+    def path(self) -> str:
+        return self.name[len(self.component) + 1 :]
+
+    @property
+    def native_weight(self) -> str | None:
+        if self.native is None:
+            return None
+        return self.weight or self.native + ".weight"
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    name: str
+    component: str
+    native: str
+    weight: str
+    sizes: tuple[str, ...]  # per part: "in" (rows = the weight's input width) or "rest"
+    parts: Targets
+
+    def row_sizes(self, in_features: int, out_features: int) -> list[int]:
+        """Rows of each part for a concrete weight: widths come from the tensors, never from constants."""
+        fixed = sum(1 for s in self.sizes if s == "in") * in_features
+        return [in_features if s == "in" else out_features - fixed for s in self.sizes]
+
+
+def kohya_flat(path: str) -> str:
+    """kohya's module naming: every '.' of the path becomes '_'."""
+    return path.replace(".", "_")
+
+
+@dataclass
+class Architecture:
+    name: str
+    title: str
+    hints: dict[str, list[str]]
+    components: dict[str, Component]
+    modules: dict[str, ModuleSpec]
+    fused: dict[str, FusedSpec]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Architecture:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        components = {
+            c["name"]: Component(
+                name=c["name"],
+                short=c["short"],
+                kohya=tuple(KohyaNaming(k["prefix"], k["paths"]) for k in c["kohya"]),
+                file_prefixes=tuple(c["file_prefixes"]),
+                lora_prefixes=tuple(c["lora_prefixes"]),
+                optional_levels=tuple(c.get("optional_levels", ())),
+            )
+            for c in data["components"]
+        }
+        modules = {}
+        for m in data["modules"]:
+            component = m["name"].split(".", 1)[0]
+            modules[m["name"]] = ModuleSpec(
+                name=m["name"],
+                component=component,
+                type=m["type"],
+                shape=tuple(m["shape"]),
+                target=m["target"],
+                native=m.get("native"),
+                weight=m.get("weight"),
+                transposed=m.get("transposed", False),
+                rows=m.get("rows"),
+                fused=m.get("fused"),
+                part=m.get("part"),
+            )
+        fused = {
+            f["name"]: FusedSpec(
+                f["name"], f["name"].split(".", 1)[0], f["native"], f["weight"], tuple(f["sizes"]), tuple(f["parts"])
+            )
+            for f in data["fused"]
+        }
+        return cls(data["arch"], data["title"], data["hints"], components, modules, fused, data.get("sources", {}))
+
+    # -- names in the layouts LoRA files use ---------------------------------------------------------
+    @cached_property
+    def kohya_index(self) -> dict[str, Targets]:
+        """kohya/LyCORIS module name -> canonical modules."""
+        index: dict[str, Targets] = {}
+        for spec in self.modules.values():
+            comp = self.components[spec.component]
+            for naming in comp.kohya:
+                path = spec.path if naming.paths == "name" else spec.native
+                if path is not None:
+                    _add(index, naming.prefix + kohya_flat(path), (spec.name,))
+        for group in self.fused.values():
+            for naming in self.components[group.component].kohya:
+                if naming.paths == "native":
+                    _add(index, naming.prefix + kohya_flat(group.native), group.parts)
+        return index
+
+    @cached_property
+    def path_index(self) -> dict[str, Targets]:
+        """diffusers/PEFT dotted names (`component.path`, with optional levels dropped) -> modules."""
+        index: dict[str, Targets] = {}
+        for spec in self.modules.values():
+            comp = self.components[spec.component]
+            for variant in level_variants(spec.path, comp.optional_levels):
+                _add(index, f"{comp.name}.{variant}", (spec.name,))
+        return index
+
+    @cached_property
+    def native_index(self) -> dict[str, Targets]:
+        """Single-file module paths under the prefixes ComfyUI and BFL files use -> modules."""
+        index: dict[str, Targets] = {}
+        for spec in self.modules.values():
+            if spec.native is not None:
+                for prefix in self.components[spec.component].lora_prefixes:
+                    _add(index, prefix + spec.native, (spec.name,))
+        for group in self.fused.values():
+            for prefix in self.components[group.component].lora_prefixes:
+                _add(index, prefix + group.native, group.parts)
+        return index
+
+    def index(self, scheme: str) -> dict[str, Targets]:
+        return {"kohya": self.kohya_index, "diffusers": self.path_index, "native": self.native_index}[scheme]
+
+    def kohya_name(self, target: str) -> str:
+        """The name kohya, A1111 and ComfyUI expect (first naming of the component)."""
+        spec = self.modules[target]
+        naming = self.components[spec.component].kohya[0]
+        path = spec.path if naming.paths == "name" else spec.native
+        if path is None:
+            raise KeyError(f"{target} has no kohya name of its own: it is a slice of {spec.fused}")
+        return naming.prefix + kohya_flat(path)
+
+    def fused_group(self, targets: Targets) -> FusedSpec | None:
+        """The fused weight whose row blocks are exactly `targets` in order, if there is one."""
+        if len(targets) < 2:
+            return None
+        group = self.fused.get(self.modules[targets[0]].fused or "")
+        return group if group is not None and group.parts == targets else None
+
+    def component_of(self, target: str) -> Component:
+        return self.components[self.modules[target].component]
+
+
+def level_variants(path: str, levels: tuple[str, ...]) -> list[str]:
+    out = [path]
+    for level in levels:
+        if path.startswith(level):
+            out.append(path[len(level) :])
+    return out
+
+
+def _add(index: dict[str, Targets], key: str, targets: Targets) -> None:
+    previous = index.setdefault(key, targets)
+    if previous != targets:
+        raise ValueError(f"architecture table maps {key!r} to both {previous} and {targets}")

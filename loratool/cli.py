@@ -1,0 +1,71 @@
+"""Command line: parse, call the library, render. No math and no file formats here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import EXIT_UNUSABLE, FindingsError, LoratoolError
+from .inspection import inspect as inspect_file
+from .report import error_line, print_json, progress_bar, render_inspect, stdout_console
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure becomes one line on stderr and a documented exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LoratoolError as exc:
+            error_line(exc.message)
+            sys.exit(exc.exit_code)
+        except MemoryError:
+            error_line("out of memory")
+            sys.exit(EXIT_UNUSABLE)
+        except Exception as exc:  # anything unforeseen still must not print a traceback
+            error_line(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (please report this)")
+            sys.exit(EXIT_UNUSABLE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratool")
+def main() -> None:
+    """Inspect, convert, merge and extract LoRA adapters (SD1.x/2.x, SDXL, Flux, PEFT LLMs)."""
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--base", type=click.Path(path_type=str), help="Base checkpoint: check shapes and merged values on it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any error-level finding is reported.")
+@click.option("--keys", is_flag=True, help="List every module (always present in --json).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool, quiet: bool) -> None:
+    """Describe a LoRA file or PEFT adapter dir and report problems in it.
+
+    \b
+    Example:
+      loratool inspect my_lora.safetensors --keys
+      loratool inspect adapter_dir/ --base model_dir/ --json --strict
+    """
+    with progress_bar("inspecting", enabled=not quiet) as progress:
+        report = inspect_file(path, base=base, progress=progress)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_inspect(report, stdout_console(), show_keys=keys)
+    if strict and report.count("error"):
+        raise FindingsError(f"{report.count('error')} error-level finding(s) in {path}")
+
+
+if __name__ == "__main__":
+    main()

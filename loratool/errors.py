@@ -1,0 +1,51 @@
+"""One exception family for everything the tool refuses to do.
+
+Library code raises these; the CLI turns each into a single line on stderr and the exit code the
+class carries, so a user never sees a traceback for a problem with their input.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_UNUSABLE = 2
+
+
+class LoratoolError(Exception):
+    """Base class: a problem we can explain in one line."""
+
+    exit_code = EXIT_UNUSABLE
+
+    def __init__(self, message: str) -> None:
+        # Keep the message on one line whatever the caller interpolated into it.
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InputError(LoratoolError):
+    """An input file or directory is missing, unreadable or not what it claims to be."""
+
+
+class FormatError(InputError):
+    """The file is readable but no layout we know explains it."""
+
+
+class ArchitectureError(InputError):
+    """The adapter's modules cannot be placed on a known architecture or on the given base."""
+
+
+class OutputError(LoratoolError):
+    """The output path is unusable: exists without --force, is an input, or cannot be written."""
+
+
+class UsageError(LoratoolError):
+    """Options that contradict each other or name something that does not exist."""
+
+
+class FindingsError(LoratoolError):
+    """Verification found error-level problems (for example `inspect --strict`)."""
+
+    exit_code = EXIT_FINDINGS

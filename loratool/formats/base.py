@@ -1,0 +1,157 @@
+"""What every format codec does, and the assembly steps they share.
+
+A codec first *claims* the keys its layout explains (cheap: names only), so detection can score
+every codec on the same file; the winner then *reads* the file into an `Adapter`. Grouping tensors
+into modules, asking the kinds which tensors they are, and placing modules on an architecture are
+the same for every layout and live here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..adapter import Adapter, AdapterModule, Orphan
+from ..archs import ArchDetection, detect
+from ..io.source import TensorSource
+from ..kinds import Kind, suffix_table
+
+# Tensors that modify a module of any kind rather than being one of its factors.
+MODIFIERS: dict[str, dict[str, str]] = {
+    "kohya": {"alpha": "alpha", "dora_scale": "dora"},
+    "peft": {"alpha": "alpha", "lora_magnitude_vector": "dora"},
+    "legacy": {},
+}
+
+
+@dataclass
+class Claim:
+    """The keys one codec explains: key -> (module name as written, tensor suffix)."""
+
+    codec: Codec
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # explained keys that are not adapter tensors
+
+    @property
+    def count(self) -> int:
+        return len(self.keys) + len(self.extra)
+
+
+class Codec(ABC):
+    name: str  # the format name reported to users
+    alpha_convention = "tensor"  # where the layout keeps alpha: tensor | config | none
+
+    @abstractmethod
+    def claim(self, source: TensorSource) -> Claim:
+        """Explain what you can of the file's keys, by name alone."""
+
+    @abstractmethod
+    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+        """Build the adapter from the keys this codec claimed."""
+
+
+def split_dotted(key: str, suffixes: Iterable[str]) -> tuple[str, str] | None:
+    """`path.to.module.lora_A.weight` -> (`path.to.module`, `lora_A.weight`), longest suffix first."""
+    for suffix in suffixes:
+        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+            return key[: -len(suffix) - 1], suffix
+    return None
+
+
+def suffixes_longest_first(*tables: dict[str, object]) -> list[str]:
+    return sorted({s for t in tables for s in t}, key=len, reverse=True)
+
+
+def group_by_module(claimed: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
+    modules: dict[str, dict[str, str]] = {}
+    for key, (module, suffix) in claimed.items():
+        modules.setdefault(module, {})[suffix] = key
+    return modules
+
+
+def build_modules(
+    source: TensorSource,
+    claimed: dict[str, tuple[str, str]],
+    schemes: tuple[str, ...],
+) -> tuple[dict[str, AdapterModule], list[Orphan]]:
+    """Group tensors into modules and let the kinds say which module each set of tensors is."""
+    table: dict[str, tuple[Kind, str]] = {}
+    modifiers: dict[str, str] = {}
+    for scheme in schemes:
+        table.update(suffix_table(scheme))
+        modifiers.update(MODIFIERS[scheme])
+    modules: dict[str, AdapterModule] = {}
+    orphans: list[Orphan] = []
+    for name, by_suffix in group_by_module(claimed).items():
+        kinds = {table[s][0].name: table[s][0] for s in by_suffix if s in table}
+        factor_keys = {s: k for s, k in by_suffix.items() if s in table}
+        mods = {modifiers[s]: k for s, k in by_suffix.items() if s in modifiers}
+        if len(kinds) != 1:
+            why = (
+                f"{', '.join(sorted(mods)) or 'tensor'} without any factors"
+                if not kinds
+                else f"tensors of several kinds ({', '.join(sorted(kinds))}) under one module name"
+            )
+            severity = "warning" if not kinds else "error"
+            orphans.extend(Orphan(k, name, why, severity) for k in by_suffix.values())
+            continue
+        kind = next(iter(kinds.values()))
+        keys = {table[s][1]: k for s, k in factor_keys.items()}
+        missing = kind.missing(set(keys))
+        if missing:
+            why = f"{kind.label} module without {', '.join(missing)}"
+            orphans.extend(Orphan(k, name, why) for k in by_suffix.values())
+            continue
+        infos = {role: source.info(k) for role, k in keys.items()}
+        module = AdapterModule(
+            name=name,
+            kind=kind,
+            keys=keys,
+            shapes={role: i.shape for role, i in infos.items()},
+            dtypes={role: i.dtype for role, i in infos.items()},
+            dora_key=mods.get("dora"),
+        )
+        if "alpha" in mods:
+            info = source.info(mods["alpha"])
+            module.alpha_key, module.alpha_dtype = mods["alpha"], info.dtype
+            if info.numel == 1:
+                module.alpha = float(source.load(mods["alpha"]).float().reshape(()))
+                module.alpha_source = "tensor"
+            else:
+                orphans.append(Orphan(mods["alpha"], name, f"alpha has {info.numel} values, expected one"))
+        modules[name] = module
+    return modules, orphans
+
+
+def implied_shape_of(modules: dict[str, AdapterModule]) -> Callable[[str], tuple[int, ...] | None]:
+    def implied(name: str) -> tuple[int, ...] | None:
+        module = modules.get(name)
+        if module is None or module.kind.check(module.shapes):
+            return None
+        return module.weight_shape
+
+    return implied
+
+
+def place_on_architecture(
+    modules: dict[str, AdapterModule],
+    scheme: str,
+    metadata: dict[str, str],
+    names: Callable[[str], str] = lambda name: name,
+    hf_name_hint: str | None = None,
+) -> ArchDetection:
+    """Detect the architecture from module names and record each module's canonical targets.
+
+    `names` maps a module name as written to the name the architecture index uses (codecs whose
+    keys carry a wrapper prefix strip it here).
+    """
+    lookup = {names(m): m for m in modules}
+    implied = implied_shape_of(modules)
+    found = detect(list(lookup), scheme, metadata, lambda n: implied(lookup[n]), hf_name_hint)
+    for index_name, targets in found.resolved.items():
+        module = modules[lookup[index_name]]
+        module.targets = targets
+        if found.arch is not None and hasattr(found.arch, "modules"):
+            module.component = found.arch.modules[targets[0]].component
+    return found

@@ -1,0 +1,91 @@
+"""diffusers' PEFT-style LoRA files: `<component>.<module path>.lora_A.weight` / `.lora_B.weight`.
+
+Alphas travel in the header key `lora_adapter_metadata` (a LoraConfig dict, its keys prefixed with
+the component when a pipeline saved several). Without it, `<module>.alpha` tensors are used if the
+file has them (as diffusers does), else alpha = rank.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..adapter import Adapter
+from ..archs import architectures
+from ..io.source import TensorSource
+from ..kinds import suffix_table
+from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .peft_config import pattern_value
+
+METADATA_KEY = "lora_adapter_metadata"
+EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
+
+
+def diffusers_components() -> set[str]:
+    return {c for arch in architectures().values() for c in arch.components}
+
+
+def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
+    """Per-component LoraConfig dicts from `lora_adapter_metadata`; key "" when not prefixed."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    components = diffusers_components()
+    configs: dict[str, dict] = {}
+    for key, value in data.items():
+        head, dot, field = key.partition(".")
+        if dot and head in components:
+            configs.setdefault(head, {})[field] = value
+        else:
+            configs.setdefault("", {})[key] = value
+    return configs
+
+
+class DiffusersCodec(Codec):
+    name = "diffusers"
+    alpha_convention = "config"
+
+    def claim(self, source: TensorSource) -> Claim:
+        suffixes = suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
+        components = diffusers_components()
+        claim = Claim(self)
+        for key in source:
+            if key.partition(".")[0] in components:
+                split = split_dotted(key, suffixes)
+                if split is not None:
+                    claim.keys[key] = split
+        return claim
+
+    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+        metadata = source.metadata
+        modules, orphans = build_modules(source, claim.keys, ("peft",))
+        configs = component_configs(metadata)
+        embeddings = {module for module, suffix in claim.keys.values() if suffix in EMBEDDING_SUFFIXES}
+        for name, module in modules.items():
+            component, _, path = name.partition(".")
+            config = (configs or {}).get(component, (configs or {}).get(""))
+            if config is not None:
+                module.alpha = float(pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
+                module.alpha_source = "metadata"
+                module.rslora = bool(config.get("use_rslora", False))
+                module.declared_rank = int(pattern_value(config.get("rank_pattern"), path, config.get("r", 8)))
+            module.transposed = name in embeddings
+        found = place_on_architecture(modules, "diffusers", metadata)
+        stored_alphas = any(m.alpha_source == "tensor" for m in modules.values())
+        return Adapter(
+            source=source,
+            format="diffusers",
+            variant="lora_adapter_metadata" if configs else (".alpha tensors" if stored_alphas else "no alphas"),
+            arch=found.arch,
+            arch_reason=found.reason,
+            modules=modules,
+            metadata=metadata,
+            config=configs,
+            alpha_convention="tensor" if stored_alphas and not configs else self.alpha_convention,
+            orphans=orphans,
+        )

@@ -1,0 +1,74 @@
+"""diffusers' legacy attention-processor LoRA files (diffusers < 0.20 and their trainers).
+
+UNet attention: `<attn>.processor.to_q_lora.down.weight`; other modules `<module>.lora.down.weight`;
+text encoder `<attn>.to_q_lora.down.weight` or `<proj>.lora_linear_layer.down.weight`. These files
+carry no alpha: diffusers applied them at scale 1.
+"""
+
+from __future__ import annotations
+
+from ..adapter import Adapter
+from ..io.source import TensorSource
+from ..kinds import suffix_table
+from .base import Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .diffusers import diffusers_components
+
+# Module-name endings of the legacy layout -> the module path ending they stand for, first match wins.
+LEGACY_ENDINGS: tuple[tuple[str, str], ...] = (
+    (".processor.to_q_lora", ".to_q"),
+    (".processor.to_k_lora", ".to_k"),
+    (".processor.to_v_lora", ".to_v"),
+    (".processor.to_out_lora", ".to_out.0"),
+    (".self_attn.to_q_lora", ".self_attn.q_proj"),
+    (".self_attn.to_k_lora", ".self_attn.k_proj"),
+    (".self_attn.to_v_lora", ".self_attn.v_proj"),
+    (".self_attn.to_out_lora", ".self_attn.out_proj"),
+    (".to_q_lora", ".to_q"),
+    (".to_k_lora", ".to_k"),
+    (".to_v_lora", ".to_v"),
+    (".to_out_lora", ".to_out.0"),
+    (".lora_linear_layer", ""),
+    (".lora", ""),
+)
+
+
+def legacy_to_path(module: str, components: set[str]) -> str | None:
+    for ending, replacement in LEGACY_ENDINGS:
+        if module.endswith(ending):
+            path = module[: -len(ending)] + replacement
+            # The oldest files saved the UNet's processors without a component prefix.
+            return path if path.partition(".")[0] in components else "unet." + path
+    return None
+
+
+class LegacyCodec(Codec):
+    name = "diffusers-legacy"
+    alpha_convention = "none"
+
+    def claim(self, source: TensorSource) -> Claim:
+        suffixes = suffixes_longest_first(suffix_table("legacy"))
+        components = diffusers_components()
+        claim = Claim(self)
+        for key in source:
+            split = split_dotted(key, suffixes)
+            if split is not None and legacy_to_path(split[0], components) is not None:
+                claim.keys[key] = split
+        return claim
+
+    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+        modules, orphans = build_modules(source, claim.keys, ("legacy",))
+        components = diffusers_components()
+        found = place_on_architecture(
+            modules, "diffusers", source.metadata, names=lambda m: legacy_to_path(m, components) or m
+        )
+        return Adapter(
+            source=source,
+            format=self.name,
+            variant="attention processors",
+            arch=found.arch,
+            arch_reason=found.reason,
+            modules=modules,
+            metadata=source.metadata,
+            alpha_convention=self.alpha_convention,
+            orphans=orphans,
+        )

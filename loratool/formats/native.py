@@ -1,0 +1,56 @@
+"""LoRA files named after the original single-file checkpoint: ComfyUI saves and BFL's own LoRAs.
+
+Module paths are the LDM/sgm/BFL/OpenCLIP ones (`diffusion_model.double_blocks.0.img_attn.qkv`,
+`text_encoders.clip_l.transformer.text_model...`), with either kohya tensor names
+(`lora_down.weight`, `alpha`) or PEFT ones (`lora_A.weight`).
+"""
+
+from __future__ import annotations
+
+from ..adapter import Adapter
+from ..archs import architectures
+from ..io.source import TensorSource
+from ..kinds import suffix_table
+from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+
+
+class NativeCodec(Codec):
+    name = "comfyui"
+    alpha_convention = "tensor"
+
+    def claim(self, source: TensorSource) -> Claim:
+        suffixes = suffixes_longest_first(
+            suffix_table("kohya"), suffix_table("peft"), MODIFIERS["kohya"], MODIFIERS["peft"]
+        )
+        known = set().union(*(arch.native_index for arch in architectures().values()))
+        claim = Claim(self)
+        for key in source:
+            split = split_dotted(key, suffixes)
+            if split is not None and split[0] in known:
+                claim.keys[key] = split
+        return claim
+
+    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+        modules, orphans = build_modules(source, claim.keys, ("kohya", "peft"))
+        found = place_on_architecture(modules, "native", source.metadata)
+        kohya_names = set(suffix_table("kohya")) - set(suffix_table("peft"))
+        tensor_alphas = any(s == "alpha" or s in kohya_names for _, s in claim.keys.values())
+        prefixes = sorted({_prefix_of(name, found.arch) for name in modules})
+        return Adapter(
+            source=source,
+            format=self.name,
+            variant=", ".join(p or "(no prefix)" for p in prefixes),
+            arch=found.arch,
+            arch_reason=found.reason,
+            modules=modules,
+            metadata=source.metadata,
+            alpha_convention="tensor" if tensor_alphas else "config",
+            orphans=orphans,
+        )
+
+
+def _prefix_of(name: str, arch: object) -> str:
+    prefixes = sorted(
+        {p for c in getattr(arch, "components", {}).values() for p in c.lora_prefixes}, key=len, reverse=True
+    )
+    return next((p for p in prefixes if p and name.startswith(p)), "")

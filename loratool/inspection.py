@@ -1,0 +1,369 @@
+"""`inspect`: everything a file says about itself, and what is wrong with it.
+
+Headers first (format, architecture, ranks, alphas, shapes, metadata checks), then one pass over
+the data in file order: each tensor is read once, hashed for `sshs_model_hash`, and a module is
+checked as soon as its last tensor has arrived, so memory holds a few modules at most.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter, AdapterModule
+from .archs import Architecture, HFArchitecture
+from .archs.hf import detect_hf
+from .archs.locate import locate
+from .errors import InputError
+from .formats import Detection, read_adapter
+from .io.safetensors_file import SafetensorsFile, tensor_from_bytes
+from .io.source import TensorSource, open_source
+from .ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+METADATA_SUMMARY_KEYS = (
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "ss_sd_model_name",
+    "ss_output_name",
+    "ss_training_comment",
+    "ss_num_epochs",
+    "ss_max_train_steps",
+    "ss_learning_rate",
+    "ss_resolution",
+    "ss_mixed_precision",
+)
+PEFT_SUMMARY_KEYS = (
+    "peft_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "alpha",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "lora_bias",
+    "task_type",
+)
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    targets: list[str]
+    target: str  # targets shown compactly
+    component: str | None
+    kind: str
+    rank: int | None
+    alpha: float | None
+    alpha_source: str
+    scale: float | None
+    dtype: str
+    shape: list[int]
+    parameters: int
+    dw_norm: float | None = None
+    numerical_rank: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class InspectReport:
+    path: str
+    file_size: int
+    tensors: int
+    format: str
+    variant: str
+    format_share: float
+    runner_up: tuple[str, int] | None
+    unexplained: list[str]
+    architecture: str | None
+    architecture_title: str | None
+    architecture_reason: str
+    modules: list[ModuleReport]
+    findings: list[Finding]
+    metadata: dict[str, str]
+    config: dict | None
+    base: str | None = None
+    summary: dict[str, object] = field(default_factory=dict)
+
+    def count(self, severity: str) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "architecture": self.architecture,
+            "summary": self.summary,
+            "metadata": {"header": self.metadata, "config": self.config},
+            "modules": [m.to_json() for m in self.modules],
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def compact_targets(targets: tuple[str, ...]) -> str:
+    """`a.b.{q,k,v}` for several targets that share a path."""
+    if len(targets) <= 1:
+        return targets[0] if targets else ""
+    split = [t.split(".") for t in targets]
+    common = os.path.commonprefix(split)  # noqa: RUF071 - lists of path parts, not strings
+    tails = [".".join(s[len(common) :]) for s in split]
+    return ".".join(common) + ".{" + ",".join(tails) + "}"
+
+
+class BaseWeights:
+    """Looks up the base weights a module updates, loading only those tensors."""
+
+    def __init__(self, path: str | os.PathLike, adapter: Adapter) -> None:
+        self.source: TensorSource = open_source(path)
+        self.arch = adapter.arch
+        if isinstance(self.arch, HFArchitecture) and self.source.config:
+            self.arch = detect_hf([], config=self.source.config) or self.arch
+
+    def pieces(self, module: AdapterModule) -> list[BasePiece] | None:
+        if self.arch is None or not module.targets:
+            return None
+        found = locate(self.arch, module.targets, self.source, lambda k: self.source.info(k).shape)
+        if found is None:
+            return None
+        pieces = []
+        for location in found:
+            weight = self.source.load(location.key)
+            if location.rows is not None:
+                weight = weight[location.rows[0] : location.rows[1]]
+            pieces.append(BasePiece(location, weight, self.source.info(location.key).dtype))
+        return pieces
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _module_report(adapter: Adapter, module: AdapterModule, facts: ModuleFacts) -> ModuleReport:
+    arch = adapter.arch
+    component = module.component
+    if component is not None and isinstance(arch, Architecture):
+        component = arch.components[component].short
+    ok = module.problem is None
+    return ModuleReport(
+        name=module.name,
+        targets=list(module.targets),
+        target=compact_targets(module.targets),
+        component=component if component is not None else ("model" if isinstance(arch, HFArchitecture) else None),
+        kind=module.kind_label,
+        rank=module.rank if ok else None,
+        alpha=module.effective_alpha if ok else module.alpha,
+        alpha_source=module.alpha_source,
+        scale=module.scale if ok else None,
+        dtype="/".join(sorted(set(module.dtypes.values()))),
+        shape=list(module.weight_shape) if ok else [],
+        parameters=module.parameters,
+        dw_norm=facts.dw_norm,
+        numerical_rank=facts.numerical_rank,
+    )
+
+
+def _data_pass(
+    adapter: Adapter,
+    checker: Checker,
+    base: BaseWeights | None,
+    progress: Progress | None,
+) -> tuple[dict[str, ModuleFacts], list[Finding], str]:
+    """Read every tensor once in file order; check each module when its last tensor arrives."""
+    (file,) = adapter.source.files  # a LoRA is always one safetensors file
+    owner: dict[str, tuple[str, str]] = {}
+    for module in adapter.modules.values():
+        owner.update({key: (module.name, role) for role, key in module.keys.items()})
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    facts: dict[str, ModuleFacts] = {}
+    findings: list[Finding] = []
+    sha = hashlib.sha256()
+    done, total = 0, file.file_size - file.data_start
+    for key in file:
+        raw = file.read_bytes(key)
+        sha.update(raw)
+        done += len(raw)
+        if key in owner:
+            name, role = owner[key]
+            module = adapter.modules[name]
+            tensors = pending.setdefault(name, {})
+            tensors[role] = tensor_from_bytes(raw, file.info(key))
+            if len(tensors) == len(module.keys):
+                del pending[name]
+                facts[name], module_findings = _check_module(adapter, module, tensors, checker, base)
+                findings += module_findings
+        if progress is not None:
+            progress(done, total)
+    return facts, findings, sha.hexdigest()
+
+
+def _check_module(
+    adapter: Adapter,
+    module: AdapterModule,
+    tensors: dict[str, torch.Tensor],
+    checker: Checker,
+    base: BaseWeights | None,
+) -> tuple[ModuleFacts, list[Finding]]:
+    if base is None:
+        return checker.module(module, tensors)
+    pieces = base.pieces(module) if module.problem is None else None
+    if pieces is None:
+        if module.problem is not None:
+            return checker.module(module, tensors)
+        facts, out = checker.module(module, tensors)
+        where = compact_targets(module.targets) or "this module"
+        return facts, [
+            *out,
+            finding(
+                "unknown-key", module.name, f"the base has no weight for {where}: a merge cannot apply it", "error"
+            ),
+        ]
+    facts, out = checker.module(module, tensors, pieces)
+    facts.base_parameters = sum(p.weight.numel() for p in pieces)
+    return facts, out
+
+
+def _hash_findings(file: SafetensorsFile, metadata: dict[str, str], data_sha: str) -> list[Finding]:
+    out = []
+    stored = metadata.get("sshs_model_hash")
+    if stored and stored.lower() != data_sha:
+        out.append(
+            finding(
+                "hash-mismatch",
+                None,
+                f"sshs_model_hash {stored[:12]}... does not match the data "
+                f"({data_sha[:12]}...): the file changed after it was hashed",
+            )
+        )
+    legacy = metadata.get("sshs_legacy_hash")
+    if legacy:
+        with open(file.path, "rb") as fh:
+            fh.seek(0x100000)
+            actual = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+        if legacy.lower() != actual:
+            out.append(finding("hash-mismatch", None, f"sshs_legacy_hash {legacy} does not match the file ({actual})"))
+    return out
+
+
+def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base_params: int | None) -> dict:
+    modules = report.modules
+    trainable = sum(m.parameters for m in modules)
+    targeted = base_params if base_params is not None else sum(math.prod(m.shape) for m in modules if m.shape)
+    return {
+        "format": {
+            "name": report.format,
+            "variant": report.variant,
+            "keys_explained": round(report.format_share, 4),
+            "runner_up": None
+            if detection.runner_up is None
+            else {"name": detection.runner_up[0], "keys_explained": round(detection.runner_up[1] / detection.total, 4)},
+            "unexplained_keys": report.unexplained,
+        },
+        "architecture": {
+            "name": report.architecture,
+            "title": report.architecture_title,
+            "reason": report.architecture_reason,
+            "candidates": adapter.arch.candidates if isinstance(adapter.arch, HFArchitecture) else None,
+        },
+        "modules": len(modules),
+        "kinds": dict(Counter(m.kind for m in modules)),
+        "components": dict(Counter(m.component or "unknown" for m in modules)),
+        "ranks": _counts(m.rank for m in modules),
+        "alphas": _counts(m.alpha for m in modules),
+        "scales": _counts(None if m.scale is None else round(m.scale, 6) for m in modules),
+        "dtypes": dict(Counter(dt for m in adapter.modules.values() for dt in m.dtypes.values())),
+        "rslora": any(m.rslora for m in adapter.modules.values()),
+        "trainable_parameters": trainable,
+        "targeted_base_parameters": targeted,
+        "parameter_ratio": trainable / targeted if targeted else None,
+        "file_size": report.file_size,
+        "tensors": report.tensors,
+        "findings": {s: report.count(s) for s in ("error", "warning", "info")},
+        "metadata": _metadata_summary(adapter),
+        "base": report.base,
+    }
+
+
+def _counts(values: object) -> dict[str, int]:
+    counter = Counter(values)
+    return {
+        ("none" if k is None else f"{k:g}" if isinstance(k, float) else str(k)): n
+        for k, n in sorted(counter.items(), key=lambda kn: (kn[0] is None, kn[0] if kn[0] is not None else 0))
+    }
+
+
+def _metadata_summary(adapter: Adapter) -> dict[str, object]:
+    meta = adapter.metadata
+    out: dict[str, object] = {k: meta[k] for k in METADATA_SUMMARY_KEYS if k in meta}
+    out.update({k: v for k, v in meta.items() if k.startswith("modelspec.")})
+    others = [k for k in meta if k.startswith("ss_") and k not in out]
+    if others:
+        out["other_ss_keys"] = len(others)
+    config = adapter.source.config if adapter.format == "peft" else None
+    if config:
+        out["peft_config"] = {k: config[k] for k in PEFT_SUMMARY_KEYS if config.get(k) not in (None, {}, [])}
+    return out
+
+
+def inspect(
+    path: str | os.PathLike, base: str | os.PathLike | None = None, progress: Progress | None = None
+) -> InspectReport:
+    """Read a LoRA file or PEFT adapter dir, check it, and describe it."""
+    adapter, detection = read_adapter(path)
+    base_weights: BaseWeights | None = None
+    try:
+        if base is not None:
+            if Path(base).resolve() == Path(path).resolve():
+                raise InputError(f"{base}: the base is the adapter itself")
+            base_weights = BaseWeights(base, adapter)
+            adapter.arch = base_weights.arch
+        checker = Checker(adapter)
+        facts, module_findings, data_sha = _data_pass(adapter, checker, base_weights, progress)
+        findings = checker.file(detection.unexplained, have_base=base_weights is not None)
+        findings += module_findings + _hash_findings(adapter.source.files[0], adapter.metadata, data_sha)
+        order = {name: i for i, name in enumerate(adapter.modules)}
+        findings.sort(key=lambda f: ({"error": 0, "warning": 1, "info": 2}[f.severity], order.get(f.module or "", -1)))
+        arch = adapter.arch
+        report = InspectReport(
+            path=str(path),
+            file_size=adapter.source.nbytes,
+            tensors=len(adapter.source),
+            format=adapter.format,
+            variant=adapter.variant,
+            format_share=detection.share,
+            runner_up=detection.runner_up,
+            unexplained=detection.unexplained,
+            architecture=None if arch is None else arch.name,
+            architecture_title=None if arch is None else arch.title,
+            architecture_reason=adapter.arch_reason,
+            modules=[_module_report(adapter, m, facts.get(m.name, ModuleFacts())) for m in adapter.modules.values()],
+            findings=findings,
+            metadata=adapter.metadata,
+            config=adapter.config if adapter.config is not None else adapter.source.config,
+            base=None if base is None else str(base),
+        )
+        base_params = None
+        if base_weights is not None:
+            base_params = sum(f.base_parameters or 0 for f in facts.values())
+        report.summary = _summary(report, adapter, detection, base_params)
+        return report
+    finally:
+        adapter.close()
+        if base_weights is not None:
+            base_weights.close()

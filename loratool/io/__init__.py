@@ -1,0 +1,1 @@
+"""safetensors streaming: lazy readers over files, shards and folders; atomic streaming writers."""

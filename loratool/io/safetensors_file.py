@@ -1,0 +1,240 @@
+"""Lazy, validating reader for one safetensors file.
+
+Only the header is parsed when a file is opened; tensor bytes are read one tensor at a time, on
+request. The header is checked as strictly as the `safetensors` library checks it (offsets
+contiguous and covering the data region, byte lengths matching dtype x shape), so every later
+stage can trust what it is told and a broken file fails here with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+# Larger headers are refused before anything is allocated for them (safetensors uses the same cap).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, from the header alone."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset inside the data region
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def tensor_from_bytes(buf: bytearray, info: TensorInfo) -> torch.Tensor:
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    flat = torch.frombuffer(buf, dtype=torch.uint8).view(info.torch_dtype)
+    if sys.byteorder != "little" and flat.element_size() > 1:
+        flat = torch.from_numpy(flat.numpy().byteswap())
+    return flat.reshape(info.shape)
+
+
+class SafetensorsFile:
+    """A safetensors file whose header has been read and checked, with tensors loaded on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for on-demand reads, closed in close()
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot open ({exc.strerror})") from None
+        try:
+            self.file_size = os.fstat(self._fh.fileno()).st_size
+            self.header_size, header = self._read_header()
+            self.metadata = self._parse_metadata(header.pop("__metadata__", None))
+            self._tensors = self._parse_tensors(header)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    # -- header ---------------------------------------------------------------------------------
+    def _fail(self, why: str) -> InputError:
+        return InputError(f"{self.path}: not a valid safetensors file: {why}")
+
+    def _read_header(self) -> tuple[int, dict]:
+        if self.file_size == 0:
+            raise self._fail("the file is empty")
+        if self.file_size < 8:
+            raise self._fail(f"{self.file_size} bytes is too short for the 8-byte header length")
+        (n,) = struct.unpack("<Q", self._fh.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise self._fail(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if n > self.file_size - 8:
+            raise self._fail(f"header length {n} runs past the end of the {self.file_size}-byte file (truncated?)")
+        raw = self._fh.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as exc:
+            raise self._fail(f"duplicate tensor name {exc.args[0]!r} in the header") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("the header is not JSON") from None
+        if not isinstance(header, dict):
+            raise self._fail("the header is not a JSON object")
+        return n, header
+
+    def _parse_metadata(self, meta: object) -> dict[str, str]:
+        if meta is None:
+            return {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise self._fail("__metadata__ must map strings to strings")
+        return dict(meta)
+
+    def _parse_tensors(self, header: dict) -> dict[str, TensorInfo]:
+        data_len = self.file_size - 8 - self.header_size
+        infos: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if not isinstance(entry, dict):
+                raise self._fail(f"entry for {name!r} is not an object")
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            if dtype not in DTYPES:
+                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
+            if (
+                not isinstance(offsets, list)
+                or len(offsets) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]
+            ):
+                raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+            info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+            if info.end > data_len:
+                raise self._fail(f"tensor {name!r} ends at byte {info.end}, past the {data_len}-byte data region")
+            if info.numel * dtype_size(dtype) != info.nbytes:
+                raise self._fail(
+                    f"tensor {name!r}: {dtype} x {list(shape)} needs {info.numel * dtype_size(dtype)} bytes, "
+                    f"offsets give {info.nbytes}"
+                )
+            infos[name] = info
+        position = 0
+        for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+            if info.begin < position:
+                raise self._fail(f"tensor {info.name!r} overlaps the tensor before it")
+            if info.begin > position:
+                raise self._fail(f"gap in the data region before tensor {info.name!r}")
+            position = info.end
+        if position != data_len:
+            raise self._fail(f"the tensors cover {position} bytes of a {data_len}-byte data region")
+        return infos
+
+    # -- access ---------------------------------------------------------------------------------
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_size
+
+    def keys(self) -> list[str]:
+        """Tensor names in the order their bytes appear in the file (the order streaming reads want)."""
+        return [i.name for i in sorted(self._tensors.values(), key=lambda i: i.begin)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def read_bytes(self, name: str) -> bytearray:
+        info = self._tensors[name]
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        offset, done = self.data_start + info.begin, 0
+        while done < info.nbytes:
+            n = _pread_into(self._fh, view[done:], offset + done)
+            if n == 0:
+                raise InputError(f"{self.path}: file shrank while reading tensor {name!r}")
+            done += n
+        return buf
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor's bytes from disk into a fresh CPU tensor."""
+        return tensor_from_bytes(self.read_bytes(name), self._tensors[name])
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pread_into(fh, view: memoryview, offset: int) -> int:
+    """Positional read, so readers in other threads never move a shared file position."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fh.fileno(), [view], offset)
+    fh.seek(offset)  # pragma: no cover - platforms without preadv
+    return fh.readinto(view)  # pragma: no cover
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out

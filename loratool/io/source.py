@@ -1,0 +1,247 @@
+"""Every on-disk container we read, seen as one namespace of lazily loaded tensors.
+
+A LoRA file, a PEFT adapter directory, an HF sharded checkpoint and a diffusers pipeline folder
+all become a `TensorSource`: ordered keys, header facts per key, and one tensor loaded on demand.
+Nothing here reads tensor data until `load` is called, so opening a 70B checkpoint costs only its
+headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .safetensors_file import SafetensorsFile, TensorInfo
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+DIFFUSERS_INDEX = "model_index.json"
+HF_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor's home: which file, and its name inside that file."""
+
+    file: SafetensorsFile
+    name: str
+
+    @property
+    def info(self) -> TensorInfo:
+        return self.file.info(self.name)
+
+    def load(self) -> torch.Tensor:
+        return self.file.load(self.name)
+
+
+class TensorSource:
+    """Ordered keys over one or more safetensors files, with per-file metadata kept."""
+
+    def __init__(
+        self,
+        path: Path,
+        container: str,
+        refs: dict[str, TensorRef],
+        files: list[SafetensorsFile],
+        config: dict | None = None,
+    ) -> None:
+        self.path = path
+        self.container = container  # file | sharded | diffusers | peft
+        self._refs = refs
+        self.files = files
+        self.config = config
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Header metadata of the first file: where LoRA trainers put theirs (shards repeat `format`)."""
+        return dict(self.files[0].metadata) if self.files else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.file_size for f in self.files)
+
+    def keys(self) -> list[str]:
+        return list(self._refs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def ref(self, key: str) -> TensorRef:
+        return self._refs[key]
+
+    def info(self, key: str) -> TensorInfo:
+        return self._refs[key].info
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._refs[key].load()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(path: str | os.PathLike) -> TensorSource:
+    """Open whatever the user pointed at; raise `InputError` with the reason when it is unusable."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _open_dir(p)
+    if p.name.endswith(".index.json"):
+        return _open_sharded(p, config=_read_json(p.parent / HF_CONFIG) if (p.parent / HF_CONFIG).is_file() else None)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(
+            f"{p}: pickle checkpoints can run code when loaded and are refused; "
+            "convert it to .safetensors first (for example with safetensors.torch.save_file)"
+        )
+    return _single(p, "file")
+
+
+def _single(p: Path, container: str, config: dict | None = None) -> TensorSource:
+    f = SafetensorsFile(p)
+    return TensorSource(p, container, {k: TensorRef(f, k) for k in f}, [f], config)
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{p}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a JSON object")
+    return data
+
+
+def _open_dir(p: Path) -> TensorSource:
+    if (p / PEFT_CONFIG).exists():
+        config = _read_json(p / PEFT_CONFIG)
+        weights = p / PEFT_WEIGHTS
+        if not weights.is_file():
+            if (p / "adapter_model.bin").exists():
+                raise InputError(f"{p}: only adapter_model.bin (pickle) is present; save the adapter with safetensors")
+            raise InputError(f"{p}: PEFT adapter directory without {PEFT_WEIGHTS}")
+        return _single(weights, "peft", config)
+    if (p / DIFFUSERS_INDEX).exists():
+        return _open_diffusers(p)
+    config = _read_json(p / HF_CONFIG) if (p / HF_CONFIG).is_file() else None
+    weights = _weights_in(p)
+    if weights is None:
+        raise InputError(f"{p}: no .safetensors weights or index in this directory")
+    if weights.name.endswith(".index.json"):
+        return _open_sharded(weights, config)
+    return _single(weights, "file", config)
+
+
+DEFAULT_WEIGHT_NAMES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_lora_weights.safetensors",
+    PEFT_WEIGHTS,
+)
+
+
+def _weights_in(d: Path) -> Path | None:
+    """The one weights file (or shard index) of a model directory; default names win over variants."""
+    for candidates, defaults in (
+        (sorted(d.glob("*.safetensors.index.json")), tuple(n + ".index.json" for n in DEFAULT_WEIGHT_NAMES)),
+        (sorted(d.glob("*.safetensors")), DEFAULT_WEIGHT_NAMES),
+    ):
+        if len(candidates) == 1:
+            return candidates[0]
+        preferred = [c for c in candidates if c.name in defaults]
+        if preferred:
+            return preferred[0]
+        if candidates:
+            names = ", ".join(c.name for c in candidates)
+            raise InputError(f"{d}: several weight files and none has a default name: {names}")
+    return None
+
+
+def _open_sharded(index_path: Path, config: dict | None) -> TensorSource:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(f"{index_path}: shard index without a valid weight_map")
+    files: dict[str, SafetensorsFile] = {}
+    try:
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_path = index_path.parent / shard
+            if Path(shard).name != shard:
+                raise InputError(f"{index_path}: shard name {shard!r} points outside the index's directory")
+            if not shard_path.is_file():
+                raise InputError(f"{index_path}: names shard {shard}, which does not exist")
+            files[shard] = SafetensorsFile(shard_path)
+        refs: dict[str, TensorRef] = {}
+        for shard, f in files.items():
+            for key in f:
+                if weight_map.get(key) == shard:
+                    refs[key] = TensorRef(f, key)
+        for key, shard in weight_map.items():
+            if key not in refs:
+                raise InputError(f"{index_path}: tensor {key!r} is mapped to {shard} but that shard does not hold it")
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
+    return TensorSource(index_path, "sharded", refs, list(files.values()), config)
+
+
+def _open_diffusers(p: Path) -> TensorSource:
+    """A pipeline folder; keys become `<component>.<key>`, the names diffusers-format LoRAs use."""
+    model_index = _read_json(p / DIFFUSERS_INDEX)
+    refs: dict[str, TensorRef] = {}
+    files: list[SafetensorsFile] = []
+    try:
+        for component, spec in model_index.items():
+            if component.startswith("_") or not isinstance(spec, list):
+                continue
+            sub = p / component
+            weights = _weights_in(sub) if sub.is_dir() else None
+            if weights is None:
+                if spec and spec[0] is not None and _is_weighted_component(spec):
+                    raise InputError(
+                        f"{p}: component {component!r} listed in {DIFFUSERS_INDEX} has no safetensors weights"
+                    )
+                continue
+            part = _open_sharded(weights, None) if weights.name.endswith(".index.json") else _single(weights, "file")
+            files.extend(part.files)
+            for key in part:
+                refs[f"{component}.{key}"] = part.ref(key)
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    if not files:
+        raise InputError(f"{p}: diffusers folder without any safetensors weights")
+    return TensorSource(p, "diffusers", refs, files, model_index)
+
+
+def _is_weighted_component(spec: list) -> bool:
+    """Schedulers, tokenizers and feature extractors carry no weights; models do."""
+    cls = spec[1] if len(spec) > 1 else None
+    if not isinstance(cls, str):
+        return False
+    return not any(word in cls for word in ("Scheduler", "Tokenizer", "FeatureExtractor", "ImageProcessor"))

@@ -1,0 +1,289 @@
+"""Streaming, atomic safetensors writers.
+
+The header is written first (every tensor's dtype and shape is known before any data exists), then
+tensors one at a time in declared order, so peak memory is one tensor whatever the model size.
+Everything goes to a temporary file next to the destination, is fsynced and renamed into place:
+a crash or an error leaves either the previous file or nothing, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError
+from .safetensors_file import DTYPE_NAMES, dtype_size
+
+# The data-region hash kohya tools store in metadata; written as a fixed-width placeholder and
+# patched in place once the data is written, so the header can still go first.
+HASH_KEY = "sshs_model_hash"
+_HASH_PLACEHOLDER = "0" * 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "F16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian bytes safetensors stores for a tensor, without an extra copy when possible."""
+    t = tensor.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        if spec.name in header:
+            raise ValueError(f"duplicate tensor name {spec.name!r}")
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)  # pad so the data region starts 8-byte aligned, as safetensors does
+
+
+def _temp_file_next_to(path: Path) -> tuple[int, Path]:
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError:
+        raise OutputError(f"{path.parent}: output directory does not exist") from None
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    return fd, Path(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class SafetensorsWriter:
+    """One output file: header on open, `write` each tensor in order, `commit` renames into place."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        *,
+        record_hash: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self._specs = list(specs)
+        self._next = 0
+        metadata = dict(metadata or {})
+        if record_hash:
+            metadata[HASH_KEY] = _HASH_PLACEHOLDER
+        self._record_hash = record_hash
+        self._sha = hashlib.sha256() if record_hash else None
+        header = encode_header(self._specs, metadata)
+        fd, self._tmp = _temp_file_next_to(self.path)
+        self._fh = os.fdopen(fd, "wb")
+        self._header = header
+        self._closed = False
+        try:
+            self._fh.write(len(header).to_bytes(8, "little"))
+            self._fh.write(header)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed ({exc.strerror})") from None
+
+    @property
+    def pending(self) -> list[TensorSpec]:
+        return self._specs[self._next :]
+
+    def _expect(self, name: str, dtype: str, shape: tuple[int, ...]) -> TensorSpec:
+        if self._next >= len(self._specs):
+            raise ValueError(f"tensor {name!r} written after all declared tensors")
+        spec = self._specs[self._next]
+        if (spec.name, spec.dtype, spec.shape) != (name, dtype, shape):
+            raise ValueError(f"expected {spec} next, got {name!r} {dtype} {list(shape)}")
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._expect(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
+        self._emit(tensor_bytes(tensor))
+
+    def write_raw(self, name: str, data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> None:
+        """Copy a tensor's stored bytes unchanged (no decode, no re-encode)."""
+        spec = self._expect(name, dtype, tuple(shape))
+        if len(data) != spec.nbytes:
+            raise ValueError(f"{name!r}: {len(data)} bytes given, {spec.nbytes} declared")
+        self._emit(data)
+
+    def _emit(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed ({exc.strerror})") from None
+        if self._sha is not None:
+            self._sha.update(data)
+        self._next += 1
+
+    def commit(self) -> Path:
+        if self._next != len(self._specs):
+            missing = ", ".join(s.name for s in self.pending[:3])
+            self.abort()
+            raise ValueError(f"{self.path}: {len(self._specs) - self._next} declared tensors never written ({missing})")
+        try:
+            if self._sha is not None:
+                self._patch_hash(self._sha.hexdigest())
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._closed = True
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: could not finish writing ({exc.strerror})") from None
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def _patch_hash(self, digest: str) -> None:
+        marker = f'"{HASH_KEY}":"{_HASH_PLACEHOLDER}"'.encode()
+        pos = self._header.index(marker) + len(marker) - 1 - len(_HASH_PLACEHOLDER)
+        self._fh.flush()
+        self._fh.seek(8 + pos)
+        self._fh.write(digest.encode())
+        self._fh.seek(0, os.SEEK_END)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the destination is left as it was."""
+        if not self._closed:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._closed = True
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.commit()
+
+
+def shard_plan(specs: list[TensorSpec], max_bytes: int, stem: str = "model") -> list[tuple[str, list[TensorSpec]]]:
+    """HF-style shards (`model-00001-of-00003.safetensors`) filled in order up to `max_bytes` each."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    n = len(groups)
+    return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+class ShardedWriter:
+    """Several shard files plus an HF `*.safetensors.index.json`; the index is written last."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        shards: list[tuple[str, list[TensorSpec]]],
+        index_name: str,
+        metadata: dict[str, str] | None = None,
+        index_metadata: dict[str, object] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self._index_path = self.directory / index_name
+        self._owner: dict[str, SafetensorsWriter] = {}
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for filename, specs in shards:
+                writer = SafetensorsWriter(self.directory / filename, specs, metadata)
+                self._writers.append(writer)
+                self._owner.update({s.name: writer for s in specs})
+        except BaseException:
+            self.abort()
+            raise
+        total = sum(s.nbytes for _, specs in shards for s in specs)
+        self._index = {
+            "metadata": {**(index_metadata or {}), "total_size": total},
+            "weight_map": {s.name: filename for filename, specs in shards for s in specs},
+        }
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._owner[name].write(name, tensor)
+
+    def write_raw(self, name: str, data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> None:
+        self._owner[name].write_raw(name, data, dtype, shape)
+
+    def commit(self) -> Path:
+        try:
+            for writer in self._writers:
+                writer.commit()
+            atomic_write_text(self._index_path, json.dumps(self._index, indent=2) + "\n")
+        except BaseException:
+            self.abort()
+            raise
+        return self._index_path
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    fd, tmp = _temp_file_next_to(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise OutputError(f"{path}: write failed ({exc.strerror})") from None
+    _fsync_dir(path.parent)
+    return path

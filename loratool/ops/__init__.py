@@ -1,0 +1,1 @@
+"""Tensor work: numeric checks now; merge, extract and resize build on the same helpers."""

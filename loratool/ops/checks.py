@@ -1,0 +1,416 @@
+"""Findings: the numeric and structural problems `inspect` reports.
+
+Each finding has a code (documented in docs/inspect.md), a severity (error, warning, info), the
+module it is about (None for the whole file) and a one-line message. Per-module checks run on the
+module's tensors once they are loaded; file-level checks need only headers and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..adapter import Adapter, AdapterModule
+from ..archs import HFArchitecture
+from ..archs.locate import Location
+from ..io.safetensors_file import DTYPES
+from .lowrank import core_singular_values, max_abs_bound, max_abs_product, numerical_rank
+
+FP16_MAX = 65504.0
+UNDERFLOW_SHARE = 0.05  # warn when more than this share of a module's nonzero factor values are subnormal
+SCALE_RANGE = (1 / 64, 8.0)
+LOW_PRECISION = ("F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+# code -> default severity; some checks raise or lower it with the evidence they have.
+CODES: dict[str, str] = {
+    "nan-inf": "error",
+    "fp16-overflow": "warning",
+    "underflow": "warning",
+    "alpha-missing": "warning",
+    "alpha-precision": "warning",
+    "scale-unusual": "warning",
+    "rank-deficient": "warning",
+    "zero-module": "warning",
+    "fused-rank-alpha": "error",
+    "unknown-key": "warning",
+    "orphan-tensor": "error",
+    "shape-mismatch": "error",
+    "dtype-mixed": "warning",
+    "metadata-mismatch": "warning",
+    "hash-mismatch": "warning",
+    "unknown-architecture": "info",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    module: str | None
+    message: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"code": self.code, "severity": self.severity, "module": self.module, "message": self.message}
+
+
+def finding(code: str, module: str | None, message: str, severity: str | None = None) -> Finding:
+    return Finding(code, severity or CODES[code], module, message)
+
+
+@dataclass
+class ModuleFacts:
+    """Numbers measured on a module's tensors."""
+
+    dw_norm: float | None = None  # ||scale * delta||_F
+    numerical_rank: int | None = None
+    base_parameters: int | None = None  # size of the base weights it updates, when a base was given
+
+
+@dataclass
+class BasePiece:
+    """One located base weight (or row block of one) a module updates."""
+
+    location: Location
+    weight: torch.Tensor  # the rows this module touches, as stored
+    dtype: str
+
+
+def intended_alpha(value: float, dtype: str) -> float | None:
+    """The shortest decimal that rounds to `value` in `dtype`: what the trainer most likely meant."""
+    torch_dtype = DTYPES[dtype]
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if torch.tensor(candidate, dtype=torch_dtype).item() == value:
+            return candidate
+    return None
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _subnormal_share(t: torch.Tensor) -> float:
+    if not t.is_floating_point():
+        return 0.0
+    a = t.abs()
+    nonzero = a != 0
+    n = int(nonzero.sum())
+    if n == 0:
+        return 0.0
+    tiny = torch.finfo(t.dtype).tiny
+    return int((nonzero & (a < tiny)).sum()) / n
+
+
+def _block_diagonal(up: torch.Tensor, row_sizes: list[int]) -> bool:
+    """True when `up`'s columns split evenly into one block per row block, zero off the diagonal."""
+    n = len(row_sizes)
+    if up.dim() != 2 or up.shape[1] % n or sum(row_sizes) != up.shape[0]:
+        return False
+    r = up.shape[1] // n
+    start = 0
+    for i, rows in enumerate(row_sizes):
+        block = up[start : start + rows]
+        off = torch.cat([block[:, : i * r], block[:, (i + 1) * r :]], dim=1)
+        if bool(off.any()) or not bool(block[:, i * r : (i + 1) * r].any()):
+            return False
+        start += rows
+    return True
+
+
+class Checker:
+    """Runs every check on one adapter; module checks are fed tensors by the caller's data pass."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+        factor_dtypes = Counter(dt for m in adapter.modules.values() for dt in m.dtypes.values())
+        self.common_dtype = factor_dtypes.most_common(1)[0][0] if factor_dtypes else None
+        self.reference_alpha = self._reference_alpha()
+
+    # -- per module ---------------------------------------------------------------------------------
+    def module(
+        self, module: AdapterModule, tensors: dict[str, torch.Tensor], base: list[BasePiece] | None = None
+    ) -> tuple[ModuleFacts, list[Finding]]:
+        facts = ModuleFacts()
+        out: list[Finding] = []
+        name = module.name
+        if module.problem:
+            return facts, [finding("shape-mismatch", name, f"factors do not fit together: {module.problem}")]
+        bad = [role for role, t in tensors.items() if not _finite(t)]
+        if module.alpha is not None and not math.isfinite(module.alpha):
+            bad.append("alpha")
+        if bad:
+            return facts, [finding("nan-inf", name, f"non-finite values in {', '.join(bad)}")]
+        share = max((_subnormal_share(t) for t in tensors.values()), default=0.0)
+        if share > UNDERFLOW_SHARE:
+            dtypes = "/".join(sorted(set(module.dtypes.values())))
+            out.append(
+                finding(
+                    "underflow",
+                    name,
+                    f"{share:.0%} of nonzero factor values are below the smallest "
+                    f"normal {dtypes} number and lose precision",
+                )
+            )
+        scale = module.scale
+        low = module.kind.low_rank(tensors)
+        dense: torch.Tensor | None = None
+        if low is not None:
+            up, down = low
+            svals = core_singular_values(up, down)
+            facts.dw_norm = abs(scale) * float(svals.norm())
+            facts.numerical_rank = numerical_rank(svals, (up.shape[0], down.shape[1]))
+            rank = module.rank
+            if facts.dw_norm > 0 and rank is not None and facts.numerical_rank < rank:
+                out.append(
+                    finding(
+                        "rank-deficient",
+                        name,
+                        f"declared rank {rank}, numerical rank {facts.numerical_rank}: part of the rank is wasted",
+                    )
+                )
+            dw_bound = abs(scale) * max_abs_bound(up, down)
+        else:
+            dense = scale * module.kind.delta(tensors)
+            facts.dw_norm = float(dense.norm())
+            dw_bound = float(dense.abs().max()) if dense.numel() else 0.0
+        if facts.dw_norm == 0:
+            out.append(finding("zero-module", name, "the update is identically zero: this module changes nothing"))
+        out += self._fused_alpha(module, tensors)
+        if base is None:
+            if dw_bound > FP16_MAX:
+                peak = dw_bound if dense is not None else max_abs_product(*low, scale=scale)
+                if peak > FP16_MAX:
+                    out.append(
+                        finding(
+                            "fp16-overflow",
+                            name,
+                            f"the update alone reaches {peak:.4g}, beyond fp16's "
+                            f"{FP16_MAX:.0f}: an fp16 merge gives inf",
+                        )
+                    )
+        else:
+            out += self._against_base(module, tensors, base, dw_bound, dense)
+        return facts, out
+
+    def _against_base(
+        self,
+        module: AdapterModule,
+        tensors: dict[str, torch.Tensor],
+        base: list[BasePiece],
+        dw_bound: float,
+        dense: torch.Tensor | None,
+    ) -> list[Finding]:
+        name = module.name
+        shape = module.weight_shape
+        rows = [_oriented(p)[0] for p in base]
+        base_cols = {math.prod(_oriented(p)[1:]) for p in base}
+        if sum(rows) != shape[0] or base_cols != {math.prod(shape[1:])}:
+            swapped_ok = module.transposed and len(base) == 1 and _oriented(base[0])[:2] == (shape[1], shape[0])
+            if not swapped_ok:
+                where = ", ".join(f"{p.location.key}{list(_oriented(p))}" for p in base)
+                return [finding("shape-mismatch", name, f"update is {list(shape)} but the base weight is {where}")]
+        peak_base = max(float(p.weight.float().abs().max()) for p in base)
+        if peak_base + dw_bound <= FP16_MAX:
+            return []
+        if dense is None:
+            dense = module.scale * module.kind.delta(tensors)
+        delta = dense.reshape(dense.shape[0], -1)
+        if module.transposed:
+            delta = delta.T
+        peak, start = 0.0, 0
+        for piece, n in zip(base, rows, strict=True):
+            part = delta[start : start + n]
+            start += n
+            if piece.location.swap_halves:
+                part = torch.cat(part.chunk(2)[::-1])
+            weight = piece.weight.float()
+            weight = weight.T if piece.location.transposed else weight
+            peak = max(peak, float((weight.reshape(part.shape) + part).abs().max()))
+        if peak <= FP16_MAX:
+            return []
+        fp16_base = any(p.dtype == "F16" for p in base)
+        return [
+            finding(
+                "fp16-overflow",
+                name,
+                f"merged weight reaches {peak:.4g}, beyond fp16's {FP16_MAX:.0f}",
+                "error" if fp16_base else "warning",
+            )
+        ]
+
+    def _fused_alpha(self, module: AdapterModule, tensors: dict[str, torch.Tensor]) -> list[Finding]:
+        """kohya's split_qkv bug: a block-diagonal fused up whose alpha kept the per-block value."""
+        arch = self.adapter.arch
+        if module.kind.name != "lora" or arch is None or isinstance(arch, HFArchitecture) or module.alpha is None:
+            return []
+        group = arch.fused_group(module.targets)
+        if group is None:
+            return []
+        up, down = tensors["up"].flatten(1), tensors["down"]
+        sizes = group.row_sizes(down.shape[1], up.shape[0])
+        if not _block_diagonal(up, sizes):
+            return []
+        n, total = len(sizes), up.shape[1]
+        if self.reference_alpha is None or not math.isclose(module.alpha, self.reference_alpha, rel_tol=1e-6):
+            return []
+        return [
+            finding(
+                "fused-rank-alpha",
+                module.name,
+                f"up is block-diagonal over {n} fused parts of rank {total // n} but alpha {module.alpha:g} "
+                f"was not scaled with the total rank {total}: readers apply {module.alpha:g}/{total}, "
+                f"{n}x weaker than trained; alpha should be {module.alpha * n:g}",
+            )
+        ]
+
+    def _reference_alpha(self) -> float | None:
+        """The alpha the file's other modules (or its metadata) use, to tell a forgotten rescale."""
+        meta = self.adapter.metadata.get("ss_network_alpha")
+        try:
+            return float(meta) if meta is not None else None
+        except ValueError:
+            pass
+        arch = self.adapter.arch
+        plain = [
+            m.alpha
+            for m in self.adapter.modules.values()
+            if m.alpha is not None
+            and (arch is None or isinstance(arch, HFArchitecture) or arch.fused_group(m.targets) is None)
+        ]
+        return Counter(plain).most_common(1)[0][0] if plain else None
+
+    # -- whole file ----------------------------------------------------------------------------------
+    def file(self, unexplained: list[str], have_base: bool) -> list[Finding]:
+        adapter = self.adapter
+        out: list[Finding] = []
+        if adapter.arch is None:
+            out.append(
+                finding(
+                    "unknown-architecture",
+                    None,
+                    "no known architecture has these module names; modules are listed as written",
+                )
+            )
+        for orphan in adapter.orphans:
+            out.append(finding("orphan-tensor", orphan.module, f"{orphan.key}: {orphan.reason}", orphan.severity))
+        for key in unexplained:
+            out.append(
+                finding(
+                    "orphan-tensor",
+                    key,
+                    f"{key}: no {adapter.format} module uses this tensor; loaders ignore it",
+                    "warning",
+                )
+            )
+        for module in adapter.modules.values():
+            out += self._module_header_checks(module, have_base)
+        out += self._metadata_checks()
+        return out
+
+    def _module_header_checks(self, module: AdapterModule, have_base: bool) -> list[Finding]:
+        out: list[Finding] = []
+        name = module.name
+        if not module.targets and self.adapter.arch is not None and not have_base:
+            out.append(
+                finding(
+                    "unknown-key",
+                    name,
+                    f"{self.adapter.arch.name} has no module with this name; loaders skip it ('lora key not loaded')",
+                )
+            )
+        if module.alpha is None and self.adapter.alpha_convention != "none" and module.kind.rank(module.shapes):
+            severity = "warning" if self.adapter.alpha_convention == "tensor" else "info"
+            out.append(
+                finding(
+                    "alpha-missing",
+                    name,
+                    f"no alpha recorded: readers assume alpha = rank ({module.rank}), scale 1",
+                    severity,
+                )
+            )
+        if module.alpha is not None and module.alpha_dtype in LOW_PRECISION and math.isfinite(module.alpha):
+            meant = intended_alpha(module.alpha, module.alpha_dtype)
+            if meant is not None and meant != 0 and abs(meant - module.alpha) > 1e-6 * abs(meant):
+                off = (module.alpha - meant) / meant
+                out.append(
+                    finding(
+                        "alpha-precision",
+                        name,
+                        f"alpha stored as {module.alpha_dtype} reads "
+                        f"{module.alpha!r}, not {meant:g}: the scale is off by "
+                        f"{off:+.3%}",
+                    )
+                )
+        if not module.problem:
+            scale = module.scale
+            if math.isfinite(scale) and scale != 0 and not SCALE_RANGE[0] <= abs(scale) <= SCALE_RANGE[1]:
+                out.append(
+                    finding(
+                        "scale-unusual",
+                        name,
+                        f"scale {scale:.4g} (alpha {module.effective_alpha:g} / "
+                        f"rank {module.rank}) is outside [1/64, 8]",
+                    )
+                )
+        if self.common_dtype is not None:
+            other = sorted({dt for dt in module.dtypes.values() if dt != self.common_dtype})
+            if other:
+                out.append(
+                    finding(
+                        "dtype-mixed",
+                        name,
+                        f"factors in {', '.join(other)} while the file's other factors are {self.common_dtype}",
+                    )
+                )
+        return out
+
+    def _metadata_checks(self) -> list[Finding]:
+        meta = self.adapter.metadata
+        out: list[Finding] = []
+        linear = [m for m in self.adapter.modules.values() if not m.problem and not self._is_conv(m)]
+        conv = [m for m in self.adapter.modules.values() if not m.problem and self._is_conv(m)]
+        try:
+            args = json.loads(meta.get("ss_network_args", "{}") or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        args = args if isinstance(args, dict) else {}
+        for label, value, modules, attr in (
+            ("ss_network_dim", meta.get("ss_network_dim"), linear, "rank"),
+            ("ss_network_alpha", meta.get("ss_network_alpha"), linear, "effective_alpha"),
+            ("conv_dim", args.get("conv_dim"), conv, "rank"),
+            ("conv_alpha", args.get("conv_alpha"), conv, "effective_alpha"),
+        ):
+            try:
+                expected = float(value)
+            except (TypeError, ValueError):
+                continue  # absent, or "Dynamic"
+            seen = sorted({getattr(m, attr) for m in modules if getattr(m, attr) is not None})
+            wrong = [v for v in seen if not math.isclose(v, expected, rel_tol=1e-3)]
+            if wrong:
+                found = ", ".join(f"{v:g}" for v in seen)
+                out.append(
+                    finding(
+                        "metadata-mismatch",
+                        None,
+                        f"{label} says {value} but the "
+                        f"{'conv' if modules is conv else 'linear'} modules "
+                        f"have {attr.replace('effective_', '')} {found}",
+                    )
+                )
+        return out
+
+    def _is_conv(self, module: AdapterModule) -> bool:
+        arch = self.adapter.arch
+        if module.targets and arch is not None and not isinstance(arch, HFArchitecture):
+            return arch.modules[module.targets[0]].type == "conv"
+        return len(module.weight_shape) == 4
+
+
+def _oriented(piece: BasePiece) -> tuple[int, ...]:
+    """The piece's shape as (out, in, ...), undoing storage transposition."""
+    shape = tuple(piece.weight.shape)
+    return (shape[1], shape[0], *shape[2:]) if piece.location.transposed else shape

@@ -1,0 +1,49 @@
+"""Facts about B @ A without ever forming it.
+
+With B = Qb Rb and A^T = Qa Ra, B @ A = Qb (Rb Ra^T) Qa^T, so the singular values of B @ A are those
+of the small r x r core Rb Ra^T: exact, in O((out + in) r^2) instead of O(out * in * r).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def core_singular_values(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Singular values of up @ down (up: out x r, down: r x in), largest first, in float64."""
+    _, rb = torch.linalg.qr(up.double())
+    _, ra = torch.linalg.qr(down.double().T)
+    return torch.linalg.svdvals(rb @ ra.T)
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Rank at the tolerance numpy's matrix_rank uses, for data that is at best float32."""
+    if singular_values.numel() == 0 or float(singular_values[0]) == 0.0:
+        return 0
+    tol = float(singular_values[0]) * max(shape) * FP32_EPS
+    return int((singular_values > tol).sum())
+
+
+def max_abs_bound(up: torch.Tensor, down: torch.Tensor) -> float:
+    """An upper bound on max |up @ down| (Cauchy-Schwarz: largest row norm x largest column norm)."""
+    return float(up.float().norm(dim=1).max()) * float(down.float().norm(dim=0).max())
+
+
+def max_abs_product(
+    up: torch.Tensor,
+    down: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    scale: float = 1.0,
+    rows_per_chunk: int = 1024,
+) -> float:
+    """max |offset + scale * up @ down|, computed a block of rows at a time to bound memory."""
+    best = 0.0
+    up, down = up.float(), down.float()
+    for start in range(0, up.shape[0], rows_per_chunk):
+        block = scale * (up[start : start + rows_per_chunk] @ down)
+        if offset is not None:
+            block += offset[start : start + rows_per_chunk].float()
+        best = max(best, float(block.abs().max()))
+    return best

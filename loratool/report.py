@@ -1,0 +1,171 @@
+"""The only module that prints: rich tables for people, JSON for programs, progress bars on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from .inspection import InspectReport
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+MAX_LISTED_FINDINGS = 12
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, soft_wrap=False)
+
+
+def error_line(message: str, stream: TextIO | None = None) -> None:
+    print(f"loratool: error: {message}", file=stream or sys.stderr)
+
+
+def print_json(document: object, stream: TextIO | None = None) -> None:
+    json.dump(document, stream or sys.stdout, indent=2, allow_nan=False, default=_json_default)
+    (stream or sys.stdout).write("\n")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool) -> Iterator[object]:
+    """A bytes progress bar on stderr; yields a `(done, total)` callback, or None when disabled."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _fmt_counts(counts: dict[str, int], limit: int = 6) -> str:
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} ({n})" if len(counts) > 1 else k for k, n in items[:limit])
+    return text + (f", +{len(items) - limit} more" if len(items) > limit else "")
+
+
+def _fmt_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def render_inspect(report: InspectReport, console: Console, show_keys: bool) -> None:
+    s = report.summary
+    fmt = s["format"]
+    arch = s["architecture"]
+    overview = Table.grid(padding=(0, 2))
+    overview.add_column(style="bold")
+    overview.add_column(overflow="fold")
+    overview.add_row("file", escape(report.path))
+    variant = f" [dim]({escape(report.variant)})[/dim]" if report.variant else ""
+    share = f"{fmt['keys_explained']:.0%} of keys"
+    runner = fmt["runner_up"]
+    runner_text = f"; runner-up {runner['name']} {runner['keys_explained']:.0%}" if runner else ""
+    overview.add_row("format", f"{report.format}{variant} [dim]{share}{runner_text}[/dim]")
+    arch_text = arch["name"] or "unknown"
+    if arch["title"]:
+        arch_text += f" [dim]({escape(arch['title'])})[/dim]"
+    overview.add_row("architecture", arch_text)
+    overview.add_row("", f"[dim]{escape(arch['reason'])}[/dim]")
+    if arch.get("candidates") and len(arch["candidates"]) > 1:
+        overview.add_row("", f"[dim]same module names as: {', '.join(arch['candidates'][1:])}[/dim]")
+    if report.base:
+        overview.add_row("base", escape(report.base))
+    overview.add_row("modules", f"{s['modules']}: {_fmt_counts(s['components'])}")
+    overview.add_row("kinds", _fmt_counts(s["kinds"]))
+    overview.add_row("rank", _fmt_counts(s["ranks"]))
+    overview.add_row("alpha", _fmt_counts(s["alphas"]))
+    overview.add_row("scale", _fmt_counts(s["scales"]) + (" [dim](rsLoRA)[/dim]" if s["rslora"] else ""))
+    overview.add_row("dtype", _fmt_counts(s["dtypes"]))
+    ratio = s["parameter_ratio"]
+    overview.add_row(
+        "parameters",
+        f"{s['trainable_parameters']:,}"
+        + (
+            f" [dim]({ratio:.2%} of the {s['targeted_base_parameters']:,} targeted base weights)[/dim]" if ratio else ""
+        ),
+    )
+    overview.add_row("size", f"{_fmt_size(s['file_size'])}, {s['tensors']} tensors")
+    for key, value in s["metadata"].items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        overview.add_row(key, escape(text if len(text) <= 200 else text[:197] + "..."))
+    console.print(overview)
+    if show_keys:
+        console.print(_modules_table(report))
+    _render_findings(report, console)
+
+
+def _modules_table(report: InspectReport) -> Table:
+    table = Table(title="modules", title_justify="left", show_lines=False, pad_edge=False)
+    for col, kw in (
+        ("module", {"overflow": "fold", "ratio": 3}),
+        ("target", {"overflow": "fold", "ratio": 3}),
+        ("kind", {}),
+        ("rank", {"justify": "right"}),
+        ("alpha", {"justify": "right"}),
+        ("scale", {"justify": "right"}),
+        ("dtype", {}),
+        ("shape", {}),
+        ("‖ΔW‖", {"justify": "right"}),
+    ):
+        table.add_column(col, **kw)
+    for m in report.modules:
+        table.add_row(
+            escape(m.name),
+            escape(m.target) or "[red]?[/red]",
+            m.kind,
+            str(m.rank or "-"),
+            "-" if m.alpha is None else f"{m.alpha:g}",
+            "-" if m.scale is None else f"{m.scale:.4g}",
+            m.dtype,
+            "x".join(map(str, m.shape)),
+            "-" if m.dw_norm is None else f"{m.dw_norm:.4g}",
+        )
+    return table
+
+
+def _render_findings(report: InspectReport, console: Console) -> None:
+    counts = report.summary["findings"]
+    if not report.findings:
+        console.print("[green]no findings[/green]")
+        return
+    head = ", ".join(f"[{SEVERITY_STYLE[k]}]{n} {k}{'s' if n != 1 else ''}[/]" for k, n in counts.items() if n)
+    console.print(f"findings: {head}")
+    if len(report.findings) <= MAX_LISTED_FINDINGS:
+        for f in report.findings:
+            where = f" [bold]{escape(f.module)}[/bold]" if f.module else ""
+            console.print(f"  [{SEVERITY_STYLE[f.severity]}]{f.severity}[/] {f.code}{where}: {escape(f.message)}")
+        return
+    by_code = Counter((f.severity, f.code) for f in report.findings)
+    for (severity, code), n in by_code.items():
+        first = next(f for f in report.findings if f.code == code and f.severity == severity)
+        where = f" e.g. [bold]{escape(first.module)}[/bold]" if first.module else ""
+        console.print(f"  [{SEVERITY_STYLE[severity]}]{severity}[/] {code} x{n}{where}: {escape(first.message)}")
+    console.print("  [dim]every finding: --json[/dim]")
