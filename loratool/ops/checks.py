@@ -18,7 +18,7 @@ from ..adapter import Adapter, AdapterModule
 from ..archs import HFArchitecture
 from ..archs.locate import Location
 from ..io.safetensors_file import DTYPES
-from .lowrank import core_singular_values, max_abs_bound, max_abs_product, numerical_rank
+from .lowrank import core_singular_values, max_abs_product, numerical_rank
 
 FP16_MAX = 65504.0
 UNDERFLOW_SHARE = 0.05  # warn when more than this share of a module's nonzero factor values are subnormal
@@ -89,20 +89,17 @@ def intended_alpha(value: float, dtype: str) -> float | None:
     return None
 
 
-def _finite(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
-
-
-def _subnormal_share(t: torch.Tensor) -> float:
-    if not t.is_floating_point():
-        return 0.0
-    a = t.abs()
-    nonzero = a != 0
-    n = int(nonzero.sum())
-    if n == 0:
-        return 0.0
+def _tensor_facts(t: torch.Tensor) -> tuple[torch.Tensor, bool, float]:
+    """(float32 copy, all finite, share of nonzero values that are subnormal in t's own dtype)."""
+    x = t.float()
+    if not t.is_floating_point() or x.numel() == 0:
+        return x, True, 0.0
+    a = x.abs()
+    finite = bool(torch.isfinite(a.max()))  # max propagates NaN, and inf is its own max
+    nonzero = int(torch.count_nonzero(a))
     tiny = torch.finfo(t.dtype).tiny
-    return int((nonzero & (a < tiny)).sum()) / n
+    subnormal = int(torch.count_nonzero(a < tiny)) - (a.numel() - nonzero) if nonzero else 0
+    return x, finite, subnormal / nonzero if nonzero else 0.0
 
 
 def _block_diagonal(up: torch.Tensor, row_sizes: list[int]) -> bool:
@@ -139,12 +136,14 @@ class Checker:
         name = module.name
         if module.problem:
             return facts, [finding("shape-mismatch", name, f"factors do not fit together: {module.problem}")]
-        bad = [role for role, t in tensors.items() if not _finite(t)]
+        measured = {role: _tensor_facts(t) for role, t in tensors.items()}
+        bad = [role for role, (_, finite, _) in measured.items() if not finite]
         if module.alpha is not None and not math.isfinite(module.alpha):
             bad.append("alpha")
         if bad:
             return facts, [finding("nan-inf", name, f"non-finite values in {', '.join(bad)}")]
-        share = max((_subnormal_share(t) for t in tensors.values()), default=0.0)
+        tensors = {role: x for role, (x, _, _) in measured.items()}  # float32 from here on
+        share = max((s for _, _, s in measured.values()), default=0.0)
         if share > UNDERFLOW_SHARE:
             dtypes = "/".join(sorted(set(module.dtypes.values())))
             out.append(
@@ -172,7 +171,7 @@ class Checker:
                         f"declared rank {rank}, numerical rank {facts.numerical_rank}: part of the rank is wasted",
                     )
                 )
-            dw_bound = abs(scale) * max_abs_bound(up, down)
+            dw_bound = abs(scale) * float(svals[0]) if svals.numel() else 0.0  # max |x_ij| <= spectral norm
         else:
             dense = scale * module.kind.delta(tensors)
             facts.dw_norm = float(dense.norm())

@@ -2,6 +2,9 @@
 
 With B = Qb Rb and A^T = Qa Ra, B @ A = Qb (Rb Ra^T) Qa^T, so the singular values of B @ A are those
 of the small r x r core Rb Ra^T: exact, in O((out + in) r^2) instead of O(out * in * r).
+Any square root R of the Gram matrix (R^T R = B^T B) serves as Rb, so the core comes from two r x r
+Gram matrices (one matrix product each, in float64) and their eigendecompositions: several times
+faster than Householder QR on tall factors, and float64 leaves ample accuracy for float32 data.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ import torch
 FP32_EPS = torch.finfo(torch.float32).eps
 
 
+def _gram_root(gram: torch.Tensor) -> torch.Tensor:
+    """R with R^T R = gram, for a symmetric positive semi-definite gram."""
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    return eigenvalues.clamp_min(0).sqrt()[:, None] * vectors.T
+
+
 def core_singular_values(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """Singular values of up @ down (up: out x r, down: r x in), largest first, in float64."""
-    _, rb = torch.linalg.qr(up.double())
-    _, ra = torch.linalg.qr(down.double().T)
-    return torch.linalg.svdvals(rb @ ra.T)
+    up, down = up.double(), down.double()
+    return torch.linalg.svdvals(_gram_root(up.T @ up) @ _gram_root(down @ down.T).T)
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
@@ -24,11 +32,6 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int
         return 0
     tol = float(singular_values[0]) * max(shape) * FP32_EPS
     return int((singular_values > tol).sum())
-
-
-def max_abs_bound(up: torch.Tensor, down: torch.Tensor) -> float:
-    """An upper bound on max |up @ down| (Cauchy-Schwarz: largest row norm x largest column norm)."""
-    return float(up.float().norm(dim=1).max()) * float(down.float().norm(dim=0).max())
 
 
 def max_abs_product(
