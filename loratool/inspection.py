@@ -242,7 +242,9 @@ def _check_module(
 def _hash_findings(file: SafetensorsFile, metadata: dict[str, str], data_sha: str) -> list[Finding]:
     out = []
     stored = metadata.get("sshs_model_hash")
-    if stored and stored.lower() != data_sha:
+    # LyCORIS writes "0x" + sha256 over its tensors in the network's own order, which the file does not
+    # record, so that form cannot be checked; kohya's form is the sha256 of the data region.
+    if stored and not stored.startswith("0x") and stored.lower() != data_sha:
         out.append(
             finding(
                 "hash-mismatch",

@@ -123,30 +123,22 @@ def render_inspect(report: InspectReport, console: Console, show_keys: bool) -> 
 
 
 def _modules_table(report: InspectReport) -> Table:
-    table = Table(title="modules", title_justify="left", show_lines=False, pad_edge=False)
-    for col, kw in (
-        ("module", {"overflow": "fold", "ratio": 3}),
-        ("target", {"overflow": "fold", "ratio": 3}),
-        ("kind", {}),
-        ("rank", {"justify": "right"}),
-        ("alpha", {"justify": "right"}),
-        ("scale", {"justify": "right"}),
-        ("dtype", {}),
-        ("shape", {}),
-        ("‖ΔW‖", {"justify": "right"}),
-    ):
-        table.add_column(col, **kw)
+    """Module name with its canonical target beneath it, so the numbers keep their columns at 80 wide."""
+    table = Table(title="modules", title_justify="left", pad_edge=False, show_lines=False)
+    table.add_column("module -> target", overflow="fold", ratio=1)
+    for col in ("kind", "rank", "alpha", "scale", "dtype", "shape", "‖ΔW‖"):
+        table.add_column(col, justify="left" if col in ("kind", "dtype", "shape") else "right", no_wrap=True)
     for m in report.modules:
+        target = escape(m.target) if m.target else "[red]not in the architecture[/red]"
         table.add_row(
-            escape(m.name),
-            escape(m.target) or "[red]?[/red]",
+            f"{escape(m.name)}\n[dim]-> {target}[/dim]" if m.target != m.name else escape(m.name),
             m.kind,
             str(m.rank or "-"),
             "-" if m.alpha is None else f"{m.alpha:g}",
             "-" if m.scale is None else f"{m.scale:.4g}",
             m.dtype,
             "x".join(map(str, m.shape)),
-            "-" if m.dw_norm is None else f"{m.dw_norm:.4g}",
+            "-" if m.dw_norm is None else f"{m.dw_norm:.3g}",
         )
     return table
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import HFArchitecture
+from ..archs import Architecture, HFArchitecture
 from ..archs.locate import Location
 from ..io.safetensors_file import DTYPES
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
@@ -370,8 +370,12 @@ class Checker:
     def _metadata_checks(self) -> list[Finding]:
         meta = self.adapter.metadata
         out: list[Finding] = []
-        linear = [m for m in self.adapter.modules.values() if not m.problem and not self._is_conv(m)]
-        conv = [m for m in self.adapter.modules.values() if not m.problem and self._is_conv(m)]
+        # kohya and LyCORIS give linear layers and 1x1 convs the network dim/alpha; conv_dim and conv_alpha
+        # apply to larger kernels only. A module without a rank (LoKr with two full factors) has no
+        # meaningful alpha either: LyCORIS stores alpha = dim there and uses scale 1.
+        ranked = [m for m in self.adapter.modules.values() if not m.problem and m.rank is not None]
+        linear = [m for m in ranked if not self._uses_conv_dim(m)]
+        conv = [m for m in ranked if self._uses_conv_dim(m)]
         try:
             args = json.loads(meta.get("ss_network_args", "{}") or "{}")
         except json.JSONDecodeError:
@@ -402,11 +406,14 @@ class Checker:
                 )
         return out
 
-    def _is_conv(self, module: AdapterModule) -> bool:
+    def _uses_conv_dim(self, module: AdapterModule) -> bool:
+        """A conv with a kernel larger than 1x1 (table shape when known, else the factors' kernel)."""
         arch = self.adapter.arch
-        if module.targets and arch is not None and not isinstance(arch, HFArchitecture):
-            return arch.modules[module.targets[0]].type == "conv"
-        return len(module.weight_shape) == 4
+        if module.targets and isinstance(arch, Architecture):
+            kernel = arch.modules[module.targets[0]].shape[2:]
+        else:
+            kernel = module.weight_shape[2:]
+        return any(k > 1 for k in kernel)
 
 
 def _oriented(piece: BasePiece) -> tuple[int, ...]:
