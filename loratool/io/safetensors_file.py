@@ -143,12 +143,12 @@ class SafetensorsFile:
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
             if dtype not in DTYPES:
                 raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
                 raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
             if (
                 not isinstance(offsets, list)
                 or len(offsets) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offsets)
+                or not all(_is_count(o) for o in offsets)
                 or offsets[0] > offsets[1]
             ):
                 raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -217,6 +217,11 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (JSON true/false arrive as bool, a subclass of int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _pread_into(fh, view: memoryview, offset: int) -> int:

@@ -156,6 +156,11 @@ class SafetensorsWriter:
         self._next += 1
 
     def commit(self) -> Path:
+        self.finish()
+        return self.publish()
+
+    def finish(self) -> None:
+        """Check every tensor was written, patch the hash, and make the temporary file durable."""
         if self._next != len(self._specs):
             missing = ", ".join(s.name for s in self.pending[:3])
             self.abort()
@@ -167,10 +172,17 @@ class SafetensorsWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             self._closed = True
-            os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: could not finish writing ({exc.strerror})") from None
+
+    def publish(self) -> Path:
+        """Rename the finished file into place (atomic on one filesystem)."""
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: could not move the finished file into place ({exc.strerror})") from None
         _fsync_dir(self.path.parent)
         return self.path
 
@@ -238,6 +250,7 @@ class ShardedWriter:
         except BaseException:
             self.abort()
             raise
+        self._committed = False
         total = sum(s.nbytes for _, specs in shards for s in specs)
         self._index = {
             "metadata": {**(index_metadata or {}), "total_size": total},
@@ -251,13 +264,17 @@ class ShardedWriter:
         self._owner[name].write_raw(name, data, dtype, shape)
 
     def commit(self) -> Path:
+        """Finish every shard before any is renamed, so a failure while writing leaves nothing new."""
         try:
             for writer in self._writers:
-                writer.commit()
+                writer.finish()
+            for writer in self._writers:
+                writer.publish()
             atomic_write_text(self._index_path, json.dumps(self._index, indent=2) + "\n")
         except BaseException:
             self.abort()
             raise
+        self._committed = True
         return self._index_path
 
     def abort(self) -> None:
@@ -270,6 +287,8 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             self.abort()
+        elif not self._committed:
+            self.commit()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
