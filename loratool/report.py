@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -29,14 +30,19 @@ def error_line(message: str, stream: TextIO | None = None) -> None:
 
 
 def print_json(document: object, stream: TextIO | None = None) -> None:
-    json.dump(document, stream or sys.stdout, indent=2, allow_nan=False, default=_json_default)
-    (stream or sys.stdout).write("\n")
+    """Strict JSON (non-finite numbers become the strings "nan", "inf", "-inf"), written in one piece."""
+    text = json.dumps(_finite_json(document), indent=2, allow_nan=False)
+    (stream or sys.stdout).write(text + "\n")
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"cannot serialize {type(value).__name__}")
+def _finite_json(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 @contextmanager

@@ -82,5 +82,6 @@ class PeftCodec(Codec):
 
 
 def _is_saved_module(path: str, saved: tuple[str, ...]) -> bool:
-    """PEFT matches modules_to_save entries against module names by suffix, like target_modules."""
-    return any(path == m or path.endswith("." + m) for m in saved)
+    """PEFT's own rule: a module is saved when its name ends with an entry (a plain string suffix,
+    so "norm" also saves every "input_layernorm")."""
+    return any(path.endswith(m) for m in saved)

@@ -268,11 +268,10 @@ class Checker:
 
     def _reference_alpha(self) -> float | None:
         """The alpha the file's other modules (or its metadata) use, to tell a forgotten rescale."""
-        meta = self.adapter.metadata.get("ss_network_alpha")
         try:
-            return float(meta) if meta is not None else None
-        except ValueError:
-            pass
+            return float(self.adapter.metadata["ss_network_alpha"])
+        except (KeyError, ValueError):
+            pass  # absent, or "Dynamic": fall back to what the other modules use
         arch = self.adapter.arch
         plain = [
             m.alpha
@@ -391,9 +390,10 @@ class Checker:
                 expected = float(value)
             except (TypeError, ValueError):
                 continue  # absent, or "Dynamic"
-            seen = sorted({getattr(m, attr) for m in modules if getattr(m, attr) is not None})
-            wrong = [v for v in seen if not math.isclose(v, expected, rel_tol=1e-3)]
+            seen = {(getattr(m, attr), m.alpha_dtype if attr == "effective_alpha" else None) for m in modules}
+            wrong = [v for v, dtype in seen if not _same_number(v, expected, dtype)]
             if wrong:
+                seen = sorted({v for v, _ in seen})
                 found = ", ".join(f"{v:g}" for v in seen)
                 out.append(
                     finding(
@@ -414,6 +414,13 @@ class Checker:
         else:
             kernel = module.weight_shape[2:]
         return any(k > 1 for k in kernel)
+
+
+def _same_number(stored: float, stated: float, dtype: str | None) -> bool:
+    """Whether a tensor value is the metadata's number, allowing for rounding to the tensor's dtype."""
+    if math.isclose(stored, stated, rel_tol=1e-6):
+        return True
+    return dtype in DTYPES and torch.tensor(stated, dtype=DTYPES[dtype]).item() == stored
 
 
 def _oriented(piece: BasePiece) -> tuple[int, ...]:

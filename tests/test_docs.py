@@ -1,0 +1,47 @@
+"""Docs that cannot drift: generated sections are current, README's commands are marked for CI, and
+the benchmark script still runs (at a tiny size; its numbers are not checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_formats_doc_matches_the_architecture_tables():
+    result = subprocess.run(
+        [sys.executable, "docs/make_formats.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_marks_exactly_one_install_and_one_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.count("<!-- ci:install -->") == 1
+    assert readme.count("<!-- ci:test -->") == 1
+    install = readme.split("<!-- ci:install -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    assert "pip install" in install and "loratool inspect fixtures/" in install
+    fixture = install.split("loratool inspect ", 1)[1].split()[0]
+    assert (ROOT / fixture).exists()
+
+
+def test_every_doc_linked_from_readme_exists():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for link in ("docs/inspect.md", "docs/formats.md", "docs/architecture.md", "docs/benchmarks.md"):
+        assert f"({link})" in readme
+        assert (ROOT / link).is_file()
+
+
+def test_inspect_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/inspect.py", "--size-mb", "2", "--repeat", "1", "--keep", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio inspect / read:" in result.stdout
+    assert "0 findings" in result.stdout
