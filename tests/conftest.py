@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# fixtures/tiny_models.py: the narrow models with real module names that fixtures and tests share.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
 # Nothing in the tests may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

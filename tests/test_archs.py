@@ -573,26 +573,16 @@ def test_level_variants_for_clip_text_model() -> None:
 
 def test_path_index_matches_module_names_of_tiny_reference_models() -> None:
     """The diffusers/PEFT names real (narrow) models use resolve through the tables."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from tiny_models import clip_config, clip_text_model, sd15_unet
+    from transformers import CLIPTextModelWithProjection
 
     def linear_paths(model) -> list[str]:
         return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64, 64, 64),
-            layers_per_block=2,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            sample_size=8,
-        )
-        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-        clip = CLIPTextModel(CLIPTextConfig(**small))
-        clip2 = CLIPTextModelWithProjection(CLIPTextConfig(**small, projection_dim=32))
+        unet = sd15_unet()
+        clip = clip_text_model()
+        clip2 = CLIPTextModelWithProjection(clip_config())
     sd1 = arch("sd1").path_index
     assert [p for p in linear_paths(unet) if "unet." + p not in sd1] == []
     assert [p for p in linear_paths(clip) if "text_encoder." + p not in sd1] == []

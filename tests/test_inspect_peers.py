@@ -14,42 +14,12 @@ import loratool
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
-
-
-def tiny_sdxl_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        sample_size=8,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32,
-    )
-
-
-def clip_config() -> CLIPTextConfig:
-    return CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=16,
-        projection_dim=32,
-    )
+from tiny_models import clip_config, flux_transformer, sdxl_unet  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 
 def peft_truth(model: torch.nn.Module, component: str) -> dict[str, tuple[int, float]]:
@@ -81,7 +51,7 @@ def check(report: loratool.InspectReport, truth: dict[str, tuple[int, float]], e
 
 def test_sdxl_pipeline_lora_saved_by_diffusers(tmp_path):
     torch.manual_seed(0)
-    unet, te1, te2 = tiny_sdxl_unet(), CLIPTextModel(clip_config()), CLIPTextModelWithProjection(clip_config())
+    unet, te1, te2 = sdxl_unet(), CLIPTextModel(clip_config()), CLIPTextModelWithProjection(clip_config())
     unet_cfg = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -118,17 +88,7 @@ def test_sdxl_pipeline_lora_saved_by_diffusers(tmp_path):
 
 def test_flux_lora_saved_by_diffusers(tmp_path):
     torch.manual_seed(0)
-    flux = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-    )
+    flux = flux_transformer()
     cfg = LoraConfig(
         r=8,
         lora_alpha=4,
