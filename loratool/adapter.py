@@ -94,10 +94,6 @@ class Adapter:
     orphans: list[Orphan] = field(default_factory=list)
     extra_keys: dict[str, str] = field(default_factory=dict)  # explained but not adapter tensors: key -> what it is
 
-    @property
-    def arch_name(self) -> str | None:
-        return None if self.arch is None else self.arch.name
-
     def load(self, key: str) -> torch.Tensor:
         return self.source.load(key)
 

@@ -6,7 +6,6 @@ class carries, so a user never sees a traceback for a problem with their input.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_UNUSABLE = 2
 
@@ -33,16 +32,8 @@ class FormatError(InputError):
     """The file is readable but no layout we know explains it."""
 
 
-class ArchitectureError(InputError):
-    """The adapter's modules cannot be placed on a known architecture or on the given base."""
-
-
 class OutputError(LoratoolError):
     """The output path is unusable: exists without --force, is an input, or cannot be written."""
-
-
-class UsageError(LoratoolError):
-    """Options that contradict each other or name something that does not exist."""
 
 
 class FindingsError(LoratoolError):

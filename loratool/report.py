@@ -119,6 +119,9 @@ def render_inspect(report: InspectReport, console: Console, show_keys: bool) -> 
         ),
     )
     overview.add_row("size", f"{_fmt_size(s['file_size'])}, {s['tensors']} tensors")
+    if s["other_tensors"]:
+        kinds = Counter(s["other_tensors"].values())
+        overview.add_row("other tensors", "; ".join(f"{n} x {escape(what)}" for what, n in kinds.items()))
     for key, value in s["metadata"].items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
         overview.add_row(key, escape(text if len(text) <= 200 else text[:197] + "..."))

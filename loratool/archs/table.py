@@ -187,9 +187,6 @@ class Architecture:
         group = self.fused.get(self.modules[targets[0]].fused or "")
         return group if group is not None and group.parts == targets else None
 
-    def component_of(self, target: str) -> Component:
-        return self.components[self.modules[target].component]
-
 
 def level_variants(path: str, levels: tuple[str, ...]) -> list[str]:
     out = [path]

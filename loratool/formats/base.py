@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..adapter import Adapter, AdapterModule, Orphan
-from ..archs import ArchDetection, detect
+from ..archs import ArchDetection, Architecture, detect
 from ..io.source import TensorSource
 from ..kinds import Kind, suffix_table
 
@@ -152,6 +152,6 @@ def place_on_architecture(
     for index_name, targets in found.resolved.items():
         module = modules[lookup[index_name]]
         module.targets = targets
-        if found.arch is not None and hasattr(found.arch, "modules"):
+        if isinstance(found.arch, Architecture):
             module.component = found.arch.modules[targets[0]].component
     return found

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..adapter import Adapter
-from ..errors import FormatError, LoratoolError
+from ..errors import FormatError
 from ..io.source import TensorSource, open_source
 from .base import Claim, Codec
 from .diffusers import DiffusersCodec
@@ -71,10 +71,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[Adapter, Detection]:
     try:
         detection = detect_format(source)
         adapter = detection.codec.read(source, detection.claim)
-    except LoratoolError:
-        source.close()
-        raise
-    except Exception:
+    except BaseException:
         source.close()
         raise
     return adapter, detection

@@ -108,7 +108,6 @@ class SafetensorsWriter:
         metadata = dict(metadata or {})
         if record_hash:
             metadata[HASH_KEY] = _HASH_PLACEHOLDER
-        self._record_hash = record_hash
         self._sha = hashlib.sha256() if record_hash else None
         header = encode_header(self._specs, metadata)
         fd, self._tmp = _temp_file_next_to(self.path)
