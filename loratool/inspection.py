@@ -206,7 +206,7 @@ def _data_pass(
             tensors[role] = tensor_from_bytes(raw, file.info(key))
             if len(tensors) == len(module.keys):
                 del pending[name]
-                facts[name], module_findings = _check_module(adapter, module, tensors, checker, base)
+                facts[name], module_findings = _check_module(module, tensors, checker, base)
                 findings += module_findings
         if progress is not None:
             progress(done, total)
@@ -214,26 +214,16 @@ def _data_pass(
 
 
 def _check_module(
-    adapter: Adapter,
-    module: AdapterModule,
-    tensors: dict[str, torch.Tensor],
-    checker: Checker,
-    base: BaseWeights | None,
+    module: AdapterModule, tensors: dict[str, torch.Tensor], checker: Checker, base: BaseWeights | None
 ) -> tuple[ModuleFacts, list[Finding]]:
-    if base is None:
+    if base is None or module.problem is not None:
         return checker.module(module, tensors)
-    pieces = base.pieces(module) if module.problem is None else None
+    pieces = base.pieces(module)
     if pieces is None:
-        if module.problem is not None:
-            return checker.module(module, tensors)
         facts, out = checker.module(module, tensors)
         where = compact_targets(module.targets) or "this module"
-        return facts, [
-            *out,
-            finding(
-                "unknown-key", module.name, f"the base has no weight for {where}: a merge cannot apply it", "error"
-            ),
-        ]
+        message = f"the base has no weight for {where}: a merge cannot apply it"
+        return facts, [*out, finding("unknown-key", module.name, message, "error")]
     facts, out = checker.module(module, tensors, pieces)
     facts.base_parameters = sum(p.weight.numel() for p in pieces)
     return facts, out

@@ -748,22 +748,21 @@ def llama(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(base=base_dir, adapter=directory / "adapter", base_sd=base_sd, deltas=deltas)
 
 
-def _edited_adapter(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+def _edited_copy(src: Path, dst: Path, weights: str, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of a saved model or adapter dir whose weights file went through `edit`."""
     shutil.copytree(src, dst)
-    weights = dst / "adapter_model.safetensors"
-    sd = load_file(str(weights))
+    sd = load_file(str(dst / weights))
     edit(sd)
-    save_file(sd, str(weights), metadata={"format": "pt"})
+    save_file(sd, str(dst / weights), metadata={"format": "pt"})
     return dst
+
+
+def _edited_adapter(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    return _edited_copy(src, dst, "adapter_model.safetensors", edit)
 
 
 def _edited_base(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
-    shutil.copytree(src, dst)
-    weights = dst / "model.safetensors"
-    sd = load_file(str(weights))
-    edit(sd)
-    save_file(sd, str(weights), metadata={"format": "pt"})
-    return dst
+    return _edited_copy(src, dst, "model.safetensors", edit)
 
 
 def _check_clean_peft(report, base_sd: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> None:

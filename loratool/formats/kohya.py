@@ -38,9 +38,7 @@ class KohyaCodec(Codec):
             or any(name.startswith("lycoris_") for name in modules)
             or metadata.get("ss_network_module", "").startswith("lycoris")
         )
-        prefixes = sorted(
-            {name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in modules if name.count("_") >= 2}
-        )
+        prefixes = sorted({"_".join(name.split("_", 2)[:2]) for name in modules if name.count("_") >= 2})
         return Adapter(
             source=source,
             format="lycoris" if lycoris else "kohya",
