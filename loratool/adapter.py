@@ -33,6 +33,8 @@ class AdapterModule:
     declared_rank: int | None = None  # rank from a config, for kinds whose tensors do not show one
     transposed: bool = False  # the base weight is stored (in, out) relative to the update (fan_in_fan_out, embeddings)
     dora_key: str | None = None  # DoRA magnitude (LyCORIS dora_scale or PEFT lora_magnitude_vector)
+    embedding: bool = False  # adapts an embedding table (PEFT lora_embedding_A/B)
+    native_rows: bool = False  # named after the single-file module, so its rows follow that layout's order
 
     @property
     def problem(self) -> str | None:
@@ -93,6 +95,7 @@ class Adapter:
     alpha_convention: str = "tensor"  # where this layout keeps alpha: tensor | config | none
     orphans: list[Orphan] = field(default_factory=list)
     extra_keys: dict[str, str] = field(default_factory=dict)  # explained but not adapter tensors: key -> what it is
+    arch_tied: list[str] = field(default_factory=list)  # architectures the module names fit equally well
 
     def load(self, key: str) -> torch.Tensor:
         return self.source.load(key)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 from .adapter import Adapter
+from .conversion import ConvertReport
+from .conversion import convert as _convert
 from .formats import read_adapter
 from .inspection import InspectReport, Progress
 from .inspection import inspect as _inspect
@@ -15,6 +17,23 @@ def inspect(
 ) -> InspectReport:
     """Describe a LoRA file or PEFT adapter directory and check it (optionally against its base)."""
     return _inspect(path, base=base, progress=progress)
+
+
+def convert(
+    src: str | os.PathLike,
+    to: str,
+    dest: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Write a LoRA in another layout (`kohya`, `diffusers` or `peft`) with every module's update unchanged.
+
+    Raises `ConversionError` (naming the module) when the target cannot hold something; nothing
+    is written then.
+    """
+    return _convert(src, to, dest, arch=arch, force=force, progress=progress)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:

@@ -10,9 +10,12 @@ from typing import Any
 import click
 
 from . import __version__
+from .archs import architectures
+from .conversion import convert as convert_file
+from .conversion.layouts import LAYOUTS
 from .errors import EXIT_UNUSABLE, FindingsError, LoratoolError
 from .inspection import inspect as inspect_file
-from .report import error_line, print_json, progress_bar, render_inspect, stdout_console
+from .report import error_line, print_json, progress_bar, render_convert, render_inspect, stdout_console
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +68,40 @@ def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool
         render_inspect(report, stdout_console(), show_keys=keys)
     if strict and report.count("error"):
         raise FindingsError(f"{report.count('error')} error-level finding(s) in {path}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), required=True, help="Target layout.")
+@click.option(
+    "-o",
+    "--output",
+    "dest",
+    type=click.Path(path_type=str),
+    required=True,
+    help="Output file, or dir for peft.",
+)
+@click.option("--arch", type=click.Choice(list(architectures())), help="Architecture, when names cannot tell.")
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+    """Rewrite a LoRA in another key layout, losslessly.
+
+    Refuses (exit 2, naming the module) anything the target cannot hold.
+
+    \b
+    Example:
+      loratool convert my_lora.safetensors --to diffusers -o my_lora_diffusers.safetensors
+      loratool convert adapter_dir/ --to kohya -o adapter.safetensors
+    """
+    with progress_bar("converting", enabled=not quiet) as progress:
+        report = convert_file(src, to, dest, arch=arch, force=force, progress=progress)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_convert(report, stdout_console())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ class OutputError(LoratoolError):
     """The output path is unusable: exists without --force, is an input, or cannot be written."""
 
 
+class ConversionError(LoratoolError):
+    """The target layout cannot express part of the adapter; converting would lose it."""
+
+
 class FindingsError(LoratoolError):
     """Verification found error-level problems (for example `inspect --strict`)."""
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from .conversion import ConvertReport
 from .inspection import InspectReport
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -170,3 +171,25 @@ def _render_findings(report: InspectReport, console: Console) -> None:
         where = f" e.g. [bold]{escape(first.module)}[/bold]" if first.module else ""
         console.print(f"  [{SEVERITY_STYLE[severity]}]{severity}[/] {code} x{n}{where}: {escape(first.message)}")
     console.print("  [dim]every finding: --json[/dim]")
+
+
+MAX_LISTED_NOTES = 12
+
+
+def render_convert(report: ConvertReport, console: Console) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("from", f"{escape(report.source)} [dim]({report.source_format}, {report.architecture})[/dim]")
+    grid.add_row("to", f"{escape(report.dest)} [dim]({report.target})[/dim]")
+    grid.add_row("modules", f"{report.modules_in} in, {report.modules_out} out")
+    grid.add_row(
+        "tensors",
+        f"{report.tensors_copied} copied byte for byte, {report.tensors_computed} computed; "
+        f"{_fmt_size(report.bytes_written)}",
+    )
+    console.print(grid)
+    for note in report.notes[:MAX_LISTED_NOTES]:
+        console.print(f"  [dim]{escape(note)}[/dim]")
+    if len(report.notes) > MAX_LISTED_NOTES:
+        console.print(f"  [dim]+{len(report.notes) - MAX_LISTED_NOTES} more notes (--json lists all)[/dim]")

@@ -24,6 +24,7 @@ __all__ = [
     "architectures",
     "detect",
     "get_architecture",
+    "hint_matches",
     "kohya_flat",
 ]
 
@@ -45,9 +46,10 @@ class ArchDetection:
     resolved: dict[str, Targets]  # file module name -> canonical targets (only names the arch knows)
     scores: list[tuple[str, int]] = field(default_factory=list)  # (arch name, names explained), best first
     reason: str = ""
+    tied: list[str] = field(default_factory=list)  # architectures the names could not tell apart
 
 
-def _hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
+def hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
     for key, prefixes in arch.hints.items():
         value = metadata.get(key, "")
         if value and any(value.startswith(p) for p in prefixes):
@@ -61,19 +63,26 @@ def detect(
     metadata: dict[str, str],
     implied_shape: Callable[[str], tuple[int, ...] | None] = lambda name: None,
     hf_name_hint: str | None = None,
+    only: str | None = None,
 ) -> ArchDetection:
     """Score every table on `names`, written in `scheme` (kohya, diffusers or native names).
 
     Ties (an SD1 and an SD2 UNet share every module name) go to the architecture the metadata
     names, then to the one whose full-size shapes match the factors, then to table order.
+    `only` restricts the choice to one architecture (the user said which).
     """
     scored: list[tuple[Architecture, dict[str, Targets]]] = []
     for arch in architectures().values():
+        if only is not None and arch.name != only:
+            continue
         index = arch.index(scheme)
         scored.append((arch, {n: index[n] for n in names if n in index}))
     scored.sort(key=lambda ar: -len(ar[1]))
     best_count = len(scored[0][1])
     scores = [(a.name, len(r)) for a, r in scored]
+    if only is not None:
+        reason = f"{best_count} of {len(names)} module names, architecture given"
+        return ArchDetection(scored[0][0], scored[0][1], scores, reason)
     if best_count == 0:
         hf = detect_hf(names, name_hint=hf_name_hint) if scheme == "diffusers" else None
         if hf is not None:
@@ -82,7 +91,7 @@ def detect(
     tied = [(a, r) for a, r in scored if len(r) == best_count]
     reason = f"{best_count} of {len(names)} module names"
     if len(tied) > 1:
-        by_hint = [(a, r) for a, r in tied if _hint_matches(a, metadata)]
+        by_hint = [(a, r) for a, r in tied if hint_matches(a, metadata)]
         if len(by_hint) == 1:
             tied, reason = by_hint, reason + ", metadata names it"
         else:
@@ -95,4 +104,4 @@ def detect(
             else:
                 reason += f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
     arch, resolved = tied[0]
-    return ArchDetection(arch, resolved, scores, reason)
+    return ArchDetection(arch, resolved, scores, reason, [a.name for a, _ in tied] if len(tied) > 1 else [])

@@ -146,6 +146,16 @@ class Architecture:
         return index
 
     @cached_property
+    def kohya_native_names(self) -> frozenset[str]:
+        """kohya names built from single-file paths (their factor rows follow that file's order)."""
+        names = set()
+        for spec in self.modules.values():
+            for naming in self.components[spec.component].kohya:
+                if naming.paths == "native" and spec.native is not None:
+                    names.add(naming.prefix + kohya_flat(spec.native))
+        return frozenset(names)
+
+    @cached_property
     def path_index(self) -> dict[str, Targets]:
         """diffusers/PEFT dotted names (`component.path`, with optional levels dropped) -> modules."""
         index: dict[str, Targets] = {}

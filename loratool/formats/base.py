@@ -47,8 +47,8 @@ class Codec(ABC):
         """Explain what you can of the file's keys, by name alone."""
 
     @abstractmethod
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
-        """Build the adapter from the keys this codec claimed."""
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
+        """Build the adapter from the keys this codec claimed (on `arch` when the user named it)."""
 
 
 def split_dotted(key: str, suffixes: Iterable[str]) -> tuple[str, str] | None:
@@ -140,6 +140,7 @@ def place_on_architecture(
     metadata: dict[str, str],
     names: Callable[[str], str] = lambda name: name,
     hf_name_hint: str | None = None,
+    only: str | None = None,
 ) -> ArchDetection:
     """Detect the architecture from module names and record each module's canonical targets.
 
@@ -148,7 +149,7 @@ def place_on_architecture(
     """
     lookup = {names(m): m for m in modules}
     implied = implied_shape_of(modules)
-    found = detect(list(lookup), scheme, metadata, lambda n: implied(lookup[n]), hf_name_hint)
+    found = detect(list(lookup), scheme, metadata, lambda n: implied(lookup[n]), hf_name_hint, only)
     for index_name, targets in found.resolved.items():
         module = modules[lookup[index_name]]
         module.targets = targets

@@ -65,12 +65,12 @@ def detect_format(source: TensorSource) -> Detection:
     )
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[Adapter, Detection]:
-    """Open, detect and read a LoRA file or PEFT adapter directory."""
+def read_adapter(path: str | os.PathLike, arch: str | None = None) -> tuple[Adapter, Detection]:
+    """Open, detect and read a LoRA file or PEFT adapter directory (on `arch` when given)."""
     source = open_source(path)
     try:
         detection = detect_format(source)
-        adapter = detection.codec.read(source, detection.claim)
+        adapter = detection.codec.read(source, detection.claim, arch)
     except BaseException:
         source.close()
         raise

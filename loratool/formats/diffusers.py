@@ -61,7 +61,7 @@ class DiffusersCodec(Codec):
                     claim.keys[key] = split
         return claim
 
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         metadata = source.metadata
         modules, orphans = build_modules(source, claim.keys, ("peft",))
         configs = component_configs(metadata)
@@ -74,8 +74,8 @@ class DiffusersCodec(Codec):
                 module.alpha_source = "metadata"
                 module.rslora = bool(config.get("use_rslora", False))
                 module.declared_rank = int(pattern_value(config.get("rank_pattern"), path, config.get("r", 8)))
-            module.transposed = name in embeddings
-        found = place_on_architecture(modules, "diffusers", metadata)
+            module.transposed = module.embedding = name in embeddings
+        found = place_on_architecture(modules, "diffusers", metadata, only=arch)
         stored_alphas = any(m.alpha_source == "tensor" for m in modules.values())
         return Adapter(
             source=source,
@@ -83,6 +83,7 @@ class DiffusersCodec(Codec):
             variant="lora_adapter_metadata" if configs else (".alpha tensors" if stored_alphas else "no alphas"),
             arch=found.arch,
             arch_reason=found.reason,
+            arch_tied=found.tied,
             modules=modules,
             metadata=metadata,
             config=configs,

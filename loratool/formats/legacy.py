@@ -55,11 +55,11 @@ class LegacyCodec(Codec):
                 claim.keys[key] = split
         return claim
 
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("legacy",))
         components = diffusers_components()
         found = place_on_architecture(
-            modules, "diffusers", source.metadata, names=lambda m: legacy_to_path(m, components) or m
+            modules, "diffusers", source.metadata, names=lambda m: legacy_to_path(m, components) or m, only=arch
         )
         return Adapter(
             source=source,
@@ -67,6 +67,7 @@ class LegacyCodec(Codec):
             variant="attention processors",
             arch=found.arch,
             arch_reason=found.reason,
+            arch_tied=found.tied,
             modules=modules,
             metadata=source.metadata,
             alpha_convention=self.alpha_convention,

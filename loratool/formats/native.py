@@ -30,9 +30,11 @@ class NativeCodec(Codec):
                 claim.keys[key] = split
         return claim
 
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("kohya", "peft"))
-        found = place_on_architecture(modules, "native", source.metadata)
+        found = place_on_architecture(modules, "native", source.metadata, only=arch)
+        for module in modules.values():
+            module.native_rows = True
         kohya_names = set(suffix_table("kohya")) - set(suffix_table("peft"))
         tensor_alphas = any(s == "alpha" or s in kohya_names for _, s in claim.keys.values())
         prefixes = sorted({_prefix_of(name, found.arch) for name in modules})
@@ -42,6 +44,7 @@ class NativeCodec(Codec):
             variant=", ".join(p or "(no prefix)" for p in prefixes),
             arch=found.arch,
             arch_reason=found.reason,
+            arch_tied=found.tied,
             modules=modules,
             metadata=source.metadata,
             alpha_convention="tensor" if tensor_alphas else "config",

@@ -7,10 +7,12 @@ Keys are `base_model.model.<module path>.<tensor>`; rank and alpha come from the
 from __future__ import annotations
 
 from ..adapter import Adapter
+from ..archs import ArchDetection, detect
 from ..errors import FormatError
 from ..io.source import TensorSource
 from ..kinds import KINDS
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .diffusers import component_configs, diffusers_components
 from .peft_config import pattern_value
 
 WRAPPER = "base_model.model."
@@ -20,11 +22,19 @@ EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
 class PeftCodec(Codec):
+    """PEFT adapter dirs, and single files with PEFT's keys (config in `lora_adapter_metadata`)."""
+
     name = "peft"
     alpha_convention = "config"
 
-    def _kind_name(self, source: TensorSource) -> str:
-        peft_type = (source.config or {}).get("peft_type")
+    def _config(self, source: TensorSource) -> dict | None:
+        if source.container == "peft":
+            return source.config or {}
+        configs = component_configs(source.metadata)
+        return (configs or {}).get("")
+
+    def _kind_name(self, source: TensorSource, config: dict | None) -> str:
+        peft_type = (config or {}).get("peft_type", "LORA")
         if peft_type not in PEFT_TYPES:
             supported = ", ".join(PEFT_TYPES)
             raise FormatError(f"{source.path}: PEFT adapter type {peft_type!r} is not supported ({supported} are)")
@@ -32,11 +42,12 @@ class PeftCodec(Codec):
 
     def claim(self, source: TensorSource) -> Claim:
         claim = Claim(self)
-        if source.container != "peft":
+        if source.container not in ("peft", "file"):
             return claim
-        kind = KINDS[self._kind_name(source)]
+        config = self._config(source)
+        kind = KINDS[self._kind_name(source, config)]
         suffixes = suffixes_longest_first(kind.names["peft"], MODIFIERS["peft"])
-        saved = tuple(source.config.get("modules_to_save") or ())
+        saved = tuple((config or {}).get("modules_to_save") or ())
         for key in source:
             if not key.startswith(WRAPPER):
                 continue
@@ -50,35 +61,59 @@ class PeftCodec(Codec):
                 claim.extra[key] = "modules_to_save: a full trained copy of the module"
         return claim
 
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
-        config = source.config or {}
-        kind_name = self._kind_name(source)
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
+        config = self._config(source)
+        kind_name = self._kind_name(source, config)
         modules, orphans = build_modules(source, claim.keys, ("peft",))
         embeddings = {module for key, (module, suffix) in claim.keys.items() if suffix in EMBEDDING_SUFFIXES}
         for name, module in modules.items():
+            module.embedding = name in embeddings
+            if config is None:
+                continue  # a bare state dict: alpha = rank, as every reader assumes
             module.alpha = float(
                 pattern_value(config.get("alpha_pattern"), name, config.get(ALPHA_FIELD[kind_name], 8))
             )
             module.alpha_source = "config"
             module.declared_rank = int(pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
             module.rslora = bool(config.get("use_rslora", False))
-            module.transposed = name in embeddings or bool(config.get("fan_in_fan_out", False))
-        found = place_on_architecture(
-            modules, "diffusers", source.metadata, hf_name_hint=config.get("base_model_name_or_path") or None
-        )
+            module.transposed = module.embedding or bool(config.get("fan_in_fan_out", False))
+        found = _place(modules, source, config or {}, arch)
         return Adapter(
             source=source,
             format="peft",
-            variant=str(config.get("peft_type")),
+            variant=str((config or {}).get("peft_type", "LORA"))
+            + ("" if source.container == "peft" else ", single file" + ("" if config else " without a config")),
             arch=found.arch,
             arch_reason=found.reason,
+            arch_tied=found.tied,
             modules=modules,
             metadata=source.metadata,
             config=config,
-            alpha_convention=self.alpha_convention,
+            alpha_convention=self.alpha_convention if config else "none",
             orphans=orphans,
             extra_keys=dict(claim.extra),
         )
+
+
+def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) -> ArchDetection:
+    """An LLM adapter names modules by their model path; an adapter on one diffusers component
+    (a UNet, a Flux transformer) names them by the path inside that component."""
+    metadata = source.metadata
+    if arch is None:
+        found = place_on_architecture(
+            modules, "diffusers", metadata, hf_name_hint=config.get("base_model_name_or_path") or None
+        )
+        if found.arch is not None:
+            return found
+    names = list(modules)
+    scores = []
+    for component in sorted(diffusers_components()):
+        found = detect([f"{component}.{n}" for n in names], "diffusers", metadata, only=arch)
+        scores.append((len(found.resolved), component))
+    count, component = max(scores)
+    if count == 0:
+        return place_on_architecture(modules, "diffusers", metadata, only=arch)
+    return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{component}.{m}", only=arch)
 
 
 def _is_saved_module(path: str, saved: tuple[str, ...]) -> bool:

@@ -11,6 +11,7 @@ import re
 
 from ..adapter import Adapter
 from ..archs import get_architecture
+from ..errors import FormatError
 from ..io.source import TensorSource
 from ..kinds import suffix_table
 from .base import Claim, Codec, build_modules, split_dotted, suffixes_longest_first
@@ -48,10 +49,12 @@ class XLabsCodec(Codec):
                 claim.keys[key] = split
         return claim
 
-    def read(self, source: TensorSource, claim: Claim) -> Adapter:
+    def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("legacy",))
-        arch = get_architecture("flux1")
-        index = arch.native_index
+        if arch not in (None, "flux1"):
+            raise FormatError(f"{source.path}: XLabs processor LoRAs exist only for Flux, not {arch}")
+        flux = get_architecture("flux1")
+        index = flux.native_index
         for name, module in modules.items():
             path, parts = native_path(name)
             targets = index.get(path, ())
@@ -61,7 +64,7 @@ class XLabsCodec(Codec):
             source=source,
             format=self.name,
             variant="processor LoRAs",
-            arch=arch,
+            arch=flux,
             arch_reason="XLabs processor names exist only for Flux",
             modules=modules,
             metadata=source.metadata,

@@ -12,8 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from .safetensors_file import DTYPE_NAMES, dtype_size
 # patched in place once the data is written, so the header can still go first.
 HASH_KEY = "sshs_model_hash"
 _HASH_PLACEHOLDER = "0" * 64
+# A1111's older hash: sha256 of 64 KiB at 1 MiB into the file, first 8 hex digits.
+LEGACY_HASH_KEY = "sshs_legacy_hash"
+_LEGACY_PLACEHOLDER = "0" * 8
+LEGACY_HASH_SPAN = (0x100000, 0x10000)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         record_hash: bool = False,
+        record_legacy_hash: bool = False,
     ) -> None:
         self.path = Path(path)
         self._specs = list(specs)
@@ -108,8 +114,13 @@ class SafetensorsWriter:
         metadata = dict(metadata or {})
         if record_hash:
             metadata[HASH_KEY] = _HASH_PLACEHOLDER
+        if record_legacy_hash:
+            metadata[LEGACY_HASH_KEY] = _LEGACY_PLACEHOLDER
         self._sha = hashlib.sha256() if record_hash else None
         header = encode_header(self._specs, metadata)
+        if record_legacy_hash and 8 + len(header) > LEGACY_HASH_SPAN[0]:
+            raise OutputError(f"{self.path}: header over 1 MiB: {LEGACY_HASH_KEY} would hash its own bytes")
+        self._legacy = record_legacy_hash
         fd, self._tmp = _temp_file_next_to(self.path)
         self._fh = os.fdopen(fd, "wb")
         self._header = header
@@ -166,7 +177,9 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: {len(self._specs) - self._next} declared tensors never written ({missing})")
         try:
             if self._sha is not None:
-                self._patch_hash(self._sha.hexdigest())
+                self._patch(HASH_KEY, _HASH_PLACEHOLDER, self._sha.hexdigest())
+            if self._legacy:
+                self._patch(LEGACY_HASH_KEY, _LEGACY_PLACEHOLDER, self._legacy_digest())
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
@@ -185,9 +198,16 @@ class SafetensorsWriter:
         _fsync_dir(self.path.parent)
         return self.path
 
-    def _patch_hash(self, digest: str) -> None:
-        marker = f'"{HASH_KEY}":"{_HASH_PLACEHOLDER}"'.encode()
-        pos = self._header.index(marker) + len(marker) - 1 - len(_HASH_PLACEHOLDER)
+    def _legacy_digest(self) -> str:
+        self._fh.flush()
+        offset, size = LEGACY_HASH_SPAN
+        with open(self._tmp, "rb") as fh:
+            fh.seek(offset)
+            return hashlib.sha256(fh.read(size)).hexdigest()[:8]
+
+    def _patch(self, key: str, placeholder: str, digest: str) -> None:
+        marker = f'"{key}":"{placeholder}"'.encode()
+        pos = self._header.index(marker) + len(marker) - 1 - len(placeholder)
         self._fh.flush()
         self._fh.seek(8 + pos)
         self._fh.write(digest.encode())
@@ -305,3 +325,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         raise OutputError(f"{path}: write failed ({exc.strerror})") from None
     _fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, replace_existing: bool) -> Iterator[Path]:
+    """Yield a temporary directory next to `path`; on success it takes `path`'s place.
+
+    An existing directory is moved aside first and removed only once the new one is in place, so
+    a failure at any point leaves the old one (or nothing) there.
+    """
+    path = Path(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except FileNotFoundError:
+        raise OutputError(f"{path.parent}: output directory does not exist") from None
+    except OSError as exc:
+        raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    try:
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            if not replace_existing:
+                raise OutputError(f"{path}: exists (use --force to replace it)")
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")) / "old"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

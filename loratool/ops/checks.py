@@ -18,6 +18,7 @@ from ..adapter import Adapter, AdapterModule
 from ..archs import Architecture, HFArchitecture
 from ..archs.locate import Location
 from ..io.safetensors_file import DTYPES
+from .fuse import column_owners, swap_halves
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
 
 FP16_MAX = 65504.0
@@ -108,14 +109,8 @@ def _block_diagonal(up: torch.Tensor, row_sizes: list[int]) -> bool:
     if up.dim() != 2 or up.shape[1] % n or sum(row_sizes) != up.shape[0]:
         return False
     r = up.shape[1] // n
-    start = 0
-    for i, rows in enumerate(row_sizes):
-        block = up[start : start + rows]
-        off = torch.cat([block[:, : i * r], block[:, (i + 1) * r :]], dim=1)
-        if bool(off.any()) or not bool(block[:, i * r : (i + 1) * r].any()):
-            return False
-        start += rows
-    return True
+    owners = column_owners(up, row_sizes)
+    return owners is not None and owners == [list(range(i * r, (i + 1) * r)) for i in range(n)]
 
 
 class Checker:
@@ -224,8 +219,8 @@ class Checker:
         for piece, n in zip(base, rows, strict=True):
             part = delta[start : start + n]
             start += n
-            if piece.location.swap_halves:
-                part = torch.cat(part.chunk(2)[::-1])
+            if piece.location.swap_halves and not module.native_rows:
+                part = swap_halves(part)
             weight = piece.weight.float()
             weight = weight.T if piece.location.transposed else weight
             peak = max(peak, float((weight.reshape(part.shape) + part).abs().max()))

@@ -1,0 +1,326 @@
+"""The layouts convert writes: how each names a unit's tensors, where it keeps alpha, and what it
+cannot hold.
+
+- kohya: one file, `<prefix><module_with_underscores>.lora_down.weight` etc., alpha as a tensor
+  (LyCORIS names for LoHa/LoKr, `dora_scale` for DoRA).
+- diffusers: one file, `<component>.<module path>.lora_A.weight` etc., alphas in the header's
+  `lora_adapter_metadata` (a LoraConfig per component). For an LLM, PEFT's own keys in one file.
+- peft: a directory with `adapter_model.safetensors` and `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..adapter import Adapter
+from ..archs import Architecture, HFArchitecture, Targets, kohya_flat
+from ..formats.diffusers import METADATA_KEY
+from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
+from ..formats.peft import WRAPPER
+from ..io.safetensors_file import DTYPES
+from .plan import Piece, Unit
+
+# kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
+# model's modules (Lumina's Gemma, for one) `lora_te_` + path with underscores, so LLM files do too.
+HF_KOHYA_PREFIX = "lora_te_"
+DORA_SUFFIX = {"kohya": "dora_scale", "peft": "lora_magnitude_vector"}
+EMBEDDING_NAMES = {"down": "lora_embedding_A", "up": "lora_embedding_B"}
+# The PEFT config fields convert owns: recomputed from the modules, whatever the source config said.
+MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One output tensor: its key and where its bytes come from."""
+
+    key: str
+    piece: Piece
+
+
+class Layout(ABC):
+    name: str
+    scheme: str  # tensor naming scheme of the kinds: kohya | peft
+    single_component = False
+
+    @abstractmethod
+    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
+        """The module name this layout gives `targets`, or None when it has no name for them."""
+
+    def native_rows(self, arch: Architecture | HFArchitecture, targets: Targets) -> bool:
+        """Whether this layout's name for `targets` means single-file row order."""
+        return False
+
+    @abstractmethod
+    def why_not(self, unit: Unit) -> str | None:
+        """Why this layout cannot hold `unit` (None when it can)."""
+
+    @abstractmethod
+    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+        """The unit's tensors under their keys in this layout."""
+
+    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+        return carried_metadata(adapter.metadata)
+
+
+def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The source's own metadata (training record, modelspec), without keys a layout owns."""
+    owned = (METADATA_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY)
+    return {k: v for k, v in metadata.items() if k not in owned}
+
+
+def factor_pieces(unit: Unit, scheme: str, embedding_names: bool) -> dict[str, Piece]:
+    names = {
+        role: suffix for suffix, role in unit.kind.names[scheme].items() if not suffix.startswith("lora_embedding")
+    }
+    if embedding_names:
+        names.update(EMBEDDING_NAMES)
+    return {names[role]: piece for role, piece in unit.pieces.items() if role in names}
+
+
+def _dora_rows_only(unit: Unit) -> bool:
+    dora = unit.pieces.get("dora")
+    return dora is None or math.prod(dora.shape) == unit.pieces["up"].shape[0]
+
+
+def _reshaped(piece: Piece, shape: tuple[int, ...]) -> Piece:
+    if piece.key is not None:
+        return Piece(piece.dtype, shape, piece.key)
+    return Piece(piece.dtype, shape, None, lambda: piece.compute().reshape(shape))
+
+
+def exact_in(value: float, dtype: str) -> bool:
+    return float(torch.tensor(value, dtype=torch.float64).to(DTYPES[dtype]).double()) == value
+
+
+def alpha_piece(unit: Unit, alpha: float) -> Piece:
+    """The alpha tensor: the source's own bytes when unchanged, else in the factors' dtype when
+    that holds the value exactly, else in F32 (a bf16 0.1 would read back as 0.10009765625)."""
+    if unit.alpha_key is not None and not unit.rslora and unit.alpha == alpha:
+        return Piece(unit.alpha_dtype or "F32", (), unit.alpha_key)
+    factor_dtype = next(iter(unit.pieces.values())).dtype
+    dtype = factor_dtype if exact_in(alpha, factor_dtype) else "F32"
+    return Piece(dtype, (), None, lambda: torch.tensor(alpha, dtype=DTYPES[dtype]))
+
+
+class KohyaLayout(Layout):
+    name = "kohya"
+    scheme = "kohya"
+
+    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
+        if isinstance(arch, HFArchitecture):
+            return HF_KOHYA_PREFIX + kohya_flat(targets[0])
+        if len(targets) == 1:
+            try:
+                return arch.kohya_name(targets[0])
+            except KeyError:
+                return None
+        group = arch.fused_group(targets)
+        if group is None:
+            return None
+        naming = arch.components[group.component].kohya[0]
+        return naming.prefix + kohya_flat(group.native) if naming.paths == "native" else None
+
+    def native_rows(self, arch: Architecture | HFArchitecture, targets: Targets) -> bool:
+        if isinstance(arch, HFArchitecture):
+            return False
+        return arch.components[arch.modules[targets[0]].component].kohya[0].paths == "native"
+
+    def why_not(self, unit: Unit) -> str | None:
+        if "bias" in unit.pieces:
+            return "kohya files have no place for a LoRA bias (lora_B.bias)"
+        if unit.alpha_for(False) is None and not math.isclose(unit.scale, 1.0, rel_tol=0, abs_tol=0):
+            return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies two full LoKr factors at scale 1"
+        if unit.embedding and "dora" in unit.pieces:
+            return "DoRA on an embedding has no kohya/LyCORIS form"
+        return None
+
+    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(unit, "kohya", False).items()]
+        alpha = unit.alpha_for(False)
+        if alpha is not None:
+            out.append(Entry(f"{name}.alpha", alpha_piece(unit, alpha)))
+        dora = unit.pieces.get("dora")
+        if dora is not None:
+            if _dora_rows_only(unit):  # LyCORIS keeps the per-row magnitude as (out, 1[, 1, 1])
+                dora = _reshaped(dora, (unit.pieces["up"].shape[0], *[1] * (len(unit.pieces["down"].shape) - 1)))
+            out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
+        return out
+
+    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+        metadata = carried_metadata(adapter.metadata)
+        if "ss_network_dim" in metadata:
+            metadata["ss_network_dim"] = _one_or_dynamic([u.rank for u in units.values()])
+        if "ss_network_alpha" in metadata:
+            metadata["ss_network_alpha"] = _one_or_dynamic([u.alpha_for(False) for u in units.values()])
+        if isinstance(arch, HFArchitecture):
+            modules = {}
+            for name, unit in units.items():
+                kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) == 4 else "linear")
+                modules[name] = {"path": unit.targets[0], "type": kind}
+            metadata[HF_MODULES_KEY] = json.dumps(modules, sort_keys=True)
+            config = {k: v for k, v in (adapter.config or {}).items() if k not in MATH_FIELDS}
+            config["fan_in_fan_out"] = any(u.transposed and not u.embedding for u in units.values())
+            metadata[PEFT_CONFIG_KEY] = json.dumps(config, sort_keys=True)
+        return metadata
+
+
+def _one_or_dynamic(values: list[float | int | None]) -> str:
+    distinct = {v for v in values if v is not None}
+    if len(distinct) != 1:
+        return "Dynamic"
+    value = distinct.pop()
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class PeftKeyed(Layout):
+    """diffusers files and PEFT dirs: PEFT's tensor names, alphas in a LoraConfig."""
+
+    scheme = "peft"
+
+    def why_not(self, unit: Unit) -> str | None:
+        if unit.kind.name != "lora":
+            return f"{unit.kind.label} is not a LoRA; PEFT LoRA and diffusers files hold LoRA only (use --to kohya)"
+        if "mid" in unit.pieces:
+            return "PEFT has no Tucker core (lora_mid); use --to kohya"
+        if "dora" in unit.pieces and not _dora_rows_only(unit):
+            return "its DoRA magnitude is per input column; PEFT's is per output row"
+        if "dora" in unit.pieces and unit.embedding:
+            return "DoRA on an embedding is not supported in this conversion"
+        return None
+
+    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+        pieces = dict(unit.pieces)
+        fitted = _fit_to_module(unit, arch)
+        pieces.update(fitted)
+        fitted_unit = replace(unit, pieces=pieces)
+        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(fitted_unit, "peft", unit.embedding).items()]
+        dora = pieces.get("dora")
+        if dora is not None:
+            rows = pieces["up"].shape[0]
+            shape = (1, rows, 1, 1) if len(pieces["down"].shape) == 4 else (rows,)
+            out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", _reshaped(dora, shape)))
+        return out
+
+
+def _fit_to_module(unit: Unit, arch: Architecture | HFArchitecture) -> dict[str, Piece]:
+    """PEFT builds layers from the model: a Linear takes 2-D factors, a Conv2d 4-D ones. Some SD2
+    LoRAs carry 1x1-conv factors for linear projections; the bytes are the same, only the shape moves."""
+    if not isinstance(arch, Architecture) or len(unit.targets) != 1 or "mid" in unit.pieces:
+        return {}
+    spec = arch.modules[unit.targets[0]]
+    down, up = unit.pieces["down"], unit.pieces["up"]
+    if spec.type == "linear" and len(down.shape) == 4 and down.shape[2:] == (1, 1):
+        return {"down": _reshaped(down, down.shape[:2]), "up": _reshaped(up, up.shape[:2])}
+    if spec.type == "conv" and len(down.shape) == 2:
+        return {"down": _reshaped(down, (*down.shape, 1, 1)), "up": _reshaped(up, (*up.shape, 1, 1))}
+    return {}
+
+
+def pattern_for(path: str, optional_levels: tuple[str, ...] = ()) -> str:
+    """A PEFT rank/alpha pattern matching exactly one module: `^`-anchored, with the levels some
+    library versions drop (CLIP's `text_model.`) optional."""
+    for level in optional_levels:
+        if path.startswith(level):
+            return f"^(?:{re.escape(level)})?{re.escape(path[len(level) :])}"
+    return "^" + re.escape(path)
+
+
+def short_path(path: str, optional_levels: tuple[str, ...] = ()) -> str:
+    """The path without levels some library versions drop, for `target_modules` (suffix match)."""
+    for level in optional_levels:
+        if path.startswith(level):
+            return path[len(level) :]
+    return path
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: dict | None) -> dict:
+    """A LoraConfig dict under which PEFT rebuilds every unit with its own rank and scale.
+
+    `units` pairs each unit with its module path inside the model PEFT wraps. The most common rank
+    and alpha become `r` and `lora_alpha`; every other module gets a `^`-anchored full-path pattern.
+    """
+    rslora = all(u.rslora for _, u in units)
+    ranks = {path: u.rank for path, u in units}
+    alphas = {path: _number(u.alpha_for(rslora)) for path, u in units}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {k: v for k, v in (base or {}).items() if k not in MATH_FIELDS}
+    config.update(
+        r=r,
+        lora_alpha=lora_alpha,
+        rank_pattern={pattern_for(p, levels): v for p, v in ranks.items() if v != r},
+        alpha_pattern={pattern_for(p, levels): v for p, v in alphas.items() if v != lora_alpha},
+        use_rslora=rslora,
+        use_dora=any("dora" in u.pieces for _, u in units),
+        lora_bias=any("bias" in u.pieces for _, u in units),
+    )
+    if not config.get("target_modules"):
+        config["target_modules"] = sorted({short_path(p, levels) for p, _ in units})
+    return config
+
+
+class DiffusersLayout(PeftKeyed):
+    name = "diffusers"
+
+    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
+        if isinstance(arch, HFArchitecture):
+            return WRAPPER + targets[0]
+        return targets[0] if len(targets) == 1 else None
+
+    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+        metadata = carried_metadata(adapter.metadata)
+        metadata.setdefault("format", "pt")
+        if isinstance(arch, HFArchitecture):
+            pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+            config = lora_config(pairs, (), adapter.config)
+            config.setdefault("peft_type", "LORA")
+        else:
+            config = {}
+            for component in dict.fromkeys(u.component for u in units.values()):
+                comp = arch.components[component]
+                pairs = [(n[len(component) + 1 :], u) for n, u in units.items() if u.component == component]
+                for key, value in lora_config(pairs, comp.optional_levels, None).items():
+                    config[f"{component}.{key}"] = value
+        metadata[METADATA_KEY] = json.dumps(config, sort_keys=True)
+        return metadata
+
+
+class PeftLayout(PeftKeyed):
+    name = "peft"
+    single_component = True
+
+    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
+        if isinstance(arch, HFArchitecture):
+            return WRAPPER + targets[0]
+        if len(targets) != 1:
+            return None
+        return WRAPPER + arch.modules[targets[0]].path
+
+    def config(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict:
+        levels: tuple[str, ...] = ()
+        if isinstance(arch, Architecture):
+            levels = arch.components[next(iter(units.values())).component].optional_levels
+        pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+        base = adapter.config if isinstance(arch, HFArchitecture) else None
+        config = lora_config(pairs, levels, base)
+        config["peft_type"] = "LORA"
+        config.setdefault("bias", "none")
+        config.setdefault("task_type", None)
+        config.setdefault("base_model_name_or_path", None)
+        config.setdefault("fan_in_fan_out", any(u.transposed and not u.embedding for u in units.values()))
+        config.setdefault("inference_mode", True)
+        return config
+
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (KohyaLayout(), DiffusersLayout(), PeftLayout())}

@@ -1,0 +1,313 @@
+"""What a converted file will hold, decided before a byte is written.
+
+A `Unit` is one module of the output: the canonical modules it updates, its kind, alpha, and one
+`Piece` per tensor. A piece either names a source tensor whose bytes are copied unchanged, or
+computes a new tensor (row slices, fused factors) when the file is written, so a conversion holds
+one module's tensors at a time. Planning reads only the factors of modules that are split or fused.
+
+The target layout decides which canonical modules it can name; the planner splits fused modules
+the layout names part by part (Flux `qkv` for diffusers) and fuses parts the layout names only as a
+whole (Flux `to_q/to_k/to_v` for kohya), and refuses, naming the module, whatever cannot be
+expressed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..adapter import Adapter, AdapterModule
+from ..archs import Architecture, FusedSpec, Targets
+from ..errors import ConversionError
+from ..io.safetensors_file import DTYPE_NAMES, DTYPES
+from ..kinds import Kind
+from ..ops import fuse
+
+
+@dataclass(frozen=True)
+class Piece:
+    dtype: str
+    shape: tuple[int, ...]
+    key: str | None = None  # a source tensor copied byte for byte (shape may differ by size-1 dims)
+    compute: Callable[[], torch.Tensor] | None = None
+
+    @classmethod
+    def made(cls, like: Piece, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype: str = "") -> Piece:
+        return cls(dtype or like.dtype, tuple(shape), None, compute)
+
+
+@dataclass
+class Unit:
+    targets: Targets  # canonical modules, in row order when the unit covers a fused weight
+    component: str | None
+    kind: Kind
+    pieces: dict[str, Piece]  # role -> tensor; kind roles plus "bias" (lora_B.bias) and "dora" (magnitude)
+    alpha: float | None  # None: not recorded (alpha = rank)
+    rslora: bool = False
+    declared_rank: int | None = None
+    alpha_key: str | None = None  # source alpha tensor still valid for this unit
+    alpha_dtype: str | None = None
+    embedding: bool = False
+    transposed: bool = False
+    native_rows: bool = False  # factor rows follow the single-file order (Flux final modulation)
+    origin: str = ""  # source module(s), for messages
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {role: p.shape for role, p in self.pieces.items()}
+
+    @property
+    def rank(self) -> int | None:
+        return self.kind.rank(self.shapes) or self.declared_rank
+
+    @property
+    def scale(self) -> float:
+        return self.kind.scale(self.alpha, self.shapes, self.rslora, self.declared_rank)
+
+    def alpha_for(self, rslora: bool) -> float | None:
+        """The alpha that gives this unit's scale under a layout's rule (alpha/r or alpha/sqrt(r))."""
+        if rslora == self.rslora and self.alpha is not None:
+            return self.alpha
+        rank = self.rank
+        if rank is None:
+            return None
+        if self.alpha is None and not self.rslora and not rslora:
+            return float(rank)
+        return self.scale * (math.sqrt(rank) if rslora else rank)
+
+
+class Load:
+    """Source tensors for planning and writing; a module's tensors are read when asked for."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, piece: Piece) -> torch.Tensor:
+        if piece.compute is not None:
+            return piece.compute()
+        return self.adapter.load(piece.key).reshape(piece.shape)
+
+
+def unit_of(module: AdapterModule, adapter: Adapter) -> Unit:
+    pieces = {role: Piece(module.dtypes[role], module.shapes[role], module.keys[role]) for role in module.keys}
+    if module.dora_key is not None:
+        info = adapter.source.info(module.dora_key)
+        pieces["dora"] = Piece(info.dtype, info.shape, module.dora_key)
+    return Unit(
+        targets=module.targets,
+        component=module.component,
+        kind=module.kind,
+        pieces=pieces,
+        alpha=module.alpha,
+        rslora=module.rslora,
+        declared_rank=module.declared_rank,
+        alpha_key=module.alpha_key,
+        alpha_dtype=module.alpha_dtype,
+        embedding=module.embedding,
+        transposed=module.transposed,
+        native_rows=module.native_rows,
+        origin=module.name,
+    )
+
+
+# -- splitting a fused module into its parts -----------------------------------------------------------
+def _part_rows(arch: Architecture, unit: Unit, group: FusedSpec) -> list[int]:
+    """Rows of each target: q/k/v-like parts are as wide as the input, the one "rest" part (Flux's
+    MLP rows of linear1) takes what is left. Widths come from the factors, never from constants."""
+    in_features = unit.pieces["down"].shape[1]
+    out_features = unit.pieces["up"].shape[0]
+    sizes = [group.sizes[arch.modules[t].part] for t in unit.targets]
+    fixed = sum(1 for s in sizes if s == "in") * in_features
+    rows = [in_features if s == "in" else out_features - fixed for s in sizes]
+    if sum(rows) != out_features or any(r <= 0 for r in rows):
+        raise ConversionError(
+            f"{unit.origin}: up has {out_features} rows, which do not split into {len(rows)} parts of "
+            f"{in_features} input features"
+        )
+    return rows
+
+
+def _check_fusable(unit: Unit, action: str) -> None:
+    if unit.kind.name != "lora" or "mid" in unit.pieces:
+        what = unit.kind.label if unit.kind.name != "lora" else "a LoCon module with a Tucker core"
+        raise ConversionError(f"{unit.origin}: cannot {action} {what} across a fused weight's row blocks")
+
+
+def split(arch: Architecture, unit: Unit, load: Load) -> list[Unit]:
+    """One unit per target, with exactly the update the fused module gives that target's rows.
+
+    The first part carries a note saying how the module was split."""
+    _check_fusable(unit, "split")
+    group = arch.fused[arch.modules[unit.targets[0]].fused]
+    rows = _part_rows(arch, unit, group)
+    up = load(unit.pieces["up"])
+    owners = fuse.column_owners(up, rows)
+    if owners is not None and not any(owners):
+        owners = None  # an all-zero module: keep it whole rather than dropping every part
+    parts: list[Unit] = []
+    start = 0
+    down_piece, up_piece = unit.pieces["down"], unit.pieces["up"]
+    for i, (target, n) in enumerate(zip(unit.targets, rows, strict=True)):
+        r0, r1 = start, start + n
+        start = r1
+        pieces = dict(unit.pieces)
+        extra = {
+            role: Piece.made(p, (n, *p.shape[1:]), lambda p=p, r0=r0, r1=r1: load(p)[r0:r1])
+            for role, p in unit.pieces.items()
+            if role in ("bias", "dora")
+        }
+        if owners is not None:
+            cols = owners[i]
+            if not cols and not extra:
+                parts.append(_dropped(unit, target))
+                continue
+            index = torch.tensor(cols, dtype=torch.long)
+            pieces["down"] = Piece.made(
+                down_piece, (len(cols), *down_piece.shape[1:]), lambda index=index: load(down_piece)[index]
+            )
+            pieces["up"] = Piece.made(
+                up_piece,
+                (n, len(cols), *up_piece.shape[2:]),
+                lambda r0=r0, r1=r1, index=index: load(up_piece)[r0:r1][:, index],
+            )
+            rank = len(cols)
+            alpha = _alpha_at_rank(unit, rank)
+            alpha_key = None
+        else:
+            if not bool(up[r0:r1].any()) and not extra:
+                parts.append(_dropped(unit, target))
+                continue
+            pieces["up"] = Piece.made(up_piece, (n, *up_piece.shape[1:]), lambda r0=r0, r1=r1: load(up_piece)[r0:r1])
+            alpha, alpha_key = unit.alpha, unit.alpha_key
+        pieces.update(extra)
+        parts.append(
+            replace(
+                unit,
+                targets=(target,),
+                pieces=pieces,
+                alpha=alpha,
+                alpha_key=alpha_key,
+                notes=[],
+            )
+        )
+    how = "block-diagonal up: each part keeps its own columns" if owners is not None else "shared down, rank kept"
+    parts[0].notes.insert(0, f"{unit.origin}: split into {len(parts)} parts ({how})")
+    return parts
+
+
+def _dropped(unit: Unit, target: str) -> Unit:
+    """A part the fused module leaves untouched: nothing to write, but the report says so."""
+    return replace(unit, targets=(target,), pieces={}, notes=[f"{target}: zero update in {unit.origin}, not written"])
+
+
+def _alpha_at_rank(unit: Unit, rank: int) -> float:
+    return unit.scale * (math.sqrt(rank) if unit.rslora else rank)
+
+
+# -- fusing parts into the fused module ----------------------------------------------------------------
+def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
+    """The fused module from whichever of its parts the adapter has; absent parts get zero rows."""
+    for unit in parts.values():
+        _check_fusable(unit, "fuse")
+    present = [parts.get(t) for t in group.parts]
+    first = next(u for u in present if u is not None)
+    names = ", ".join(u.origin for u in present if u is not None)
+    in_features = first.pieces["down"].shape[1]
+    rows = []
+    for target, unit in zip(group.parts, present, strict=True):
+        if unit is not None:
+            rows.append(unit.pieces["up"].shape[0])
+        elif group.sizes[arch.modules[target].part] == "in":
+            rows.append(in_features)
+        else:
+            raise ConversionError(
+                f"{names}: cannot fuse into {group.native}: {target} is not in the adapter and its width is unknown"
+            )
+    dora = [u is not None and "dora" in u.pieces for u in present]
+    if any(dora) and not all(dora):
+        raise ConversionError(
+            f"{names}: cannot fuse into {group.native}: DoRA needs a magnitude for every row block, and "
+            "some parts have none"
+        )
+    units = [u for u in present if u is not None]
+    downs = [load(u.pieces["down"]) for u in units]
+    shared = (
+        all(d.dtype == downs[0].dtype and torch.equal(d, downs[0]) for d in downs)
+        and len({(u.scale, u.rslora) for u in units}) == 1
+    )
+    how = "shared down, rank kept" if shared else "downs concatenated, alpha rescaled to the summed rank"
+    notes = [f"{names}: fused into {group.native} ({how})"]
+    ups_pieces = [u.pieces["up"] if u is not None else None for u in present]
+    up_like = first.pieces["up"]
+    pieces: dict[str, Piece] = {}
+    if shared:
+        pieces["down"] = first.pieces["down"]
+        pieces["up"] = Piece.made(
+            up_like,
+            (sum(rows), *up_like.shape[1:]),
+            lambda: fuse.stack_rows([None if p is None else load(p) for p in ups_pieces], rows, load(up_like)),
+        )
+        alpha, rslora, alpha_key, alpha_dtype = first.alpha, first.rslora, first.alpha_key, first.alpha_dtype
+    else:
+        ranks = [0 if u is None else u.pieces["down"].shape[0] for u in present]
+        total = sum(ranks)
+        scales = [u.scale for u in units]
+        same_scale = len(set(scales)) == 1
+        down_dtype = _common_dtype([u.pieces["down"].dtype for u in units])
+        up_dtype = _common_dtype([u.pieces["up"].dtype for u in units]) if same_scale else "F32"
+        down_pieces = [u.pieces["down"] for u in units]
+        pieces["down"] = Piece(
+            down_dtype,
+            (total, *first.pieces["down"].shape[1:]),
+            compute=lambda: torch.cat([load(p).to(DTYPES[down_dtype]) for p in down_pieces]),
+        )
+        factors = [1.0 if same_scale or u is None else u.scale for u in present]
+
+        def fused_up() -> torch.Tensor:
+            ups = [
+                None if p is None else (load(p).float() * f if f != 1.0 else load(p)).to(DTYPES[up_dtype])
+                for p, f in zip(ups_pieces, factors, strict=True)
+            ]
+            return fuse.block_diagonal(ups, rows, ranks)
+
+        pieces["up"] = Piece(up_dtype, (sum(rows), total, *up_like.shape[2:]), compute=fused_up)
+        rslora = same_scale and first.rslora and all(u.rslora for u in units)
+        scale = scales[0] if same_scale else 1.0
+        alpha = scale * (math.sqrt(total) if rslora else total)
+        alpha_key = alpha_dtype = None
+        if not same_scale:
+            notes.append("parts had different scales: each up block carries its scale (stored in F32), alpha = rank")
+    for role in ("bias", "dora"):
+        role_pieces = [None if u is None else u.pieces.get(role) for u in present]
+        like = next((p for p in role_pieces if p is not None), None)
+        if like is not None:
+            pieces[role] = Piece.made(
+                like,
+                (sum(rows), *like.shape[1:]),
+                lambda rp=role_pieces, like=like: fuse.stack_rows(
+                    [None if p is None else load(p) for p in rp], rows, load(like)
+                ),
+            )
+    return Unit(
+        targets=group.parts,
+        component=group.component,
+        kind=first.kind,
+        pieces=pieces,
+        alpha=alpha,
+        rslora=rslora,
+        alpha_key=alpha_key,
+        alpha_dtype=alpha_dtype,
+        origin=names,
+        notes=notes,
+    )
+
+
+def _common_dtype(dtypes: list[str]) -> str:
+    result = DTYPES[dtypes[0]]
+    for d in dtypes[1:]:
+        result = torch.promote_types(result, DTYPES[d])
+    return DTYPE_NAMES[result]
