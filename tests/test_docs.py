@@ -29,7 +29,7 @@ def test_readme_marks_exactly_one_install_and_one_test_command():
 
 def test_every_doc_linked_from_readme_exists():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for link in ("docs/inspect.md", "docs/formats.md", "docs/architecture.md", "docs/benchmarks.md"):
+    for link in ("docs/inspect.md", "docs/convert.md", "docs/formats.md", "docs/architecture.md", "docs/benchmarks.md"):
         assert f"({link})" in readme
         assert (ROOT / link).is_file()
 
@@ -45,3 +45,29 @@ def test_inspect_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ratio inspect / read:" in result.stdout
     assert "0 findings" in result.stdout
+
+
+def test_convert_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/convert.py", "--size-mb", "2", "--repeat", "1", "--keep", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ratio") == 2
+
+
+def test_readme_convert_examples_run(tmp_path):
+    """The convert examples in README work as shown (run from a scratch dir against the fixtures)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### `loratool convert", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    for command in commands:
+        args = command.split()[1:]
+        args = [str(ROOT / a) if a.startswith("fixtures/") else a for a in args]
+        result = subprocess.run(
+            [sys.executable, "-m", "loratool.cli", *args], cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, (command, result.stderr)

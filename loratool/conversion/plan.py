@@ -178,7 +178,7 @@ def split(arch: Architecture, unit: Unit, load: Load) -> list[Unit]:
             alpha = _alpha_at_rank(unit, rank)
             alpha_key = None
         else:
-            if not bool(up[r0:r1].any()) and not extra:
+            if fuse.is_zero(up[r0:r1]) and not extra:
                 parts.append(_dropped(unit, target))
                 continue
             pieces["up"] = Piece.made(up_piece, (n, *up_piece.shape[1:]), lambda r0=r0, r1=r1: load(up_piece)[r0:r1])

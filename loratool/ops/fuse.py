@@ -24,6 +24,11 @@ def column_owners(up: torch.Tensor, row_sizes: list[int]) -> list[list[int]] | N
     up = up.flatten(1)
     if sum(row_sizes) != up.shape[0]:
         raise ValueError(f"row blocks {row_sizes} do not add up to {up.shape[0]} rows")
+    # A trained fused up is dense: its first column already feeds several blocks. Checking that
+    # one column first keeps the full scan for the rare block-diagonal file.
+    first = [bool(b.any()) for b in torch.split(up[:, 0], row_sizes)]
+    if sum(first) > 1:
+        return None
     used = []
     start = 0
     for rows in row_sizes:
@@ -34,8 +39,10 @@ def column_owners(up: torch.Tensor, row_sizes: list[int]) -> list[list[int]] | N
     return [torch.nonzero(u).flatten().tolist() for u in used]
 
 
-def row_blocks(up: torch.Tensor, row_sizes: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(up, row_sizes, dim=0))
+def is_zero(t: torch.Tensor) -> bool:
+    """Whether every element is zero; a dense tensor answers from its first column."""
+    flat = t.flatten(1) if t.dim() > 1 else t.reshape(-1, 1)
+    return not bool(flat[:, 0].any()) and not bool(flat.any())
 
 
 def block_diagonal(ups: list[torch.Tensor], row_sizes: list[int], ranks: list[int]) -> torch.Tensor:
