@@ -403,3 +403,46 @@ def test_flux_final_modulation_rows_are_swapped_between_layouts(tmp_path):
     assert torch.equal(tensors_of(back)[f"{name}.lora_up.weight"], up)
     d = deltas(dest)["transformer.norm_out.linear"]
     assert torch.equal(d, deltas(src)["transformer.norm_out.linear"])
+
+
+def test_one_component_goes_to_a_peft_dir_that_peft_merges_exactly(tmp_path):
+    """A UNet-only kohya LoRA -> PEFT dir -> PeftModel on the tiny SD1.5 UNet: each merged weight
+    moves by exactly the file's scale * B@A; and back to kohya gives the same factor bytes."""
+    from peft import PeftModel
+    from tiny_models import sd15_unet
+
+    tensors = tensors_of(FIXTURES / "kohya_sd15.safetensors")
+    unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    src = tmp_path / "unet.safetensors"
+    save_file(unet_only, str(src), metadata=metadata_of(FIXTURES / "kohya_sd15.safetensors"))
+    convert(src, "peft", tmp_path / "adapter")
+    torch.manual_seed(0)
+    base = sd15_unet()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    expected = deltas(src)
+    assert len(expected) == len({k.split(".", 1)[0] for k in unet_only})
+    for target, dw in expected.items():
+        key = target.split(".", 1)[1] + ".weight"
+        torch.testing.assert_close((merged[key] - before[key]).flatten(1), dw, rtol=0, atol=1e-7)
+    back = tmp_path / "back.safetensors"
+    convert(tmp_path / "adapter", "kohya", back)
+    again = tensors_of(back)
+    assert sorted(again) == sorted(unet_only)
+    assert all(torch.equal(again[k], v) for k, v in unet_only.items() if not k.endswith(".alpha"))
+
+
+def test_float32_alpha_comes_back_as_the_decimal_it_was(tmp_path):
+    """alpha 0.1 stored as an F32 tensor is 0.100000001...; configs get 0.1 back, not 17 digits."""
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    src = tmp_path / "a.safetensors"
+    save_file(
+        {f"unet.{path}.lora_A.weight": g(4, 32), f"unet.{path}.lora_B.weight": g(32, 4, seed=1)},
+        str(src),
+        metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 0.1})},
+    )
+    mid, back = tmp_path / "k.safetensors", tmp_path / "d.safetensors"
+    convert(src, "kohya", mid, arch="sd1")
+    assert float(tensors_of(mid)["lora_unet_" + path.replace(".", "_") + ".alpha"]) != 0.1  # fp32 cannot hold it
+    convert(mid, "diffusers", back)
+    assert json.loads(metadata_of(back)["lora_adapter_metadata"])["unet.lora_alpha"] == 0.1

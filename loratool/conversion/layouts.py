@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import numpy
 import torch
 
 from ..adapter import Adapter
@@ -191,8 +192,6 @@ class PeftKeyed(Layout):
             return "PEFT has no Tucker core (lora_mid); use --to kohya"
         if "dora" in unit.pieces and not _dora_rows_only(unit):
             return "its DoRA magnitude is per input column; PEFT's is per output row"
-        if "dora" in unit.pieces and unit.embedding:
-            return "DoRA on an embedding is not supported in this conversion"
         return None
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
@@ -202,7 +201,9 @@ class PeftKeyed(Layout):
         fitted_unit = replace(unit, pieces=pieces)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(fitted_unit, "peft", unit.embedding).items()]
         dora = pieces.get("dora")
-        if dora is not None:
+        if dora is not None and unit.embedding:  # only PEFT itself holds these: its shape as saved
+            out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", dora))
+        elif dora is not None:
             rows = pieces["up"].shape[0]
             shape = (1, rows, 1, 1) if len(pieces["down"].shape) == 4 else (rows,)
             out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", _reshaped(dora, shape)))
@@ -241,7 +242,12 @@ def short_path(path: str, optional_levels: tuple[str, ...] = ()) -> str:
 
 
 def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
+    """A config number: integers as such, and a value that is exactly a float32 (an alpha read from
+    an F32 tensor) as its shortest decimal, so 0.1 stays 0.1 rather than 0.10000000149011612."""
+    if float(value).is_integer():
+        return int(value)
+    single = numpy.float32(value)
+    return float(str(single)) if float(single) == value else float(value)
 
 
 def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: dict | None) -> dict:
