@@ -446,3 +446,64 @@ def test_float32_alpha_comes_back_as_the_decimal_it_was(tmp_path):
     assert float(tensors_of(mid)["lora_unet_" + path.replace(".", "_") + ".alpha"]) != 0.1  # fp32 cannot hold it
     convert(mid, "diffusers", back)
     assert json.loads(metadata_of(back)["lora_adapter_metadata"])["unet.lora_alpha"] == 0.1
+
+
+def test_flux_lora_transformer_and_lora_unet_mixture_reads_and_converts(tmp_path):
+    """Some trainers mix kohya's BFL names with `lora_transformer_` + diffusers paths in one file."""
+    tensors = {}
+    for i, part in enumerate(("to_q", "to_k", "to_v")):
+        name = f"lora_transformer_transformer_blocks_0_attn_{part}"
+        tensors[f"{name}.lora_down.weight"] = g(4, HIDDEN, seed=i)
+        tensors[f"{name}.lora_up.weight"] = g(HIDDEN, 4, seed=10 + i)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    tensors["lora_unet_double_blocks_1_img_attn_proj.lora_down.weight"] = g(4, HIDDEN, seed=5)
+    tensors["lora_unet_double_blocks_1_img_attn_proj.lora_up.weight"] = g(HIDDEN, 4, seed=6)
+    src = flux_kohya(tmp_path, tensors)
+    kohya, diffusers = tmp_path / "k.safetensors", tmp_path / "d.safetensors"
+    convert(src, "kohya", kohya)
+    assert sorted({k.split(".")[0] for k in tensors_of(kohya)}) == [
+        "lora_unet_double_blocks_0_img_attn_qkv",
+        "lora_unet_double_blocks_1_img_attn_proj",
+    ]
+    convert(src, "diffusers", diffusers)
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_A.weight" in tensors_of(diffusers)
+    assert "transformer.transformer_blocks.1.attn.to_out.0.lora_B.weight" in tensors_of(diffusers)
+    assert_same_deltas(src, kohya, rtol=1e-6, atol=0)
+    assert_same_deltas(src, diffusers, rtol=0, atol=0)
+
+
+def test_sdxl_kohya_with_diffusers_names_comes_out_in_sgm_names(tmp_path):
+    src = FIXTURES / "kohya_sdxl.safetensors"
+    diffusers_named = {}
+    mid = tmp_path / "d.safetensors"
+    convert(src, "diffusers", mid)
+    for key, value in tensors_of(mid).items():  # rename the UNet to kohya + diffusers paths
+        module, suffix = key.split(".lora_", 1)
+        component, path = module.split(".", 1)
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
+        new_suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[suffix]
+        diffusers_named[f"{prefix}{path.replace('.', '_')}.{new_suffix}"] = value
+    for key, value in tensors_of(src).items():
+        if key.endswith(".alpha") and not key.startswith("lora_unet_"):
+            diffusers_named[key] = value
+    named = tmp_path / "named.safetensors"
+    save_file(diffusers_named, str(named), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    out = tmp_path / "sgm.safetensors"
+    convert(named, "kohya", out)
+    keys = {k.split(".")[0] for k in tensors_of(out)}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in keys
+    assert not any(k.startswith("lora_unet_down_blocks") for k in keys)
+    unet = {k: v for k, v in deltas(src).items() if k.startswith("unet.")}
+    ours = deltas(out)
+    assert unet.keys() <= ours.keys()
+    for key, value in unet.items():  # UNet alphas were left out of the renamed file: compare B@A up to scale
+        assert torch.allclose(ours[key] / ours[key].norm(), value / value.norm(), rtol=1e-5, atol=1e-7), key
+
+
+def test_alpha_without_factors_is_reported_not_silently_dropped(tmp_path):
+    tensors = tensors_of(FIXTURES / "kohya_sd15.safetensors")
+    tensors["lora_unet_mid_block_attentions_0_proj_out_extra.alpha"] = torch.tensor(4.0)
+    src = tmp_path / "alpha.safetensors"
+    save_file(tensors, str(src), metadata=metadata_of(FIXTURES / "kohya_sd15.safetensors"))
+    report = convert(src, "diffusers", tmp_path / "out.safetensors")
+    assert any("proj_out_extra.alpha" in n and "not written" in n for n in report.notes)

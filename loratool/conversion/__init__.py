@@ -73,6 +73,7 @@ def convert(
     with adapter:
         _refuse_lossy_input(adapter, detection)
         named, notes = plan(adapter, layout)
+        notes += _ignored(adapter)
         if adapter.arch_tied and arch is None:
             _check_ambiguity(src, adapter, layout, named)
         entries = [e for name, unit in named.items() for e in layout.entries(name, unit, adapter.arch)]
@@ -137,6 +138,11 @@ def _refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
     for orphan in adapter.orphans:
         if orphan.severity == "error" or not orphan.key.endswith("alpha"):
             raise ConversionError(f"{orphan.module}: {orphan.reason}")
+
+
+def _ignored(adapter: Adapter) -> list[str]:
+    """What is left out, said out loud: alphas of modules that have no factors change nothing."""
+    return [f"{o.key}: {o.reason}, not written" for o in adapter.orphans]
     for module in adapter.modules.values():
         if module.problem:
             raise ConversionError(f"{module.name}: {module.problem}")
@@ -235,7 +241,10 @@ def _check_ambiguity(src: str | os.PathLike, adapter: Adapter, layout: Layout, n
             continue
         alt, _ = read_adapter(src, other)
         with alt:
-            alt_named, _ = plan(alt, layout)
+            try:
+                alt_named, _ = plan(alt, layout)
+            except ConversionError:
+                continue  # that reading cannot be converted at all, so it is not a rival
             if _signature(layout, alt, alt_named) != mine:
                 raise ConversionError(
                     f"{src}: its module names fit {adapter.arch.name} and {other} equally, and the two convert "

@@ -136,7 +136,7 @@ class KohyaLayout(Layout):
     def why_not(self, unit: Unit) -> str | None:
         if "bias" in unit.pieces:
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
-        if unit.alpha_for(False) is None and not math.isclose(unit.scale, 1.0, rel_tol=0, abs_tol=0):
+        if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0:
             return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies two full LoKr factors at scale 1"
         if unit.embedding and "dora" in unit.pieces:
             return "DoRA on an embedding has no kohya/LyCORIS form"
@@ -144,7 +144,7 @@ class KohyaLayout(Layout):
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(unit, "kohya", False).items()]
-        alpha = unit.alpha_for(False)
+        alpha = unit.alpha_for(False) if unit.kind.rank(unit.shapes) is not None else None
         if alpha is not None:
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, alpha)))
         dora = unit.pieces.get("dora")
@@ -312,6 +312,9 @@ class PeftLayout(PeftKeyed):
         if len(targets) != 1:
             return None
         return WRAPPER + arch.modules[targets[0]].path
+
+    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+        return {**carried_metadata(adapter.metadata), "format": "pt"}  # what PEFT writes
 
     def config(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict:
         levels: tuple[str, ...] = ()
