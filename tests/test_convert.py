@@ -507,3 +507,14 @@ def test_alpha_without_factors_is_reported_not_silently_dropped(tmp_path):
     save_file(tensors, str(src), metadata=metadata_of(FIXTURES / "kohya_sd15.safetensors"))
     report = convert(src, "diffusers", tmp_path / "out.safetensors")
     assert any("proj_out_extra.alpha" in n and "not written" in n for n in report.notes)
+
+
+def test_factors_that_cannot_belong_together_are_refused(tmp_path):
+    tensors = tensors_of(FIXTURES / "kohya_sd15.safetensors")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors[f"{name}.lora_up.weight"] = g(32, 3)  # rank 3 up against a rank-4 down
+    src = tmp_path / "bad.safetensors"
+    save_file(tensors, str(src))
+    with pytest.raises(ConversionError, match=name):
+        convert(src, "diffusers", tmp_path / "out.safetensors", arch="sd1")
+    assert not (tmp_path / "out.safetensors").exists()

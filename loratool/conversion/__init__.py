@@ -138,14 +138,14 @@ def _refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
     for orphan in adapter.orphans:
         if orphan.severity == "error" or not orphan.key.endswith("alpha"):
             raise ConversionError(f"{orphan.module}: {orphan.reason}")
+    for module in adapter.modules.values():
+        if module.problem:
+            raise ConversionError(f"{module.name}: {module.problem}")
 
 
 def _ignored(adapter: Adapter) -> list[str]:
     """What is left out, said out loud: alphas of modules that have no factors change nothing."""
     return [f"{o.key}: {o.reason}, not written" for o in adapter.orphans]
-    for module in adapter.modules.values():
-        if module.problem:
-            raise ConversionError(f"{module.name}: {module.problem}")
 
 
 def plan(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
