@@ -249,7 +249,7 @@ def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], loa
         pieces["up"] = Piece.made(
             up_like,
             (sum(rows), *up_like.shape[1:]),
-            lambda: fuse.stack_rows([None if p is None else load(p) for p in ups_pieces], rows, load(up_like)),
+            lambda: fuse.stack_rows([None if p is None else load(p) for p in ups_pieces], rows),
         )
         alpha, rslora, alpha_key, alpha_dtype = first.alpha, first.rslora, first.alpha_key, first.alpha_dtype
     else:
@@ -288,9 +288,7 @@ def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], loa
             pieces[role] = Piece.made(
                 like,
                 (sum(rows), *like.shape[1:]),
-                lambda rp=role_pieces, like=like: fuse.stack_rows(
-                    [None if p is None else load(p) for p in rp], rows, load(like)
-                ),
+                lambda rp=role_pieces: fuse.stack_rows([None if p is None else load(p) for p in rp], rows),
             )
     return Unit(
         targets=group.parts,

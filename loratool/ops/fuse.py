@@ -58,8 +58,9 @@ def block_diagonal(ups: list[torch.Tensor], row_sizes: list[int], ranks: list[in
     return out
 
 
-def stack_rows(blocks: list[torch.Tensor | None], row_sizes: list[int], like: torch.Tensor) -> torch.Tensor:
+def stack_rows(blocks: list[torch.Tensor | None], row_sizes: list[int]) -> torch.Tensor:
     """Stack row blocks, zeros for absent ones (a part the adapter does not touch)."""
+    like = next(b for b in blocks if b is not None)
     filled = [
         b if b is not None else torch.zeros((rows, *like.shape[1:]), dtype=like.dtype)
         for b, rows in zip(blocks, row_sizes, strict=True)
