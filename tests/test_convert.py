@@ -518,3 +518,17 @@ def test_factors_that_cannot_belong_together_are_refused(tmp_path):
     with pytest.raises(ConversionError, match=name):
         convert(src, "diffusers", tmp_path / "out.safetensors", arch="sd1")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_fusing_parts_of_different_dtypes_rounds_none_of_them(tmp_path):
+    block = "transformer_blocks.0.attn"
+    down = g(4, HIDDEN).to(torch.bfloat16)
+    parts = {
+        f"{block}.{p}": (down.clone(), g(HIDDEN, 4, seed=40 + i, dtype=torch.bfloat16 if i == 0 else torch.float32))
+        for i, p in enumerate(("to_q", "to_k", "to_v"))
+    }
+    src = diffusers_flux(tmp_path, parts, {})
+    dest = tmp_path / "kohya.safetensors"
+    convert(src, "kohya", dest)
+    assert tensors_of(dest)["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].dtype == torch.float32
+    assert_same_deltas(src, dest, rtol=0, atol=0)

@@ -245,11 +245,14 @@ def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], loa
     up_like = first.pieces["up"]
     pieces: dict[str, Piece] = {}
     if shared:
+        up_dtype = _common_dtype([u.pieces["up"].dtype for u in units])  # stacking must not round any part
         pieces["down"] = first.pieces["down"]
-        pieces["up"] = Piece.made(
-            up_like,
+        pieces["up"] = Piece(
+            up_dtype,
             (sum(rows), *up_like.shape[1:]),
-            lambda: fuse.stack_rows([None if p is None else load(p) for p in ups_pieces], rows),
+            compute=lambda: fuse.stack_rows(
+                [None if p is None else load(p).to(DTYPES[up_dtype]) for p in ups_pieces], rows
+            ),
         )
         alpha, rslora, alpha_key, alpha_dtype = first.alpha, first.rslora, first.alpha_key, first.alpha_dtype
     else:
@@ -283,12 +286,15 @@ def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], loa
             notes.append("parts had different scales: each up block carries its scale (stored in F32), alpha = rank")
     for role in ("bias", "dora"):
         role_pieces = [None if u is None else u.pieces.get(role) for u in present]
-        like = next((p for p in role_pieces if p is not None), None)
-        if like is not None:
-            pieces[role] = Piece.made(
-                like,
-                (sum(rows), *like.shape[1:]),
-                lambda rp=role_pieces: fuse.stack_rows([None if p is None else load(p) for p in rp], rows),
+        present_pieces = [p for p in role_pieces if p is not None]
+        if present_pieces:
+            dtype = _common_dtype([p.dtype for p in present_pieces])
+            pieces[role] = Piece(
+                dtype,
+                (sum(rows), *present_pieces[0].shape[1:]),
+                compute=lambda rp=role_pieces, dtype=dtype: fuse.stack_rows(
+                    [None if p is None else load(p).to(DTYPES[dtype]) for p in rp], rows
+                ),
             )
     return Unit(
         targets=group.parts,
