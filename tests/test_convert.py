@@ -532,3 +532,41 @@ def test_fusing_parts_of_different_dtypes_rounds_none_of_them(tmp_path):
     convert(src, "kohya", dest)
     assert tensors_of(dest)["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].dtype == torch.float32
     assert_same_deltas(src, dest, rtol=0, atol=0)
+
+
+def test_sd2_conv_shaped_factors_for_linear_projections_fit_peft(tmp_path):
+    """Some SD2 LoRAs carry 1x1-conv factors for proj_in, a Linear in SD2: PEFT needs 2-D ones."""
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    down, up = g(4, 32, 1, 1), g(32, 4, 1, 1, seed=1)
+    src = tmp_path / "sd2.safetensors"
+    save_file(
+        {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+        str(src),
+        metadata={"ss_base_model_version": "sd_v2"},
+    )
+    dest = tmp_path / "d.safetensors"
+    convert(src, "diffusers", dest)
+    out = tensors_of(dest)
+    key = "unet.down_blocks.0.attentions.0.proj_in"
+    assert out[f"{key}.lora_A.weight"].shape == (4, 32) and torch.equal(out[f"{key}.lora_A.weight"], down[:, :, 0, 0])
+    assert out[f"{key}.lora_B.weight"].shape == (32, 4)
+    assert_same_deltas(src, dest, rtol=0, atol=0)
+
+
+def test_openclip_in_proj_lora_splits_into_q_k_v(tmp_path):
+    """A ComfyUI-named LoRA on SD2's fused OpenCLIP in_proj becomes kohya q/k/v modules."""
+    name = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj"
+    up = g(3 * 32, 4, seed=3)
+    src = tmp_path / "clip.safetensors"
+    save_file(
+        {f"{name}.lora_down.weight": g(4, 32), f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(4.0)},
+        str(src),
+        metadata={"ss_base_model_version": "sd_v2"},
+    )
+    dest = tmp_path / "k.safetensors"
+    convert(src, "kohya", dest)
+    out = tensors_of(dest)
+    for i, part in enumerate(("q", "k", "v")):
+        key = f"lora_te_text_model_encoder_layers_0_self_attn_{part}_proj"
+        assert torch.equal(out[f"{key}.lora_up.weight"], up[32 * i : 32 * (i + 1)])
+    assert_same_deltas(src, dest, rtol=0, atol=0)
