@@ -27,7 +27,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from loratool.archs import Architecture, get_architecture  # noqa: E402
+from loratool.archs import Architecture, get_architecture, kohya_flat  # noqa: E402
 from loratool.conversion import convert  # noqa: E402
 from loratool.io.writer import SafetensorsWriter, TensorSpec  # noqa: E402
 
@@ -44,7 +44,7 @@ def kohya_modules(arch: Architecture) -> list[tuple[str, tuple[int, ...]]]:
         if arch.components[group.component].kohya[0].paths == "native" and parts[0].target == "default":
             naming = arch.components[group.component].kohya[0]
             rows = sum(p.shape[0] for p in parts)
-            out.append((naming.prefix + group.native.replace(".", "_"), (rows, parts[0].shape[1])))
+            out.append((naming.prefix + kohya_flat(group.native), (rows, parts[0].shape[1])))
     return out
 
 

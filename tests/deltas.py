@@ -33,10 +33,7 @@ def deltas(path) -> dict[str, torch.Tensor]:
                     pieces = {target: dense}
                 else:
                     group = arch.fused[arch.modules[module.targets[0]].fused]
-                    in_features = tensors["down"].shape[1]
-                    sizes = [group.sizes[arch.modules[t].part] for t in module.targets]
-                    fixed = sum(1 for s in sizes if s == "in") * in_features
-                    rows = [in_features if s == "in" else dense.shape[0] - fixed for s in sizes]
+                    rows = group.row_sizes(tensors["down"].shape[1], dense.shape[0], module.targets)
                     pieces = dict(zip(module.targets, torch.split(dense, rows), strict=True))
                 for target, value in pieces.items():
                     key = target + suffix

@@ -570,3 +570,28 @@ def test_openclip_in_proj_lora_splits_into_q_k_v(tmp_path):
         key = f"lora_te_text_model_encoder_layers_0_self_attn_{part}_proj"
         assert torch.equal(out[f"{key}.lora_up.weight"], up[32 * i : 32 * (i + 1)])
     assert_same_deltas(src, dest, rtol=0, atol=0)
+
+
+def test_peft_dir_on_a_unet_keeps_its_saved_modules(tmp_path):
+    """modules_to_save tensors travel with a PEFT dir, and so does the config entry naming them."""
+    src = tmp_path / "ad"
+    src.mkdir()
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file(
+        {
+            f"base_model.model.{path}.lora_A.weight": g(4, 32),
+            f"base_model.model.{path}.lora_B.weight": g(32, 4, seed=1),
+            "base_model.model.conv_in.weight": g(32, 4, 3, 3, seed=2),
+        },
+        str(src / "adapter_model.safetensors"),
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["to_q"], "modules_to_save": ["conv_in"]}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    convert(src, "peft", tmp_path / "out")
+    assert torch.equal(
+        tensors_of(tmp_path / "out" / "adapter_model.safetensors")["base_model.model.conv_in.weight"],
+        g(32, 4, 3, 3, seed=2),
+    )
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == ["conv_in"]
+    with pytest.raises(ConversionError, match="conv_in"):
+        convert(src, "diffusers", tmp_path / "d.safetensors")

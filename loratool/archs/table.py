@@ -69,10 +69,12 @@ class FusedSpec:
     sizes: tuple[str, ...]  # per part: "in" (rows = the weight's input width) or "rest"
     parts: Targets
 
-    def row_sizes(self, in_features: int, out_features: int) -> list[int]:
-        """Rows of each part for a concrete weight: widths come from the tensors, never from constants."""
-        fixed = sum(1 for s in self.sizes if s == "in") * in_features
-        return [in_features if s == "in" else out_features - fixed for s in self.sizes]
+    def row_sizes(self, in_features: int, out_features: int, parts: Targets | None = None) -> list[int]:
+        """Rows of each part (of `parts`, a subset in order, when given) for a concrete weight with
+        `out_features` rows over those parts: widths come from the tensors, never from constants."""
+        kinds = self.sizes if parts is None else [self.sizes[self.parts.index(p)] for p in parts]
+        fixed = sum(1 for s in kinds if s == "in") * in_features
+        return [in_features if s == "in" else out_features - fixed for s in kinds]
 
 
 def kohya_flat(path: str) -> str:

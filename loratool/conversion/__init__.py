@@ -14,11 +14,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..adapter import Adapter
-from ..archs import Architecture, hint_matches
+from ..archs import Architecture, HFArchitecture, hint_matches
 from ..errors import ConversionError, OutputError
 from ..formats import read_adapter
 from ..formats.detect import Detection
-from ..formats.peft import WRAPPER
 from ..io.safetensors_file import DTYPES
 from ..io.writer import (
     HASH_KEY,
@@ -212,11 +211,11 @@ def _regroup(arch: Architecture, units: list[Unit], layout: Layout, load: Load, 
             if target in slot:
                 raise ConversionError(f"{slot[target].origin} and {part.origin} both update {target}; merge them first")
             slot[target] = part
-    final.extend(fuse_group(arch, arch.fused[name], parts, load) for name, parts in pending.items())
+    final.extend(fuse_group(arch.fused[name], parts, load) for name, parts in pending.items())
     return final
 
 
-def _row_order(arch: object, layout: Layout, unit: Unit, load: Load) -> Unit:
+def _row_order(arch: Architecture | HFArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
     """Flux's final modulation rows are (shift, scale) in BFL files and (scale, shift) in diffusers."""
     if not isinstance(arch, Architecture) or len(unit.targets) != 1:
         return unit
@@ -262,7 +261,7 @@ def _extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
     if not adapter.extra_keys:
         return []
     key, what = next(iter(adapter.extra_keys.items()))
-    if layout.unit_name(adapter.arch, ("x",)) != WRAPPER + "x":
+    if not layout.carries_full_weights(adapter.arch):
         raise ConversionError(f"{key}: {what}; {layout.name} files have no place for it")
     out = []
     for key in adapter.extra_keys:

@@ -15,7 +15,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy
 import torch
@@ -26,6 +26,7 @@ from ..formats.diffusers import METADATA_KEY
 from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
 from ..formats.peft import WRAPPER
 from ..io.safetensors_file import DTYPES
+from ..kinds import Kind
 from .plan import Piece, Unit
 
 # kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
@@ -67,22 +68,30 @@ class Layout(ABC):
         """The unit's tensors under their keys in this layout."""
 
     def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
-        return carried_metadata(adapter.metadata)
+        return carried_metadata(adapter.metadata, units)
+
+    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
+        """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
+        return False
 
 
-def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The source's own metadata (training record, modelspec), without keys a layout owns."""
+def carried_metadata(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:
+    """The source's own metadata (training record, modelspec), without keys a layout owns, and
+    kohya's network dim/alpha fields, when present, recomputed from the modules as written."""
     owned = (METADATA_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY)
-    return {k: v for k, v in metadata.items() if k not in owned}
+    kept = {k: v for k, v in metadata.items() if k not in owned}
+    if "ss_network_dim" in kept:
+        kept["ss_network_dim"] = _one_or_dynamic([u.rank for u in units.values()])
+    if "ss_network_alpha" in kept:
+        kept["ss_network_alpha"] = _one_or_dynamic([u.alpha_for(False) for u in units.values()])
+    return kept
 
 
-def factor_pieces(unit: Unit, scheme: str, embedding_names: bool) -> dict[str, Piece]:
-    names = {
-        role: suffix for suffix, role in unit.kind.names[scheme].items() if not suffix.startswith("lora_embedding")
-    }
+def factor_pieces(kind: Kind, pieces: dict[str, Piece], scheme: str, embedding_names: bool) -> dict[str, Piece]:
+    names = {role: suffix for suffix, role in kind.names[scheme].items() if not suffix.startswith("lora_embedding")}
     if embedding_names:
         names.update(EMBEDDING_NAMES)
-    return {names[role]: piece for role, piece in unit.pieces.items() if role in names}
+    return {names[role]: piece for role, piece in pieces.items() if role in names}
 
 
 def _dora_rows_only(unit: Unit) -> bool:
@@ -143,7 +152,8 @@ class KohyaLayout(Layout):
         return None
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
-        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(unit, "kohya", False).items()]
+        factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
+        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
         alpha = unit.alpha_for(False) if unit.kind.rank(unit.shapes) is not None else None
         if alpha is not None:
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, alpha)))
@@ -155,11 +165,7 @@ class KohyaLayout(Layout):
         return out
 
     def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
-        metadata = carried_metadata(adapter.metadata)
-        if "ss_network_dim" in metadata:
-            metadata["ss_network_dim"] = _one_or_dynamic([u.rank for u in units.values()])
-        if "ss_network_alpha" in metadata:
-            metadata["ss_network_alpha"] = _one_or_dynamic([u.alpha_for(False) for u in units.values()])
+        metadata = carried_metadata(adapter.metadata, units)
         if isinstance(arch, HFArchitecture):
             modules = {}
             for name, unit in units.items():
@@ -195,11 +201,9 @@ class PeftKeyed(Layout):
         return None
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
-        pieces = dict(unit.pieces)
-        fitted = _fit_to_module(unit, arch)
-        pieces.update(fitted)
-        fitted_unit = replace(unit, pieces=pieces)
-        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factor_pieces(fitted_unit, "peft", unit.embedding).items()]
+        pieces = {**unit.pieces, **_fit_to_module(unit, arch)}
+        factors = factor_pieces(unit.kind, pieces, "peft", unit.embedding)
+        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
         dora = pieces.get("dora")
         if dora is not None and unit.embedding:  # only PEFT itself holds these: its shape as saved
             out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", dora))
@@ -284,8 +288,11 @@ class DiffusersLayout(PeftKeyed):
             return WRAPPER + targets[0]
         return targets[0] if len(targets) == 1 else None
 
+    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
+        return isinstance(arch, HFArchitecture)  # an LLM file keeps PEFT's own keys
+
     def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
-        metadata = carried_metadata(adapter.metadata)
+        metadata = carried_metadata(adapter.metadata, units)
         metadata.setdefault("format", "pt")
         if isinstance(arch, HFArchitecture):
             pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
@@ -306,6 +313,9 @@ class PeftLayout(PeftKeyed):
     name = "peft"
     single_component = True
 
+    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
+        return True
+
     def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
         if isinstance(arch, HFArchitecture):
             return WRAPPER + targets[0]
@@ -314,14 +324,16 @@ class PeftLayout(PeftKeyed):
         return WRAPPER + arch.modules[targets[0]].path
 
     def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
-        return {**carried_metadata(adapter.metadata), "format": "pt"}  # what PEFT writes
+        return {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
 
     def config(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict:
         levels: tuple[str, ...] = ()
         if isinstance(arch, Architecture):
             levels = arch.components[next(iter(units.values())).component].optional_levels
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
-        base = adapter.config if isinstance(arch, HFArchitecture) else None
+        # A PEFT source's own config (or the one an LLM kohya file carries); a diffusers file's
+        # per-component configs are not a PEFT dir's.
+        base = adapter.config if adapter.format == "peft" or isinstance(arch, HFArchitecture) else None
         config = lora_config(pairs, levels, base)
         config["peft_type"] = "LORA"
         config.setdefault("bias", "none")

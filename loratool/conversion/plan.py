@@ -75,8 +75,6 @@ class Unit:
         rank = self.rank
         if rank is None:
             return None
-        if self.alpha is None and not self.rslora and not rslora:
-            return float(rank)
         return self.scale * (math.sqrt(rank) if rslora else rank)
 
 
@@ -115,14 +113,11 @@ def unit_of(module: AdapterModule, adapter: Adapter) -> Unit:
 
 
 # -- splitting a fused module into its parts -----------------------------------------------------------
-def _part_rows(arch: Architecture, unit: Unit, group: FusedSpec) -> list[int]:
-    """Rows of each target: q/k/v-like parts are as wide as the input, the one "rest" part (Flux's
-    MLP rows of linear1) takes what is left. Widths come from the factors, never from constants."""
+def _part_rows(unit: Unit, group: FusedSpec) -> list[int]:
+    """Rows of each target, from the factors' widths; refused when they cannot add up."""
     in_features = unit.pieces["down"].shape[1]
     out_features = unit.pieces["up"].shape[0]
-    sizes = [group.sizes[arch.modules[t].part] for t in unit.targets]
-    fixed = sum(1 for s in sizes if s == "in") * in_features
-    rows = [in_features if s == "in" else out_features - fixed for s in sizes]
+    rows = group.row_sizes(in_features, out_features, unit.targets)
     if sum(rows) != out_features or any(r <= 0 for r in rows):
         raise ConversionError(
             f"{unit.origin}: up has {out_features} rows, which do not split into {len(rows)} parts of "
@@ -143,7 +138,7 @@ def split(arch: Architecture, unit: Unit, load: Load) -> list[Unit]:
     The first part carries a note saying how the module was split."""
     _check_fusable(unit, "split")
     group = arch.fused[arch.modules[unit.targets[0]].fused]
-    rows = _part_rows(arch, unit, group)
+    rows = _part_rows(unit, group)
     up = load(unit.pieces["up"])
     owners = fuse.column_owners(up, rows)
     if owners is not None and not any(owners):
@@ -209,7 +204,7 @@ def _alpha_at_rank(unit: Unit, rank: int) -> float:
 
 
 # -- fusing parts into the fused module ----------------------------------------------------------------
-def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
+def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
     """The fused module from whichever of its parts the adapter has; absent parts get zero rows."""
     for unit in parts.values():
         _check_fusable(unit, "fuse")
@@ -218,10 +213,10 @@ def fuse_group(arch: Architecture, group: FusedSpec, parts: dict[str, Unit], loa
     names = ", ".join(u.origin for u in present if u is not None)
     in_features = first.pieces["down"].shape[1]
     rows = []
-    for target, unit in zip(group.parts, present, strict=True):
+    for target, size, unit in zip(group.parts, group.sizes, present, strict=True):
         if unit is not None:
             rows.append(unit.pieces["up"].shape[0])
-        elif group.sizes[arch.modules[target].part] == "in":
+        elif size == "in":
             rows.append(in_features)
         else:
             raise ConversionError(
