@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import convert, inspect, load_adapter
+from .api import combine, convert, inspect, load_adapter, merge
 
-__all__ = ["__version__", "convert", "inspect", "load_adapter"]
+__all__ = ["__version__", "combine", "convert", "inspect", "load_adapter", "merge"]

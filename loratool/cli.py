@@ -12,10 +12,24 @@ import click
 from . import __version__
 from .archs import architectures
 from .conversion import convert as convert_file
+from .conversion.combine import combine as combine_files
 from .conversion.layouts import LAYOUTS
 from .errors import EXIT_UNUSABLE, FindingsError, LoratoolError
 from .inspection import inspect as inspect_file
-from .report import error_line, print_json, progress_bar, render_convert, render_inspect, stdout_console
+from .merging import DTYPE_CHOICES
+from .merging import merge as merge_files
+from .ops.device import DEVICE_CHOICES
+from .report import (
+    error_line,
+    print_json,
+    progress_bar,
+    render_combine,
+    render_convert,
+    render_inspect,
+    render_merge,
+    stdout_console,
+)
+from .sizes import parse_size
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,6 +116,113 @@ def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json
         print_json(report.to_json())
     else:
         render_convert(report, stdout_console())
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("loras", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for a dir base."
+)
+@click.option(
+    "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
+)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="keep", show_default=True, help="Output float dtype."
+)
+@click.option("--allow-unmatched", is_flag=True, help="Merge what matches; skip LoRA modules the base lacks.")
+@click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def merge(
+    base: str,
+    loras: tuple[str, ...],
+    dest: str,
+    weights: tuple[float, ...],
+    device: str,
+    dtype: str,
+    allow_unmatched: bool,
+    shard_size: str | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Bake LoRAs into a base checkpoint: W' = W + weight * (alpha/r) * B @ A.
+
+    BASE is a single-file SD/SDXL/Flux checkpoint, a diffusers folder or an HF model dir. The
+    output keeps its layout; tensors no LoRA touches are copied byte for byte. A negative weight
+    subtracts a LoRA merged before.
+
+    \b
+    Example:
+      loratool merge sd15.safetensors style.safetensors -o sd15_style.safetensors
+      loratool merge llama_dir/ adapter_dir/ other.safetensors -w 0.7 -w -0.3 -o merged_dir/
+    """
+    size = parse_size(shard_size) if shard_size is not None else None
+    with progress_bar("merging", enabled=not quiet) as progress:
+        report = merge_files(
+            base,
+            list(loras),
+            dest,
+            weights=list(weights),
+            device=device,
+            dtype=dtype,
+            allow_unmatched=allow_unmatched,
+            shard_size=size,
+            force=force,
+            progress=progress,
+        )
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_merge(report, stdout_console())
+
+
+@main.command()
+@click.argument("loras", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option(
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+)
+@click.option(
+    "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
+)
+@click.option("--rank", type=int, help="Best rank-R approximation per module instead of the exact sum.")
+@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Output layout (default: the first LoRA's).")
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def combine(
+    loras: tuple[str, ...],
+    dest: str,
+    weights: tuple[float, ...],
+    rank: int | None,
+    to: str | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Combine LoRAs of one model into one LoRA: update = sum of weight * update.
+
+    Without --rank the result is exact (ranks add up); with --rank each module is cut to its
+    best rank-R approximation.
+
+    \b
+    Example:
+      loratool combine style.safetensors detail.safetensors -w 0.7 -w 0.5 -o both.safetensors
+      loratool combine a.safetensors b.safetensors --rank 32 --to diffusers -o ab_r32.safetensors
+    """
+    with progress_bar("combining", enabled=not quiet) as progress:
+        report = combine_files(
+            list(loras), dest, weights=list(weights), rank=rank, to=to, force=force, progress=progress
+        )
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_combine(report, stdout_console())
 
 
 if __name__ == "__main__":

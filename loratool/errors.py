@@ -40,6 +40,10 @@ class ConversionError(LoratoolError):
     """The target layout cannot express part of the adapter; converting would lose it."""
 
 
+class MergeError(LoratoolError):
+    """A LoRA cannot be merged into this base: it does not fit, or the result would be broken."""
+
+
 class FindingsError(LoratoolError):
     """Verification found error-level problems (for example `inspect --strict`)."""
 

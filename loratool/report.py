@@ -16,7 +16,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from .conversion import ConvertReport
+from .conversion.combine import CombineReport
 from .inspection import InspectReport
+from .merging import MergeReport
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 MAX_LISTED_FINDINGS = 12
@@ -193,3 +195,50 @@ def render_convert(report: ConvertReport, console: Console) -> None:
         console.print(f"  [dim]{escape(note)}[/dim]")
     if len(report.notes) > MAX_LISTED_NOTES:
         console.print(f"  [dim]+{len(report.notes) - MAX_LISTED_NOTES} more notes (--json lists all)[/dim]")
+
+
+def render_merge(report: MergeReport, console: Console) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("base", escape(report.base))
+    for lora in report.loras:
+        unmatched = f", [yellow]{len(lora.unmatched)} unmatched[/yellow]" if lora.unmatched else ""
+        grid.add_row(
+            "lora",
+            f"{escape(lora.path)} x {lora.strength:g} [dim]({lora.format}, {lora.architecture})[/dim]: "
+            f"{lora.matched} of {lora.modules} modules matched{unmatched}",
+        )
+    grid.add_row("to", f"{escape(report.dest)} [dim]({report.device}, dtype {report.dtype})[/dim]")
+    grid.add_row(
+        "tensors",
+        f"{report.tensors_updated} updated, {report.tensors_copied} copied byte for byte"
+        + (f", {report.tensors_cast} cast" if report.tensors_cast else "")
+        + f"; {_fmt_size(report.bytes_written)} in {report.files_written} file(s)",
+    )
+    console.print(grid)
+    for lora in report.loras:
+        for name in lora.unmatched[:MAX_LISTED_NOTES]:
+            console.print(f"  [yellow]unmatched[/yellow] {escape(name)} [dim]({escape(lora.path)})[/dim]")
+        if len(lora.unmatched) > MAX_LISTED_NOTES:
+            console.print(f"  [dim]+{len(lora.unmatched) - MAX_LISTED_NOTES} more unmatched (--json lists all)[/dim]")
+    for path in report.skipped:
+        console.print(f"  [dim]left out {escape(path)}: weights the merge does not read (another variant)[/dim]")
+
+
+def render_combine(report: CombineReport, console: Console) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for source, weight in zip(report.sources, report.weights, strict=True):
+        grid.add_row("lora", f"{escape(source)} x {weight:g}")
+    grid.add_row("to", f"{escape(report.dest)} [dim]({report.target}, {report.architecture})[/dim]")
+    how = "exact sum (ranks add up)" if report.rank is None else f"best rank-{report.rank} approximation"
+    grid.add_row(
+        "modules",
+        f"{report.modules_out} written, {report.modules_shared} shared by several LoRAs; {how}; "
+        f"{_fmt_size(report.bytes_written)}",
+    )
+    console.print(grid)
+    for note in report.notes[:MAX_LISTED_NOTES]:
+        console.print(f"  [dim]{escape(note)}[/dim]")

@@ -789,13 +789,13 @@ def test_locate_sdxl_single_file_with_fused_openclip_rows() -> None:
 
     in_proj = "conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"
     layer = "text_encoder_2.text_model.encoder.layers.5.self_attn."
-    assert locate(a, (layer + "q_proj",), keys, shape_of) == [Location(in_proj, (0, d))]
-    assert locate(a, (layer + "k_proj",), keys, shape_of) == [Location(in_proj, (d, 2 * d))]
-    assert locate(a, (layer + "v_proj",), keys, shape_of) == [Location(in_proj, (2 * d, 3 * d))]
+    assert locate(a, (layer + "q_proj",), keys, shape_of) == [Location(in_proj, (0, d), fused_rows=3 * d)]
+    assert locate(a, (layer + "k_proj",), keys, shape_of) == [Location(in_proj, (d, 2 * d), fused_rows=3 * d)]
+    assert locate(a, (layer + "v_proj",), keys, shape_of) == [Location(in_proj, (2 * d, 3 * d), fused_rows=3 * d)]
     assert locate(a, a.fused["text_encoder_2.transformer.resblocks.5.attn.in_proj"].parts, keys, shape_of) == [
-        Location(in_proj, (0, d)),
-        Location(in_proj, (d, 2 * d)),
-        Location(in_proj, (2 * d, 3 * d)),
+        Location(in_proj, (0, d), fused_rows=3 * d),
+        Location(in_proj, (d, 2 * d), fused_rows=3 * d),
+        Location(in_proj, (2 * d, 3 * d), fused_rows=3 * d),
     ]
     assert calls
     assert locate(a, (layer + "out_proj",), keys, shape_of) == [
@@ -838,13 +838,13 @@ def test_locate_flux_single_file_linear1_rows_and_swapped_final_modulation() -> 
 
     group = a.fused["transformer.single_blocks.2.linear1"]
     assert locate(a, group.parts, keys, shape_of) == [
-        Location("single_blocks.2.linear1.weight", (0, 5)),
-        Location("single_blocks.2.linear1.weight", (5, 10)),
-        Location("single_blocks.2.linear1.weight", (10, 15)),
-        Location("single_blocks.2.linear1.weight", (15, 26)),
+        Location("single_blocks.2.linear1.weight", (0, 5), fused_rows=26),
+        Location("single_blocks.2.linear1.weight", (5, 10), fused_rows=26),
+        Location("single_blocks.2.linear1.weight", (10, 15), fused_rows=26),
+        Location("single_blocks.2.linear1.weight", (15, 26), fused_rows=26),
     ]
     assert locate(a, ("transformer.transformer_blocks.4.attn.add_v_proj",), keys, shape_of) == [
-        Location("double_blocks.4.txt_attn.qkv.weight", (10, 15))
+        Location("double_blocks.4.txt_attn.qkv.weight", (10, 15), fused_rows=15)
     ]
     assert locate(a, ("transformer.norm_out.linear",), keys, shape_of) == [
         Location("final_layer.adaLN_modulation.1.weight", swap_halves=True)
@@ -855,7 +855,7 @@ def test_locate_flux_single_file_linear1_rows_and_swapped_final_modulation() -> 
     # ComfyUI-style prefix on the base keys.
     prefixed = {"model.diffusion_model." + k for k in keys}
     assert locate(a, group.parts[3:], prefixed, shape_of) == [
-        Location("model.diffusion_model.single_blocks.2.linear1.weight", (15, 26))
+        Location("model.diffusion_model.single_blocks.2.linear1.weight", (15, 26), fused_rows=26)
     ]
     assert locate(a, group.parts, {"single_blocks.3.linear1.weight"}, shape_of) is None
 

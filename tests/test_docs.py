@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,14 @@ def test_readme_marks_exactly_one_install_and_one_test_command():
 
 def test_every_doc_linked_from_readme_exists():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for link in ("docs/inspect.md", "docs/convert.md", "docs/formats.md", "docs/architecture.md", "docs/benchmarks.md"):
+    for link in (
+        "docs/inspect.md",
+        "docs/convert.md",
+        "docs/merge.md",
+        "docs/formats.md",
+        "docs/architecture.md",
+        "docs/benchmarks.md",
+    ):
         assert f"({link})" in readme
         assert (ROOT / link).is_file()
 
@@ -57,10 +66,23 @@ def test_convert_benchmark_runs(tmp_path):
     assert run_benchmark("benchmarks/convert.py", tmp_path).count("ratio") == 2
 
 
-def test_readme_convert_examples_run(tmp_path):
-    """The convert examples in README work as shown (run from a scratch dir against the fixtures)."""
+def test_merge_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/merge.py", "--tiny", "--no-peft", "--keep", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ratio merge / read+write") == 2
+
+
+@pytest.mark.parametrize("command", ["convert", "combine"])
+def test_readme_examples_run(tmp_path, command):
+    """The convert and combine examples in README work as shown (run from a scratch dir against the fixtures)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme.split("### `loratool convert", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = readme.split(f"### `loratool {command}", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
     for command in commands:
         args = command.split()[1:]

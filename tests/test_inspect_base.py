@@ -144,3 +144,12 @@ def loratool_load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return dict(load_file(path))
+
+
+def test_fused_weight_with_rows_that_do_not_add_up_is_a_shape_mismatch(tmp_path):
+    """A qkv of 4 x width rows cannot be q/k/v blocks of width rows each (a merge refuses it too)."""
+    base = tmp_path / "odd_qkv.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(128, 32)}, base)
+    report = loratool.inspect(FIXTURES / "kohya_flux.safetensors", base=base)
+    codes = {f.code for f in report.findings if f.module == "lora_unet_double_blocks_0_img_attn_qkv"}
+    assert "shape-mismatch" in codes

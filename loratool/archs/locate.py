@@ -20,6 +20,11 @@ class Location:
     rows: tuple[int, int] | None = None  # row block of a fused weight
     transposed: bool = False  # stored (in, out)
     swap_halves: bool = False  # rows are the canonical halves swapped (Flux final modulation)
+    fused_rows: int | None = None  # rows the fused weight must have for its row blocks to add up
+
+    def fits_rows(self, stored_rows: int) -> bool:
+        """Whether a fused weight's row blocks, sized from its width, cover exactly its rows."""
+        return self.fused_rows is None or self.fused_rows == stored_rows
 
 
 def _locate_one(
@@ -43,7 +48,7 @@ def _locate_one(
                 out_features, in_features = shape_of(key)[:2]
                 sizes = group.row_sizes(in_features, out_features)
                 start = sum(sizes[: spec.part])
-                return Location(key, (start, start + sizes[spec.part]))
+                return Location(key, (start, start + sizes[spec.part]), fused_rows=sum(sizes))
     return None
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..archs import Architecture, HFArchitecture, hint_matches
-from ..errors import ConversionError, OutputError
+from ..errors import ConversionError
 from ..formats import read_adapter
 from ..formats.detect import Detection
+from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPES
 from ..io.writer import (
     HASH_KEY,
@@ -67,7 +68,7 @@ def convert(
 ) -> ConvertReport:
     """Write the adapter at `src` in layout `to` (kohya, diffusers or peft) at `dest`."""
     layout = LAYOUTS[to]
-    _check_destination(Path(src), Path(dest), force, directory=isinstance(layout, PeftLayout))
+    check_destination([Path(src)], Path(dest), force, directory=isinstance(layout, PeftLayout))
     adapter, detection = read_adapter(src, arch)
     with adapter:
         _refuse_lossy_input(adapter, detection)
@@ -83,11 +84,11 @@ def convert(
             metadata.setdefault("ss_base_model_version", adapter.arch.hints["ss_base_model_version"][0])
         if isinstance(layout, PeftLayout):
             with atomic_directory(dest, force) as tmp:
-                written = _write(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
+                written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
                 config = layout.config(named, adapter, adapter.arch)
                 atomic_write_text(tmp / PEFT_CONFIG, _json(config))
         else:
-            written = _write(adapter, entries, metadata, Path(dest), progress)
+            written = write_entries(adapter, entries, metadata, Path(dest), progress)
     copied = sum(1 for e in entries if _is_copy(adapter, e.piece))
     return ConvertReport(
         source=str(src),
@@ -106,24 +107,6 @@ def convert(
 
 def _json(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def _check_destination(src: Path, dest: Path, force: bool, directory: bool) -> None:
-    if dest.exists() or dest.is_symlink():
-        if _same_or_inside(dest, src) or _same_or_inside(src, dest):
-            raise OutputError(f"{dest}: is the input (or holds it); choose another output path")
-        if not force:
-            raise OutputError(f"{dest}: exists (use --force to replace it)")
-        if dest.is_dir() != directory:
-            want = "a directory (a PEFT adapter dir)" if directory else "a file"
-            raise OutputError(f"{dest}: exists and is not {want}")
-    if not dest.parent.is_dir():
-        raise OutputError(f"{dest.parent}: output directory does not exist")
-
-
-def _same_or_inside(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents
 
 
 def _refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
@@ -274,7 +257,7 @@ def _is_copy(adapter: Adapter, piece: Piece) -> bool:
     return piece.key is not None and adapter.source.info(piece.key).dtype == piece.dtype
 
 
-def _write(
+def write_entries(
     adapter: Adapter, entries: list[Entry], metadata: dict[str, str], path: Path, progress: Progress | None
 ) -> int:
     specs = [TensorSpec(e.key, e.piece.dtype, e.piece.shape) for e in entries]

@@ -145,7 +145,7 @@ def _open_dir(p: Path) -> TensorSource:
     if (p / DIFFUSERS_INDEX).exists():
         return _open_diffusers(p)
     config = _read_json(p / HF_CONFIG) if (p / HF_CONFIG).is_file() else None
-    weights = _weights_in(p)
+    weights = weights_in(p)
     if weights is None:
         raise InputError(f"{p}: no .safetensors weights or index in this directory")
     if weights.name.endswith(".index.json"):
@@ -161,7 +161,7 @@ DEFAULT_WEIGHT_NAMES = (
 )
 
 
-def _weights_in(d: Path) -> Path | None:
+def weights_in(d: Path) -> Path | None:
     """The one weights file (or shard index) of a model directory; default names win over variants."""
     for candidates, defaults in (
         (sorted(d.glob("*.safetensors.index.json")), tuple(n + ".index.json" for n in DEFAULT_WEIGHT_NAMES)),
@@ -219,7 +219,7 @@ def _open_diffusers(p: Path) -> TensorSource:
             if component.startswith("_") or not isinstance(spec, list):
                 continue
             sub = p / component
-            weights = _weights_in(sub) if sub.is_dir() else None
+            weights = weights_in(sub) if sub.is_dir() else None
             if weights is None:
                 if spec and spec[0] is not None and _is_weighted_component(spec):
                     raise InputError(

@@ -9,6 +9,7 @@ a crash or an error leaves either the previous file or nothing, never a half-wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError
-from .safetensors_file import DTYPE_NAMES, dtype_size
+from .safetensors_file import DTYPE_NAMES, SafetensorsFile, dtype_size
 
 # The data-region hash kohya tools store in metadata; written as a fixed-width placeholder and
 # patched in place once the data is written, so the header can still go first.
@@ -77,6 +78,28 @@ def encode_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None) 
     return raw + b" " * (-len(raw) % 8)  # pad so the data region starts 8-byte aligned, as safetensors does
 
 
+_COPY_CHUNK = 16 << 20
+# copy_file_range refuses some file pairs (other filesystems, old kernels); plain reads take over.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def _copy_in_kernel(src_fd: int, dst, offset: int, size: int, start: int) -> bool:
+    """Copy `size` bytes at `offset` of `src_fd` to `start` of `dst`; False when the kernel cannot."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src_fd, dst.fileno(), size - done, offset + done, start + done)
+            if n == 0:
+                raise OSError(errno.EIO, "source file shrank while copying")
+            done += n
+    except OSError as exc:
+        if exc.errno in _NO_KERNEL_COPY:
+            return False
+        raise
+    dst.seek(start + size)
+    return True
+
+
 def _temp_file_next_to(path: Path) -> tuple[int, Path]:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -117,6 +140,7 @@ class SafetensorsWriter:
         if record_legacy_hash:
             metadata[LEGACY_HASH_KEY] = _LEGACY_PLACEHOLDER
         self._sha = hashlib.sha256() if record_hash else None
+        self._kernel_copy = hasattr(os, "copy_file_range")
         header = encode_header(self._specs, metadata)
         if record_legacy_hash and 8 + len(header) > LEGACY_HASH_SPAN[0]:
             raise OutputError(f"{self.path}: header over 1 MiB: {LEGACY_HASH_KEY} would hash its own bytes")
@@ -155,7 +179,42 @@ class SafetensorsWriter:
             raise ValueError(f"{name!r}: {len(data)} bytes given, {spec.nbytes} declared")
         self._emit(data)
 
+    def write_from(self, name: str, source: SafetensorsFile, key: str) -> None:
+        """Copy a tensor's bytes from another safetensors file unchanged.
+
+        The kernel copies file to file (`copy_file_range`) when no hash needs the bytes, so
+        passing a tensor through costs no memory and no Python-level copy.
+        """
+        info = source.info(key)
+        self._expect(name, info.dtype, info.shape)
+        offset, size = source.byte_range(key)
+        try:
+            self._fh.flush()
+            start = self._fh.tell()
+            if (
+                self._sha is None
+                and self._kernel_copy
+                and _copy_in_kernel(source.fileno(), self._fh, offset, size, start)
+            ):
+                self._next += 1
+                return
+            self._kernel_copy = False
+            self._fh.seek(start)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed ({exc.strerror})") from None
+        done = 0
+        while done < size:
+            chunk = source.read_span(offset + done, min(_COPY_CHUNK, size - done))
+            self._emit_part(chunk)
+            done += len(chunk)
+        self._next += 1
+
     def _emit(self, data: bytes | bytearray | memoryview) -> None:
+        self._emit_part(data)
+        self._next += 1
+
+    def _emit_part(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self._fh.write(data)
         except OSError as exc:
@@ -163,7 +222,6 @@ class SafetensorsWriter:
             raise OutputError(f"{self.path}: write failed ({exc.strerror})") from None
         if self._sha is not None:
             self._sha.update(data)
-        self._next += 1
 
     def commit(self) -> Path:
         self.finish()
@@ -254,16 +312,18 @@ class ShardedWriter:
         directory: str | os.PathLike,
         shards: list[tuple[str, list[TensorSpec]]],
         index_name: str,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str] | list[dict[str, str]] | None = None,
         index_metadata: dict[str, object] | None = None,
     ) -> None:
+        """`metadata`: one header metadata for every shard, or one per shard."""
         self.directory = Path(directory)
         self._index_path = self.directory / index_name
         self._owner: dict[str, SafetensorsWriter] = {}
         self._writers: list[SafetensorsWriter] = []
+        per_shard = metadata if isinstance(metadata, list) else [metadata] * len(shards)
         try:
-            for filename, specs in shards:
-                writer = SafetensorsWriter(self.directory / filename, specs, metadata)
+            for (filename, specs), meta in zip(shards, per_shard, strict=True):
+                writer = SafetensorsWriter(self.directory / filename, specs, meta)
                 self._writers.append(writer)
                 self._owner.update({s.name: writer for s in specs})
         except BaseException:
@@ -281,6 +341,9 @@ class ShardedWriter:
 
     def write_raw(self, name: str, data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> None:
         self._owner[name].write_raw(name, data, dtype, shape)
+
+    def write_from(self, name: str, source: SafetensorsFile, key: str) -> None:
+        self._owner[name].write_from(name, source, key)
 
     def commit(self) -> Path:
         """Finish every shard before any is renamed, so a failure while writing leaves nothing new."""

@@ -50,3 +50,20 @@ def max_abs_product(
             block += offset[start : start + rows_per_chunk].float()
         best = max(best, float(block.abs().max()))
     return best
+
+
+def best_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the best rank-`rank` approximation of up @ down (Eckart-Young), never forming it.
+
+    QR of both factors leaves an r x r core whose SVD rotates into the truncated factors; the
+    singular values are split evenly (B = Qb U sqrt(S), A = sqrt(S) V^T Qa^T) so neither factor
+    carries all the magnitude. Returned in float32.
+    """
+    qb, rb = torch.linalg.qr(up.double())
+    qa, ra = torch.linalg.qr(down.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    new_up = qb @ (u[:, :keep] * root)
+    new_down = (root[:, None] * vh[:keep]) @ qa.T
+    return new_up.float(), new_down.float()

@@ -1,0 +1,390 @@
+"""merge: bake LoRAs into a base checkpoint, streamed one tensor at a time.
+
+The walk: open the base (headers only) -> read every LoRA and match its modules to base tensors
+(headers only; every shape checked against the base) -> refuse modules that match nothing -> for
+each base tensor in file order, copy its bytes unchanged, or load it, apply its updates in fp32 on
+the device, check the result and cast it once -> rename the finished file or directory into place.
+The next updated tensor is read while the current one is computed, so the disk and the device
+work at the same time; memory holds a few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeError, OutputError
+from ..io.destination import check_destination, same_or_inside
+from ..io.safetensors_file import DTYPES
+from ..io.source import TensorSource, open_source
+from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory
+from ..ops.device import resolve_device
+from ..ops.fuse import swap_halves
+from ..ops.merge import add_low_rank, apply_dora, fits, update_view
+from .match import LoraMatch, Patch, open_lora
+from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, plan_output
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+ROW_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per block of rows: stays in cache on common CPUs
+
+
+@dataclass
+class LoraSummary:
+    path: str
+    strength: float
+    format: str
+    architecture: str | None
+    modules: int
+    matched: int
+    unmatched: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeReport:
+    base: str
+    dest: str
+    device: str
+    dtype: str
+    loras: list[LoraSummary]
+    tensors_updated: int  # base tensors the LoRAs changed
+    tensors_copied: int  # written from the base's bytes unchanged
+    tensors_cast: int  # untouched but converted to --dtype
+    bytes_written: int
+    files_written: int
+    skipped: list[str] = field(default_factory=list)  # weight files of the base left out of the output
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["loras"] = [dict(s.__dict__) for s in self.loras]
+        return data
+
+
+def merge(
+    base: str | os.PathLike,
+    loras: Sequence[str | os.PathLike],
+    dest: str | os.PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    device: str = "auto",
+    dtype: str = "keep",
+    allow_unmatched: bool = False,
+    shard_size: int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Write `base` with every LoRA in `loras` added (W + weight * scale * up @ down) to `dest`."""
+    base_path, dest_path = Path(base), Path(dest)
+    strengths = _strengths(loras, weights)
+    if dtype not in DTYPE_CHOICES:
+        raise MergeError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
+    torch_device = resolve_device(device)
+    with open_source(base_path) as source, ExitStack() as stack:
+        plan = plan_output(source, base_path, shard_size)
+        _check_dest(base_path, [Path(p) for p in loras], dest_path, plan, force)
+        matches = []
+        for i, (path, strength) in enumerate(zip(loras, strengths, strict=True)):
+            found = open_lora(path, i, strength, source)
+            stack.callback(found.adapter.close)
+            matches.append(found)
+        _check_unmatched(matches, source, allow_unmatched)
+        walk = _Walk(source, matches, torch_device, DTYPE_CHOICES[dtype], progress)
+        if plan.single_file:
+            walk.write_file(plan.sets[0].files[0], dest_path)
+        else:
+            with atomic_directory(dest_path, force) as tmp:
+                copy_other_files(plan, tmp)
+                for wset in plan.sets:
+                    walk.write_set(wset, tmp)
+    return MergeReport(
+        base=str(base_path),
+        dest=str(dest_path),
+        device=str(torch_device),
+        dtype=dtype,
+        loras=[_summary(m) for m in matches],
+        tensors_updated=walk.updated,
+        tensors_copied=walk.copied,
+        tensors_cast=walk.cast,
+        bytes_written=walk.done,
+        files_written=walk.files,
+        skipped=plan.skipped,
+    )
+
+
+def _strengths(loras: Sequence[object], weights: Sequence[float] | None) -> list[float]:
+    if not loras:
+        raise MergeError("give at least one LoRA to merge")
+    if not weights:
+        return [1.0] * len(loras)
+    if len(weights) != len(loras):
+        raise MergeError(f"{len(weights)} weight(s) for {len(loras)} LoRA(s): give one -w per LoRA, in their order")
+    return [float(w) for w in weights]
+
+
+def _check_dest(base: Path, loras: list[Path], dest: Path, plan: OutputPlan, force: bool) -> None:
+    inputs = [base, *loras]
+    check_destination(inputs, dest, force, directory=not plan.single_file)
+    for src in inputs:
+        if src.is_dir() and same_or_inside(dest, src):
+            raise OutputError(f"{dest}: lies inside the input {src}; choose another output path")
+
+
+def _check_unmatched(matches: list[LoraMatch], base: TensorSource, allow_unmatched: bool) -> None:
+    for m in matches:
+        if not m.matched and not m.patches:
+            why = m.adapter.arch_reason if m.adapter.arch is None else f"a {m.adapter.arch.name} LoRA"
+            raise MergeError(
+                f"{m.path}: none of its {len(m.unmatched)} modules is in the base {base.path} ({why}); wrong base?"
+            )
+        if m.unmatched and not allow_unmatched:
+            more = f" and {len(m.unmatched) - 1} more" if len(m.unmatched) > 1 else ""
+            raise MergeError(
+                f"{m.path}: module {m.unmatched[0]}{more} matches nothing in the base; "
+                "pass --allow-unmatched to merge the rest"
+            )
+
+
+def _summary(m: LoraMatch) -> LoraSummary:
+    arch = m.adapter.arch
+    return LoraSummary(
+        path=m.path,
+        strength=m.strength,
+        format=m.adapter.format,
+        architecture=getattr(arch, "name", None),
+        modules=len(m.adapter.modules),
+        matched=len(m.matched),
+        unmatched=list(m.unmatched),
+        notes=list(m.notes),
+    )
+
+
+@dataclass
+class _Factors:
+    up: torch.Tensor  # (rows, r) fp32 on the device
+    down: torch.Tensor  # (r, in * kh * kw)
+    bias: torch.Tensor | None
+    magnitude: torch.Tensor | None
+
+
+class _Walk:
+    """Streams weight sets out, applying each base tensor's patches as it passes."""
+
+    def __init__(
+        self,
+        source: TensorSource,
+        matches: list[LoraMatch],
+        device: torch.device,
+        out_dtype: str | None,
+        progress: Progress | None,
+    ) -> None:
+        self.source = source
+        self.matches = matches
+        self.device = device
+        self.out_dtype = out_dtype
+        self.progress = progress
+        self.patches: dict[str, list[Patch]] = {}
+        for m in matches:
+            for p in m.patches:
+                self.patches.setdefault(p.key, []).append(p)
+        # A module's factors stay on the device from its first patch to its last (fused modules
+        # merged into a diffusers folder touch several tensors).
+        self._uses = Counter(id(p.module) for ps in self.patches.values() for p in ps if p.module is not None)
+        self._factors: dict[int, _Factors] = {}
+        self.updated = self.copied = self.cast = self.done = self.files = 0
+        self._out: torch.Tensor | None = None
+        self.total = sum(e.file.info(e.name).nbytes for e in self._all_entries())
+
+    def _all_entries(self) -> Iterator[Entry]:
+        for e in self.source:
+            ref = self.source.ref(e)
+            yield Entry(e, ref.file, ref.name)
+
+    def _spec(self, entry: Entry) -> TensorSpec:
+        info = entry.file.info(entry.name)
+        dtype = self.out_dtype if self.out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
+        return TensorSpec(entry.name, dtype, info.shape)
+
+    def write_file(self, out: OutFile, path: Path) -> None:
+        specs = [self._spec(e) for e in out.entries]
+        meta = out.metadata
+        with SafetensorsWriter(
+            path, specs, meta, record_hash=HASH_KEY in meta, record_legacy_hash=LEGACY_HASH_KEY in meta
+        ) as writer:
+            self._stream(writer, out.entries, specs)
+        self.files += 1
+
+    def write_set(self, wset: WeightSet, root: Path) -> None:
+        directory = root / wset.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        if wset.index is None:
+            for out in wset.files:
+                self.write_file(out, directory / out.name)
+            return
+        shards = [(out.name, [self._spec(e) for e in out.entries]) for out in wset.files]
+        metadata = [out.metadata for out in wset.files]
+        with ShardedWriter(directory, shards, wset.index, metadata, wset.index_metadata) as writer:
+            entries = [e for out in wset.files for e in out.entries]
+            self._stream(writer, entries, [s for _, specs in shards for s in specs])
+        self.files += len(wset.files) + 1
+
+    def _stream(self, writer: SafetensorsWriter | ShardedWriter, entries: list[Entry], specs: list[TensorSpec]) -> None:
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = self._read_ahead(reader, entries)
+            for entry, spec in zip(entries, specs, strict=True):
+                info = entry.file.info(entry.name)
+                patches = self.patches.get(entry.key)
+                if patches:
+                    stored = next(ahead).result()
+                    out = self._out_buffer(spec)
+                    self._merge_into(out, entry.key, stored, patches)
+                    writer.write(spec.name, out)
+                    self.updated += 1
+                elif spec.dtype == info.dtype:
+                    writer.write_from(spec.name, entry.file, entry.name)
+                    self.copied += 1
+                else:
+                    writer.write(spec.name, self._cast(entry.key, entry.file.load(entry.name), DTYPES[spec.dtype]))
+                    self.cast += 1
+                self.done += spec.nbytes
+                if self.progress is not None:
+                    self.progress(self.done, self.total)
+
+    def _read_ahead(self, reader: ThreadPoolExecutor, entries: list[Entry]) -> Iterator[Future[torch.Tensor]]:
+        """The updated tensors, in order, each read into one of two reused buffers while the
+        previous one is computed."""
+        todo = [e for e in entries if e.key in self.patches]
+        largest = max((e.file.info(e.name).nbytes for e in todo), default=0)
+        buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(2, len(todo)))]
+        pending = None
+        for i, entry in enumerate(todo):
+            current = pending or reader.submit(entry.file.read_into, entry.name, buffers[i % 2])
+            following = todo[i + 1] if i + 1 < len(todo) else None
+            pending = (
+                reader.submit(following.file.read_into, following.name, buffers[(i + 1) % 2]) if following else None
+            )
+            yield current
+
+    def _out_buffer(self, spec: TensorSpec) -> torch.Tensor:
+        """One reused output buffer (the writer has copied its bytes out before the next tensor)."""
+        if self._out is None or self._out.numel() < spec.nbytes:
+            self._out = None
+            self._out = torch.empty(spec.nbytes, dtype=torch.uint8)
+        return self._out[: spec.nbytes].view(DTYPES[spec.dtype]).reshape(spec.shape)
+
+    def _merge_into(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
+        if self.device.type == "cpu" and stored.dim() >= 1 and all(_row_local(p) for p in patches):
+            self._merge_by_rows(out, key, stored, patches)
+        else:
+            weight = stored.to(device=self.device, dtype=torch.float32)
+            for patch in patches:
+                self._apply(weight, patch)
+            self._check(weight, key, patches, out.dtype)
+            out.copy_(weight)
+        for patch in patches:
+            self._release(patch)
+
+    def _merge_by_rows(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
+        """Blocks of rows small enough to stay in the CPU cache: upcast, add each patch's rows,
+        check, cast into `out`. Several times faster than whole-tensor passes on large weights."""
+        rows = stored.shape[0]
+        block = max(1, ROW_BLOCK_ELEMENTS // max(1, stored[0].numel()))
+        plans = []
+        for patch in patches:
+            up, down = self._rows_of(patch)
+            first = patch.rows[0] if patch.rows else 0
+            plans.append((first, first + up.shape[0], up, down, self.matches[patch.lora].strength * patch.module.scale))
+        flat_out = out.view(rows, -1)
+        flat_in = stored.reshape(rows, -1)
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            weight = flat_in[start:stop].float()
+            for first, last, up, down, factor in plans:
+                a, b = max(first, start), min(last, stop)
+                if a < b:
+                    add_low_rank(weight[a - start : b - start], up[a - first : b - first], down, factor)
+            self._check(weight, key, patches, out.dtype)
+            flat_out[start:stop].copy_(weight)
+
+    def _rows_of(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's up rows that land in this patch's block (in the base's row order), and down."""
+        factors = self._factors_of(patch)
+        up = factors.up if patch.up_rows is None else factors.up[patch.up_rows[0] : patch.up_rows[1]]
+        return (swap_halves(up) if patch.swap_halves else up), factors.down
+
+    def _check(self, weight: torch.Tensor, key: str, patches: list[Patch], out: torch.dtype) -> None:
+        if not fits(weight, out):
+            names = ", ".join(dict.fromkeys(p.name for p in patches))
+            raise MergeError(f"{key}: {_bad_values(weight, out)} after merging {names}; nothing was written")
+
+    def _cast(self, key: str, stored: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        if out.itemsize < stored.element_size() and not fits(stored.float(), out):
+            raise MergeError(f"{key}: {_bad_values(stored.float(), out)} when cast to {out}; nothing was written")
+        return stored.to(out)
+
+    def _apply(self, weight: torch.Tensor, patch: Patch) -> None:
+        strength = self.matches[patch.lora].strength
+        if patch.role == "replace":
+            saved = self.matches[patch.lora].adapter.load(patch.replacement)
+            weight.lerp_(saved.to(device=self.device, dtype=torch.float32), strength)
+            return
+        module = patch.module
+        factors = self._factors_of(patch)
+        up, _ = self._rows_of(patch)
+        if patch.role == "bias":
+            bias = factors.bias if patch.up_rows is None else factors.bias[patch.up_rows[0] : patch.up_rows[1]]
+            bias = swap_halves(bias) if patch.swap_halves else bias
+            target = weight if patch.rows is None else weight[patch.rows[0] : patch.rows[1]]
+            target.add_(bias, alpha=strength * module.scale)
+        else:
+            target = update_view(weight, patch.transposed, patch.rows)
+            if factors.magnitude is not None:
+                magnitude = swap_halves(factors.magnitude) if patch.swap_halves else factors.magnitude
+                apply_dora(target, up, factors.down, module.scale, magnitude, strength)
+            else:
+                add_low_rank(target, up, factors.down, strength * module.scale)
+
+    def _factors_of(self, patch: Patch) -> _Factors:
+        module = patch.module
+        cached = self._factors.get(id(module))
+        if cached is not None:
+            return cached
+        adapter = self.matches[patch.lora].adapter
+        tensors = adapter.tensors(module)
+        up, down = module.kind.low_rank(tensors)
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=self.device, dtype=torch.float32).reshape(-1)
+
+        magnitude = on_device(adapter.load(module.dora_key)) if module.dora_key else None
+        factors = _Factors(up.to(self.device), down.to(self.device), on_device(tensors.get("bias")), magnitude)
+        self._factors[id(module)] = factors
+        return factors
+
+    def _release(self, patch: Patch) -> None:
+        """The last patch of a module (weight or bias, in whatever order they come) frees its factors."""
+        if patch.module is None:
+            return
+        key = id(patch.module)
+        self._uses[key] -= 1
+        if self._uses[key] <= 0:
+            self._factors.pop(key, None)
+
+
+def _row_local(patch: Patch) -> bool:
+    """Whether a patch touches each stored row on its own (no transposed storage, no row norms)."""
+    return patch.role == "weight" and not patch.transposed and patch.module.dora_key is None
+
+
+def _bad_values(t: torch.Tensor, dtype: torch.dtype) -> str:
+    if not bool(torch.isfinite(t).all()):
+        return "non-finite values (inf or NaN)"
+    return f"values up to {float(t.abs().max()):.6g}, beyond {dtype}'s range ({torch.finfo(dtype).max:.6g})"

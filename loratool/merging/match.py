@@ -1,0 +1,193 @@
+"""Which base tensors each LoRA module updates, decided from headers before any data is read.
+
+A module becomes one `Patch` per base tensor it touches: a whole weight, a row block of a fused
+weight (OpenCLIP `in_proj_weight`, Flux `qkv`/`linear1`), or rows of its update spread over several
+weights (a fused kohya module merged into a diffusers folder). Every shape is checked against the
+base's own header here, so a merge that would fail part-way fails before it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from ..adapter import Adapter, AdapterModule
+from ..archs import Architecture, HFArchitecture
+from ..archs.locate import Location, locate
+from ..errors import MergeError
+from ..formats import read_adapter
+from ..formats.detect import Detection
+from ..io.source import TensorSource
+
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+PEFT_WRAPPER = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Patch:
+    lora: int  # position of the LoRA on the command line
+    module: AdapterModule | None  # None for role "replace"
+    key: str  # base tensor updated
+    rows: tuple[int, int] | None  # row block of the base tensor (in the update's orientation)
+    up_rows: tuple[int, int] | None  # rows of the module's update that land there (None: all)
+    transposed: bool  # base stores the weight (in, out)
+    swap_halves: bool  # the update's row halves are in the other order (Flux final modulation)
+    role: str = "weight"  # weight | bias (lora_B.bias) | replace (a full weight saved with the adapter)
+    replacement: str | None = None  # adapter key of the full weight, for role "replace"
+
+    @property
+    def name(self) -> str:
+        return self.module.name if self.module is not None else str(self.replacement)
+
+
+@dataclass
+class LoraMatch:
+    path: str
+    adapter: Adapter
+    strength: float
+    patches: list[Patch] = field(default_factory=list)
+    matched: list[str] = field(default_factory=list)  # module names as the file writes them
+    unmatched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def open_lora(path: str | os.PathLike, lora: int, strength: float, base: TensorSource) -> LoraMatch:
+    """Read a LoRA and match it to `base`; names several architectures share are settled by the base."""
+    adapter, detection = read_adapter(path)
+    try:
+        _refuse_unmergeable(adapter, detection)
+        best = match(adapter, lora, strength, base)
+        for other in adapter.arch_tied:
+            if adapter.arch is None or other == adapter.arch.name:
+                continue
+            alt, _ = read_adapter(path, other)
+            candidate = match(alt, lora, strength, base)
+            if len(candidate.matched) > len(best.matched):
+                best.adapter.close()
+                best = candidate
+            else:
+                alt.close()
+    except BaseException:
+        adapter.close()
+        raise
+    return best
+
+
+def _refuse_unmergeable(adapter: Adapter, detection: Detection) -> None:
+    if detection.unexplained:
+        n = len(detection.unexplained)
+        raise MergeError(
+            f"{adapter.source.path}: {n} tensor(s) no layout explains (e.g. {detection.unexplained[0]!r}); "
+            "merging would ignore them"
+        )
+    for orphan in adapter.orphans:
+        if orphan.severity == "error":
+            raise MergeError(f"{orphan.module}: {orphan.reason}")
+    for module in adapter.modules.values():
+        if module.kind.name != "lora":
+            raise MergeError(
+                f"{module.name}: merging {module.kind.label} modules is not supported yet (LoRA and LoCon are)"
+            )
+        if module.dora_key is not None and not module.dora_key.endswith(PEFT_MAGNITUDE):
+            raise MergeError(f"{module.name}: merging LyCORIS DoRA (dora_scale) is not supported yet (PEFT DoRA is)")
+        if module.problem:
+            raise MergeError(f"{module.name}: {module.problem}")
+
+
+def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> LoraMatch:
+    found = LoraMatch(str(adapter.source.path), adapter, strength)
+    # Saved full weights stand in for the base's before any update is added to them.
+    found.patches.extend(_replacement(adapter, key, lora, base) for key in adapter.extra_keys)
+    arch = adapter.arch
+    for module in adapter.modules.values():
+        locations = None
+        if arch is not None and module.targets:
+            locations = locate(arch, module.targets, base, lambda key: base.info(key).shape)
+        if locations is None:
+            found.unmatched.append(module.name)
+            continue
+        found.patches.extend(_patches(arch, module, locations, lora, base))
+        found.matched.append(module.name)
+    return found
+
+
+def _patches(
+    arch: Architecture | HFArchitecture, module: AdapterModule, locations: list[Location], lora: int, base: TensorSource
+) -> list[Patch]:
+    update = module.kind.weight_shape(module.shapes)  # (out, in[, kh, kw]) of the whole module
+    patches = []
+    start = 0
+    for target, location in zip(module.targets, locations, strict=True):
+        transposed = module.transposed or location.transposed
+        stored = base.info(location.key).shape
+        scaled = location.key.removesuffix("weight") + "scale_weight"
+        if location.key.endswith("weight") and scaled in base:
+            raise MergeError(
+                f"{location.key}: a scaled fp8 weight ({scaled}); merging into scaled fp8 checkpoints is not supported"
+            )
+        if transposed and len(stored) != 2:
+            raise MergeError(
+                f"{module.name}: expects a 2-D weight stored (in, out), but {location.key} is {list(stored)}"
+            )
+        if not location.fits_rows(stored[0]):
+            raise MergeError(
+                f"{module.name}: {location.key} is {list(stored)} in the base, but its row blocks for "
+                f"{stored[1]} input features add up to {location.fused_rows} rows"
+            )
+        oriented = (stored[1], stored[0]) if transposed else stored
+        rows = location.rows[1] - location.rows[0] if location.rows else oriented[0]
+        want = (rows, *oriented[1:])
+        got = (rows, *update[1:])
+        if _squeezed(want) != _squeezed(got):
+            where = location.key + (f" rows {location.rows[0]}:{location.rows[1]}" if location.rows else "")
+            raise MergeError(
+                f"{module.name}: its update is {list(_squeezed((update[0], *update[1:])))} but {where} "
+                f"is {list(_squeezed(want))} in the base"
+            )
+        up_rows = None if len(module.targets) == 1 else (start, start + rows)
+        swap = (
+            isinstance(arch, Architecture)
+            and arch.modules[target].rows == "swap_halves"
+            and location.swap_halves != module.native_rows
+        )
+        patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap)
+        patches.append(patch)
+        if "bias" in module.keys:
+            patches.append(_bias_patch(patch, base))
+        start += rows
+    if start != update[0]:
+        raise MergeError(f"{module.name}: its update has {update[0]} rows but the base weights it maps to have {start}")
+    return patches
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A 1x1 conv and a linear layer hold the same matrix (SD1 proj_in, SD2 LoRAs saved as convs)."""
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _bias_patch(patch: Patch, base: TensorSource) -> Patch:
+    key = patch.key
+    stem = key[: -len("weight")] if key.endswith("weight") else None
+    bias = stem + "bias" if stem is not None else None
+    if bias is None or bias not in base:
+        raise MergeError(f"{patch.name}: has lora_B.bias but the base has no bias for {key}")
+    return replace(patch, key=bias, transposed=False, role="bias")
+
+
+def _replacement(adapter: Adapter, key: str, lora: int, base: TensorSource) -> Patch:
+    """PEFT saves modules_to_save (and resized embeddings) as full weights; merge_and_unload puts them in."""
+    what = adapter.extra_keys[key]
+    path = key[len(PEFT_WRAPPER) :] if key.startswith(PEFT_WRAPPER) else key
+    path = path.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+    candidates = [path, path.removeprefix("model."), "model." + path]
+    target = next((c for c in candidates if c in base), None)
+    if target is None:
+        raise MergeError(f"{key}: {what}, but the base has no {path}")
+    if base.info(target).shape != adapter.source.info(key).shape:
+        raise MergeError(
+            f"{key}: {what} of shape {list(adapter.source.info(key).shape)}, "
+            f"but {target} is {list(base.info(target).shape)} in the base"
+        )
+    return Patch(lora, None, target, None, None, False, False, "replace", key)

@@ -1,0 +1,21 @@
+"""Which torch device does the arithmetic: `auto` is CUDA when there is one, else the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available (use --device cpu or auto)")
+        return torch.device(name)
+    raise InputError(f"--device {name}: expected one of {', '.join(DEVICE_CHOICES)}")

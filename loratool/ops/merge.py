@@ -1,0 +1,54 @@
+"""The arithmetic of baking a LoRA into a weight, on whatever device the caller chose.
+
+Updates happen on an fp32 copy of the stored weight, and the caller casts the result back once:
+adding in fp16/bf16 loses small updates (PEFT issue 1388). `addmm_` adds `up @ down` into the
+weight's rows without materialising the dense update beside it, so a merge costs one fp32 weight
+of memory whatever the rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def update_view(weight: torch.Tensor, transposed: bool, rows: tuple[int, int] | None) -> torch.Tensor:
+    """The part of `weight` a module updates, as a 2-D view in the update's (out, in) orientation.
+
+    `transposed`: the weight is stored (in, out) (GPT-2 Conv1D, embeddings, OpenCLIP projections);
+    `rows`: the module is one row block of a fused weight. Conv kernels fold into the columns.
+    """
+    view = weight.t() if transposed else weight
+    if rows is not None:
+        view = view[rows[0] : rows[1]]
+    return view if view.dim() == 2 else view.view(view.shape[0], -1)
+
+
+def add_low_rank(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor, factor: float) -> None:
+    """target += factor * up @ down, in place."""
+    target.addmm_(up, down, alpha=factor)
+
+
+def apply_dora(
+    target: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float, magnitude: torch.Tensor, strength: float
+) -> None:
+    """DoRA as PEFT merges it: V = W + scale * up @ down, W' = magnitude * V / ||V|| per output row.
+
+    A strength other than 1 moves W that fraction of the way to W' (0 leaves W, 1 gives PEFT's
+    merge); DoRA rescales rows by the merged norm, so it has no exact "subtract" from files alone.
+    """
+    merged = torch.addmm(target, up, down, alpha=scale)
+    norm = torch.linalg.vector_norm(merged, dim=1)
+    merged.mul_((magnitude.reshape(-1) / norm).unsqueeze(1))
+    if strength == 1.0:
+        target.copy_(merged)
+    else:
+        target.lerp_(merged, strength)
+
+
+def fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of an fp32 `tensor` is finite and inside `dtype`'s range."""
+    if tensor.numel() == 0 or not dtype.is_floating_point:
+        return True
+    low, high = torch.aminmax(tensor)  # one pass, no temporary; NaN propagates to both
+    limit = torch.finfo(dtype).max
+    return bool((high <= limit) & (low >= -limit))
