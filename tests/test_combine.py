@@ -164,3 +164,16 @@ def test_cli_combine(tmp_path):
     assert data["rank"] == 4 and data["weights"] == [0.7, -0.3]
     bad = CliRunner().invoke(main, ["combine", str(KOHYA), str(FLUX_KOHYA), "-o", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_modules_of_different_widths_are_refused(tmp_path):
+    wide = tmp_path / "wide.safetensors"
+    tensors = load_file(KOHYA)
+    key = "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"
+    tensors[key] = torch.cat([tensors[key], tensors[key]], dim=1)
+    from safetensors.torch import save_file
+
+    save_file(tensors, wide)
+    with pytest.raises(ConversionError, match="are they LoRAs of the same model"):
+        combine([KOHYA, wide], tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -303,3 +303,53 @@ def test_shard_sizes_parse_like_hf(text, size):
 def test_bad_shard_sizes_are_input_errors(text):
     with pytest.raises(InputError, match="size"):
         parse_size(text)
+
+
+def test_untouched_bf16_tensors_that_overflow_fp16_are_caught(tmp_path, base_files):
+    bf16 = tmp_path / "bf16.safetensors"
+    tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in load_file(base_files["sd1"]).items()}
+    tensors["first_stage_model.decoder.conv_in.weight"].fill_(1e6)  # no LoRA touches the VAE
+    save_file(tensors, bf16)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(MergeError, match=r"first_stage_model\.decoder\.conv_in\.weight: .* when cast"):
+        merge(bf16, [SD15], out, device="cpu", dtype="fp16")
+    assert not out.exists()
+
+
+def test_dest_inside_the_directory_of_an_index_file_base_is_refused(tmp_path):
+    from tiny_models import llama
+
+    model_dir = tmp_path / "llama"
+    llama().save_pretrained(model_dir, max_shard_size="20KB")
+    with pytest.raises(OutputError, match="lies inside the input"):
+        merge(model_dir / "model.safetensors.index.json", [FIXTURES / "peft_llama"], model_dir / "merged", device="cpu")
+
+
+def test_dora_on_a_fused_module_splits_its_magnitude_over_a_diffusers_folder(tmp_path):
+    """A fused qkv DoRA module merged into separate to_q/to_k/to_v weights equals the same merge
+    into the fused single-file weight: DoRA's norm is per output row, so the rows split cleanly."""
+    from test_inspect_base import single_file
+    from tiny_models import flux_transformer
+
+    torch.manual_seed(0)
+    model = flux_transformer()
+    folder = tmp_path / "flux"
+    model.save_pretrained(folder / "transformer")
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    fused = tmp_path / "flux.safetensors"
+    save_file(single_file(get_architecture("flux1"), {"transformer": model}), fused)
+    lora = tmp_path / "dora.safetensors"
+    tensors = load_file(FIXTURES / "flux_comfyui.safetensors")
+    module = "diffusion_model.double_blocks.0.img_attn.qkv"
+    rows = tensors[module + ".lora_B.weight"].shape[0]
+    tensors[module + ".lora_magnitude_vector"] = torch.rand(rows) + 0.5
+    save_file(tensors, lora)
+    merge(folder, [lora], tmp_path / "out", device="cpu")
+    merge(fused, [lora], tmp_path / "out.safetensors", device="cpu")
+    split = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+    whole = load_file(tmp_path / "out.safetensors")["double_blocks.0.img_attn.qkv.weight"]
+    parts = [split[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
+    base = model.state_dict()["transformer_blocks.0.attn.to_q.weight"]
+    assert not torch.allclose(parts[0], base)

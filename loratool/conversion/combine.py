@@ -159,9 +159,15 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
     if len(parts) == 1 and head.weight == 1.0 and (rank is None or (head.unit.rank or 0) <= rank):
         unit = head.unit
         return unit if head.first else _detached(unit, head.load)
+    want = _flat_shape(head.unit)
     for part in parts[1:]:
         if part.unit.transposed != head.unit.transposed or part.unit.embedding != head.unit.embedding:
             raise ConversionError(f"{name}: the LoRAs adapt it in different ways (embedding / fan_in_fan_out)")
+        if _flat_shape(part.unit) != want:
+            raise ConversionError(
+                f"{name}: {part.unit.origin} updates a {list(_flat_shape(part.unit))} weight but "
+                f"{head.unit.origin} a {list(want)} one; are they LoRAs of the same model?"
+            )
     total = sum(p.unit.rank or 0 for p in parts)
     out_rank = total if rank is None else min(rank, total)
     up_shape, down_shape = _factor_shapes(head.unit, out_rank)
@@ -241,6 +247,12 @@ def _scaled_factors(part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
     c = part.weight * part.unit.scale
     root = math.sqrt(abs(c))
     return up * math.copysign(root, c), down * root
+
+
+def _flat_shape(unit: Unit) -> tuple[int, int]:
+    """The update as a matrix: (out, in * kh * kw), whatever the factors' conv or linear form."""
+    shape = unit.kind.weight_shape(unit.shapes)
+    return shape[0], math.prod(shape[1:])
 
 
 def _factor_shapes(unit: Unit, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -29,11 +29,10 @@ from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_low_rank, apply_dora, fits, update_view
 from .match import LoraMatch, Patch, open_lora
-from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, plan_output
+from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 ROW_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per block of rows: stays in cache on common CPUs
 
 
@@ -89,7 +88,7 @@ def merge(
         raise MergeError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
     torch_device = resolve_device(device)
     with open_source(base_path) as source, ExitStack() as stack:
-        plan = plan_output(source, base_path, shard_size)
+        plan = plan_output(source, base_path, shard_size, DTYPE_CHOICES[dtype])
         _check_dest(base_path, [Path(p) for p in loras], dest_path, plan, force)
         matches = []
         for i, (path, strength) in enumerate(zip(loras, strengths, strict=True)):
@@ -133,8 +132,8 @@ def _strengths(loras: Sequence[object], weights: Sequence[float] | None) -> list
 def _check_dest(base: Path, loras: list[Path], dest: Path, plan: OutputPlan, force: bool) -> None:
     inputs = [base, *loras]
     check_destination(inputs, dest, force, directory=not plan.single_file)
-    for src in inputs:
-        if src.is_dir() and same_or_inside(dest, src):
+    for src in [*(p for p in inputs if p.is_dir()), *([plan.root] if plan.root else [])]:
+        if same_or_inside(dest, src):
             raise OutputError(f"{dest}: lies inside the input {src}; choose another output path")
 
 
@@ -201,7 +200,7 @@ class _Walk:
         self._factors: dict[int, _Factors] = {}
         self.updated = self.copied = self.cast = self.done = self.files = 0
         self._out: torch.Tensor | None = None
-        self.total = sum(e.file.info(e.name).nbytes for e in self._all_entries())
+        self.total = sum(self._spec(e).nbytes for e in self._all_entries())
 
     def _all_entries(self) -> Iterator[Entry]:
         for e in self.source:
@@ -210,8 +209,7 @@ class _Walk:
 
     def _spec(self, entry: Entry) -> TensorSpec:
         info = entry.file.info(entry.name)
-        dtype = self.out_dtype if self.out_dtype and info.dtype in FLOAT_DTYPES else info.dtype
-        return TensorSpec(entry.name, dtype, info.shape)
+        return TensorSpec(entry.name, output_dtype(info.dtype, self.out_dtype), info.shape)
 
     def write_file(self, out: OutFile, path: Path) -> None:
         specs = [self._spec(e) for e in out.entries]
@@ -230,7 +228,10 @@ class _Walk:
                 self.write_file(out, directory / out.name)
             return
         shards = [(out.name, [self._spec(e) for e in out.entries]) for out in wset.files]
-        metadata = [out.metadata for out in wset.files]
+        # A whole-file hash describes no shard; ShardedWriter does not compute per-shard ones.
+        metadata = [
+            {k: v for k, v in out.metadata.items() if k not in (HASH_KEY, LEGACY_HASH_KEY)} for out in wset.files
+        ]
         with ShardedWriter(directory, shards, wset.index, metadata, wset.index_metadata) as writer:
             entries = [e for out in wset.files for e in out.entries]
             self._stream(writer, entries, [s for _, specs in shards for s in specs])
@@ -326,7 +327,8 @@ class _Walk:
             raise MergeError(f"{key}: {_bad_values(weight, out)} after merging {names}; nothing was written")
 
     def _cast(self, key: str, stored: torch.Tensor, out: torch.dtype) -> torch.Tensor:
-        if out.itemsize < stored.element_size() and not fits(stored.float(), out):
+        narrower = out.is_floating_point and torch.finfo(out).max < torch.finfo(stored.dtype).max
+        if narrower and not fits(stored.float(), out):
             raise MergeError(f"{key}: {_bad_values(stored.float(), out)} when cast to {out}; nothing was written")
         return stored.to(out)
 
@@ -347,7 +349,10 @@ class _Walk:
         else:
             target = update_view(weight, patch.transposed, patch.rows)
             if factors.magnitude is not None:
-                magnitude = swap_halves(factors.magnitude) if patch.swap_halves else factors.magnitude
+                magnitude = factors.magnitude
+                if patch.up_rows is not None:
+                    magnitude = magnitude[patch.up_rows[0] : patch.up_rows[1]]
+                magnitude = swap_halves(magnitude) if patch.swap_halves else magnitude
                 apply_dora(target, up, factors.down, module.scale, magnitude, strength)
             else:
                 add_low_rank(target, up, factors.down, strength * module.scale)

@@ -19,6 +19,7 @@ from ..io.source import TensorSource, weights_in
 from ..io.writer import TensorSpec, shard_plan
 
 INDEX_SUFFIX = ".safetensors.index.json"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # Weights in another format or variant would be stale copies of the unmerged base in the output.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 
@@ -58,7 +59,12 @@ class OutputPlan:
         return self.root is None
 
 
-def plan_output(source: TensorSource, base: Path, shard_size: int | None) -> OutputPlan:
+def output_dtype(stored: str, wanted: str | None) -> str:
+    """`--dtype` applies to floating-point tensors; integer buffers keep theirs."""
+    return wanted if wanted and stored in FLOAT_DTYPES else stored
+
+
+def plan_output(source: TensorSource, base: Path, shard_size: int | None, dtype: str | None = None) -> OutputPlan:
     root = _root(source, base)
     if root is None:
         if shard_size is not None:
@@ -77,7 +83,7 @@ def plan_output(source: TensorSource, base: Path, shard_size: int | None) -> Out
         index = weights.name if weights is not None and weights.name.endswith(INDEX_SUFFIX) else None
         index_metadata = _index_metadata(directory / index) if index else {}
         wset = WeightSet(rel, outs, index, index_metadata)
-        sets.append(_reshard(wset, shard_size) if shard_size is not None else wset)
+        sets.append(_reshard(wset, shard_size, dtype) if shard_size is not None else wset)
     return OutputPlan(root, sets, _skipped(root, sets))
 
 
@@ -104,11 +110,13 @@ def _index_metadata(path: Path) -> dict[str, object]:
     return {k: v for k, v in (meta or {}).items() if k != "total_size"}
 
 
-def _reshard(wset: WeightSet, shard_size: int) -> WeightSet:
+def _reshard(wset: WeightSet, shard_size: int, dtype: str | None) -> WeightSet:
     entries = [e for f in wset.files for e in f.entries]
     first = wset.files[0]
     stem = (wset.index or first.name).removesuffix(INDEX_SUFFIX).removesuffix(".safetensors")
-    specs = [TensorSpec(e.name, e.file.info(e.name).dtype, e.file.info(e.name).shape) for e in entries]
+    specs = [
+        TensorSpec(e.name, output_dtype(e.file.info(e.name).dtype, dtype), e.file.info(e.name).shape) for e in entries
+    ]
     shards = shard_plan(specs, shard_size, stem)
     if len(shards) == 1:
         return WeightSet(wset.directory, [OutFile(f"{stem}.safetensors", entries, first.metadata)])
