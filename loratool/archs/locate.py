@@ -52,14 +52,11 @@ def _locate_one(
     return None
 
 
-def _hf_candidates(path: str) -> list[str]:
-    """An adapter made on a CausalLM names `model.layers...`; a bare base model saves `layers...`."""
-    out = [path + ".weight"]
-    if path.startswith("model."):
-        out.append(path[len("model.") :] + ".weight")
-    else:
-        out.append("model." + path + ".weight")
-    return out
+def hf_keys(path: str, leaf: str = "weight") -> list[str]:
+    """Keys an HF checkpoint may store a module's parameter under: an adapter made on a CausalLM
+    names `model.layers...`; a bare base model saves `layers...`."""
+    other = path[len("model.") :] if path.startswith("model.") else "model." + path
+    return [f"{path}.{leaf}", f"{other}.{leaf}"]
 
 
 def locate(
@@ -72,7 +69,7 @@ def locate(
     found: list[Location] = []
     for target in targets:
         if isinstance(arch, HFArchitecture):
-            location = next((Location(k) for k in _hf_candidates(target) if k in keys), None)
+            location = next((Location(k) for k in hf_keys(target) if k in keys), None)
         else:
             location = _locate_one(arch, target, keys, shape_of)
         if location is None:

@@ -66,7 +66,11 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConvertReport:
-    """Write the adapter at `src` in layout `to` (kohya, diffusers or peft) at `dest`."""
+    """Write a LoRA in another layout (`kohya`, `diffusers` or `peft`) with every module's update unchanged.
+
+    Raises `ConversionError` (naming the module) when the target cannot hold something; nothing
+    is written then.
+    """
     layout = LAYOUTS[to]
     check_destination([Path(src)], Path(dest), force, directory=isinstance(layout, PeftLayout))
     adapter, detection = read_adapter(src, arch)

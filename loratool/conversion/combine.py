@@ -29,6 +29,7 @@ from ..io.safetensors_file import DTYPE_NAMES, DTYPES
 from ..io.writer import atomic_directory, atomic_write_text
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
+from ..strengths import lora_weights
 from . import PEFT_CONFIG, PEFT_WEIGHTS, Progress, _json, _refuse_lossy_input, plan, write_entries
 from .layouts import LAYOUTS, PeftLayout
 from .plan import Load, Piece, Unit
@@ -71,8 +72,12 @@ def combine(
     force: bool = False,
     progress: Progress | None = None,
 ) -> CombineReport:
-    """Write one LoRA whose update is sum_i weights[i] * update_i (cut to `rank` when given)."""
-    strengths = _strengths(loras, weights)
+    """Write one LoRA whose update is the weighted sum of the inputs' updates.
+
+    Exact without `rank` (alpha rescaled to the summed rank); with `rank`, each module's sum cut
+    to its best rank-`rank` approximation. `to` is the layout (default: the first LoRA's).
+    """
+    strengths = lora_weights(loras, weights, ConversionError, "combine")
     if rank is not None and rank < 1:
         raise ConversionError(f"--rank {rank}: must be at least 1")
     adapters: list[Adapter] = []
@@ -119,16 +124,6 @@ def combine(
         bytes_written=written,
         notes=notes,
     )
-
-
-def _strengths(loras: Sequence[object], weights: Sequence[float] | None) -> list[float]:
-    if not loras:
-        raise ConversionError("give at least one LoRA to combine")
-    if not weights:
-        return [1.0] * len(loras)
-    if len(weights) != len(loras):
-        raise ConversionError(f"{len(weights)} weight(s) for {len(loras)} LoRA(s): give one -w per LoRA, in order")
-    return [float(w) for w in weights]
 
 
 def _default_layout(adapter: Adapter) -> str:

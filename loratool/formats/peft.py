@@ -116,6 +116,12 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{component}.{m}", only=arch)
 
 
+def saved_parameter(key: str) -> str:
+    """The base-model parameter a full weight saved with the adapter stands for (modules_to_save,
+    or an embedding's `base_layer` saved by save_embedding_layers)."""
+    return key.removeprefix(WRAPPER).replace(".base_layer.", ".")
+
+
 def _is_saved_module(path: str, saved: tuple[str, ...]) -> bool:
     """PEFT's own rule: a module is saved when its name ends with an entry (a plain string suffix,
     so "norm" also saves every "input_layernorm")."""

@@ -28,6 +28,7 @@ from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWri
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_low_rank, apply_dora, fits, update_view
+from ..strengths import lora_weights
 from .match import LoraMatch, Patch, open_lora
 from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
@@ -81,9 +82,15 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
-    """Write `base` with every LoRA in `loras` added (W + weight * scale * up @ down) to `dest`."""
+    """Write `base` with each LoRA merged in at its weight (default 1.0; negative subtracts).
+
+    The output mirrors the base (a file or a model directory, same keys, order, dtypes and shards);
+    `dtype` is keep, fp32, fp16 or bf16; `shard_size` (bytes) re-shards a directory base. Raises
+    `MergeError` (naming the module) for a LoRA module the base lacks, unless `allow_unmatched`,
+    and for a result that is not finite or does not fit the output dtype; nothing is written then.
+    """
     base_path, dest_path = Path(base), Path(dest)
-    strengths = _strengths(loras, weights)
+    strengths = lora_weights(loras, weights, MergeError, "merge")
     if dtype not in DTYPE_CHOICES:
         raise MergeError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
     torch_device = resolve_device(device)
@@ -96,7 +103,7 @@ def merge(
             stack.callback(found.adapter.close)
             matches.append(found)
         _check_unmatched(matches, source, allow_unmatched)
-        walk = _Walk(source, matches, torch_device, DTYPE_CHOICES[dtype], progress)
+        walk = _Walk(plan, matches, torch_device, DTYPE_CHOICES[dtype], progress)
         if plan.single_file:
             walk.write_file(plan.sets[0].files[0], dest_path)
         else:
@@ -117,16 +124,6 @@ def merge(
         files_written=walk.files,
         skipped=plan.skipped,
     )
-
-
-def _strengths(loras: Sequence[object], weights: Sequence[float] | None) -> list[float]:
-    if not loras:
-        raise MergeError("give at least one LoRA to merge")
-    if not weights:
-        return [1.0] * len(loras)
-    if len(weights) != len(loras):
-        raise MergeError(f"{len(weights)} weight(s) for {len(loras)} LoRA(s): give one -w per LoRA, in their order")
-    return [float(w) for w in weights]
 
 
 def _check_dest(base: Path, loras: list[Path], dest: Path, plan: OutputPlan, force: bool) -> None:
@@ -179,13 +176,12 @@ class _Walk:
 
     def __init__(
         self,
-        source: TensorSource,
+        plan: OutputPlan,
         matches: list[LoraMatch],
         device: torch.device,
         out_dtype: str | None,
         progress: Progress | None,
     ) -> None:
-        self.source = source
         self.matches = matches
         self.device = device
         self.out_dtype = out_dtype
@@ -200,12 +196,7 @@ class _Walk:
         self._factors: dict[int, _Factors] = {}
         self.updated = self.copied = self.cast = self.done = self.files = 0
         self._out: torch.Tensor | None = None
-        self.total = sum(self._spec(e).nbytes for e in self._all_entries())
-
-    def _all_entries(self) -> Iterator[Entry]:
-        for e in self.source:
-            ref = self.source.ref(e)
-            yield Entry(e, ref.file, ref.name)
+        self.total = sum(self._spec(e).nbytes for wset in plan.sets for f in wset.files for e in f.entries)
 
     def _spec(self, entry: Entry) -> TensorSpec:
         info = entry.file.info(entry.name)

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field, replace
 
 from ..adapter import Adapter, AdapterModule
 from ..archs import Architecture, HFArchitecture
-from ..archs.locate import Location, locate
+from ..archs.locate import Location, hf_keys, locate
 from ..errors import MergeError
 from ..formats import read_adapter
 from ..formats.detect import Detection
+from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
 
 PEFT_MAGNITUDE = "lora_magnitude_vector"
-PEFT_WRAPPER = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -179,10 +179,8 @@ def _bias_patch(patch: Patch, base: TensorSource) -> Patch:
 def _replacement(adapter: Adapter, key: str, lora: int, base: TensorSource) -> Patch:
     """PEFT saves modules_to_save (and resized embeddings) as full weights; merge_and_unload puts them in."""
     what = adapter.extra_keys[key]
-    path = key[len(PEFT_WRAPPER) :] if key.startswith(PEFT_WRAPPER) else key
-    path = path.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
-    candidates = [path, path.removeprefix("model."), "model." + path]
-    target = next((c for c in candidates if c in base), None)
+    path = saved_parameter(key)
+    target = next((k for k in hf_keys(*path.rsplit(".", 1)) if k in base), None)
     if target is None:
         raise MergeError(f"{key}: {what}, but the base has no {path}")
     if base.info(target).shape != adapter.source.info(key).shape:

@@ -66,12 +66,14 @@ def output_dtype(stored: str, wanted: str | None) -> str:
 
 def plan_output(source: TensorSource, base: Path, shard_size: int | None, dtype: str | None = None) -> OutputPlan:
     root = _root(source, base)
+    by_file = _entries_by_file(source)
     if root is None:
         if shard_size is not None:
             raise MergeError(
                 f"{base}: --shard-size applies to model directories; a single-file base is written as one file"
             )
-        return OutputPlan(None, [WeightSet("", [_out_file(source, source.files[0], source.files[0].path.name)])])
+        only = source.files[0]
+        return OutputPlan(None, [WeightSet("", [_out_file(only, by_file[id(only)])])])
     sets = []
     by_dir: dict[Path, list[SafetensorsFile]] = {}
     for f in source.files:
@@ -79,7 +81,7 @@ def plan_output(source: TensorSource, base: Path, shard_size: int | None, dtype:
     for directory, files in by_dir.items():
         weights = weights_in(directory)
         rel = directory.relative_to(root).as_posix() if directory != root else ""
-        outs = [_out_file(source, f, f.path.name) for f in files]
+        outs = [_out_file(f, by_file[id(f)]) for f in files]
         index = weights.name if weights is not None and weights.name.endswith(INDEX_SUFFIX) else None
         index_metadata = _index_metadata(directory / index) if index else {}
         wset = WeightSet(rel, outs, index, index_metadata)
@@ -95,10 +97,19 @@ def _root(source: TensorSource, base: Path) -> Path | None:
     return None
 
 
-def _out_file(source: TensorSource, f: SafetensorsFile, name: str) -> OutFile:
-    keys = [k for k in source if source.ref(k).file is f]
-    keys.sort(key=lambda k: f.info(source.ref(k).name).begin)  # file order: streaming reads it front to back
-    return OutFile(name, [Entry(k, f, source.ref(k).name) for k in keys], dict(f.metadata))
+def _entries_by_file(source: TensorSource) -> dict[int, list[Entry]]:
+    """The source's tensors grouped by the file that holds them, in one pass over the keys."""
+    grouped: dict[int, list[Entry]] = {id(f): [] for f in source.files}
+    for key in source:
+        ref = source.ref(key)
+        grouped[id(ref.file)].append(Entry(key, ref.file, ref.name))
+    return grouped
+
+
+def _out_file(f: SafetensorsFile, entries: list[Entry]) -> OutFile:
+    # File order: streaming reads each file front to back.
+    ordered = sorted(entries, key=lambda e: f.info(e.name).begin)
+    return OutFile(f.path.name, ordered, dict(f.metadata))
 
 
 def _index_metadata(path: Path) -> dict[str, object]:
