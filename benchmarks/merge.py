@@ -1,6 +1,6 @@
 """How long `merge` takes, and how much memory, relative to a plain safetensors read + write of the base.
 
-    python benchmarks/merge.py [--device cpu|cuda] [--repeat 1] [--keep DIR] [--tiny] [--no-peft]
+    python benchmarks/merge.py [--device cpu|cuda] [--repeat 1] [--keep DIR] [--out DIR] [--tiny] [--no-peft]
 
 Builds two bases with full-size shapes, then times each contender in its own process (so peak RSS
 is that contender's alone) with a warm page cache:
@@ -11,9 +11,12 @@ is that contender's alone) with a warm page cache:
 - SD1.5: an SD1.5-size fp16 single file (real LDM/CLIP keys and shapes from loratool's tables, VAE
   bytes as filler) and a rank-32 kohya LoRA on the UNet's attention (to_q/k/v/out).
 Prints times, peak RSS and the ratios; the baseline is measured in the same run. Dirty pages are
-flushed (`sync`) before each contender starts. loratool's time includes its fsync (a merge is durable
-when it returns); the baseline's save_file does not fsync. `--tiny` shrinks everything for a smoke
-test (its numbers mean nothing).
+flushed (`sync`) before each contender starts. Contenders take turns, one run each per round
+(`--repeat` rounds); the ratio is the median over rounds of loratool / baseline in the same round,
+so a slow spell of the disk hits both. loratool's time includes its fsync (a merge is durable when
+it returns); the baseline's save_file does not fsync. `--out /dev/shm` writes every output to
+memory, which takes a noisy disk out of the comparison. `--tiny` shrinks everything for a smoke test
+(its numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -192,24 +196,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; an upper bound
 
 
-def run(kind: str, *args: str, repeat: int = 1) -> dict[str, float]:
-    best = {"seconds": math.inf, "peak_rss_mb": 0.0}
+def run_once(kind: str, *args: str) -> dict[str, float]:
+    for leftover in args[2:3]:
+        p = Path(leftover)
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    os.sync()  # no contender pays for the write-back of another's output
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(contenders: dict[str, tuple[str, ...]], repeat: int) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """Run every contender once per round, in turn, so a slow spell of the disk hits all of them.
+    Returns each contender's best time and highest peak RSS, and per round loratool's time / the
+    baseline's time in that round."""
+    best = {name: {"seconds": math.inf, "peak_rss_mb": 0.0} for name in contenders}
+    ratios = []
     for _ in range(repeat):
-        for leftover in args[2:3]:
-            p = Path(leftover)
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        os.sync()  # no contender pays for the write-back of another's output
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, *args], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"{kind} failed:\n{done.stderr[-2000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        best = {
-            "seconds": min(best["seconds"], result["seconds"]),
-            "peak_rss_mb": max(best["peak_rss_mb"], result["peak_rss_mb"]),
-        }
-    return best
+        this_round = {name: run_once(name, *args) for name, args in contenders.items()}
+        for name, result in this_round.items():
+            best[name] = {
+                "seconds": min(best[name]["seconds"], result["seconds"]),
+                "peak_rss_mb": max(best[name]["peak_rss_mb"], result["peak_rss_mb"]),
+            }
+        ratios.append(this_round["loratool"]["seconds"] / this_round["copy"]["seconds"])
+    return best, ratios
 
 
 def warm(path: Path) -> None:
@@ -220,14 +234,17 @@ def warm(path: Path) -> None:
                 pass
 
 
-def report(title: str, base_bytes: int, copy: dict, ours: dict, peft: dict | None) -> None:
+def report(title: str, base_bytes: int, results: dict[str, dict[str, float]], ratios: list[float]) -> None:
+    copy, ours, peft = results["copy"], results["loratool"], results.get("peft")
     print(f"{title}: base {base_bytes / 2**30:.2f} GiB")
     print(f"  safetensors load_file + save_file: {copy['seconds']:.2f} s, peak RSS {copy['peak_rss_mb']:.0f} MB")
     print(f"  loratool merge:                    {ours['seconds']:.2f} s, peak RSS {ours['peak_rss_mb']:.0f} MB")
     if peft is not None:
         print(f"  PEFT merge_and_unload + save:      {peft['seconds']:.2f} s, peak RSS {peft['peak_rss_mb']:.0f} MB")
     print(
-        f"  ratio merge / read+write: {ours['seconds'] / copy['seconds']:.2f}x (target <= 1.25x); "
+        f"  ratio merge / read+write: {statistics.median(ratios):.2f}x median of rounds "
+        f"({', '.join(f'{r:.2f}' for r in ratios)}), {ours['seconds'] / copy['seconds']:.2f}x best / best "
+        "(target <= 1.25x); "
         f"peak RSS {ours['peak_rss_mb']:.0f} MB (target <= 600 MB)"
         + (f"; PEFT / merge: {peft['seconds'] / ours['seconds']:.2f}x time" if peft else "")
     )
@@ -243,40 +260,41 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work in this directory instead of a temporary one")
     parser.add_argument("--tiny", action="store_true", help="small shapes, for a smoke test")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT run")
+    parser.add_argument(
+        "--out", type=Path, help="where contenders write (e.g. /dev/shm, to take a noisy disk out of the comparison)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
+        out = args.out or work
         base, adapter = build_llama(work, LLAMA_TINY if args.tiny else LLAMA)
         warm(base)
-        copy = run("copy", str(base / "model.safetensors"), str(work / "copy.safetensors"), repeat=args.repeat)
-        ours = run("loratool", str(base), str(adapter), str(work / "merged_llama"), args.device, repeat=args.repeat)
-        peft = (
-            None if args.no_peft else run("peft", str(base), str(adapter), str(work / "peft_llama"), repeat=args.repeat)
-        )
+        contenders = {
+            "copy": (str(base / "model.safetensors"), str(out / "copy.safetensors")),
+            "loratool": (str(base), str(adapter), str(out / "merged_llama"), args.device),
+        }
+        if not args.no_peft:
+            contenders["peft"] = (str(base), str(adapter), str(out / "peft_llama"))
+        results, ratios = run_rounds(contenders, args.repeat)
         report(
             f"LLM (rank-{RANK} all-linear PEFT adapter, bf16, --device {args.device})",
             (base / "model.safetensors").stat().st_size,
-            copy,
-            ours,
-            peft,
+            results,
+            ratios,
         )
-        for p in (base, adapter, work / "merged_llama", work / "peft_llama", work / "copy.safetensors"):
+        for p in (base, adapter, out / "merged_llama", out / "peft_llama", out / "copy.safetensors"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
         base, adapter = build_sd15(work, args.tiny)
         warm(base)
-        copy = run("copy", str(base), str(work / "copy.safetensors"), repeat=args.repeat)
-        ours = run(
-            "loratool", str(base), str(adapter), str(work / "merged_sd15.safetensors"), args.device, repeat=args.repeat
-        )
-        report(
-            f"SD1.5 (rank-{RANK} attention kohya LoRA, fp16, --device {args.device})",
-            base.stat().st_size,
-            copy,
-            ours,
-            None,
-        )
-        for p in (base, adapter, work / "merged_sd15.safetensors", work / "copy.safetensors"):
+        contenders = {
+            "copy": (str(base), str(out / "copy.safetensors")),
+            "loratool": (str(base), str(adapter), str(out / "merged_sd15.safetensors"), args.device),
+        }
+        results, ratios = run_rounds(contenders, args.repeat)
+        title = f"SD1.5 (rank-{RANK} attention kohya LoRA, fp16, --device {args.device})"
+        report(title, base.stat().st_size, results, ratios)
+        for p in (base, adapter, out / "merged_sd15.safetensors", out / "copy.safetensors"):
             p.unlink(missing_ok=True)
 
 

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import combine, convert, inspect, load_adapter, merge
+from .api import combine, convert, extract, inspect, load_adapter, merge, resize
 
-__all__ = ["__version__", "combine", "convert", "inspect", "load_adapter", "merge"]
+__all__ = ["__version__", "combine", "convert", "extract", "inspect", "load_adapter", "merge", "resize"]

@@ -1,6 +1,6 @@
 """The Python API users script against; the CLI is a thin shell over these functions.
 
-`convert`, `merge` and `combine` are the implementations themselves, re-exported here.
+`convert`, `merge`, `combine`, `extract` and `resize` are the implementations themselves, re-exported here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 from .adapter import Adapter
 from .conversion import convert
 from .conversion.combine import combine
+from .extraction import extract
+from .extraction.resize import resize
 from .formats import read_adapter
 from .inspection import InspectReport, Progress
 from .inspection import inspect as _inspect
@@ -32,4 +34,4 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
-__all__ = ["combine", "convert", "inspect", "load_adapter", "merge"]
+__all__ = ["combine", "convert", "extract", "inspect", "load_adapter", "merge", "resize"]

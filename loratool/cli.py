@@ -15,6 +15,9 @@ from .conversion import convert as convert_file
 from .conversion.combine import combine as combine_files
 from .conversion.layouts import LAYOUTS
 from .errors import EXIT_UNUSABLE, FindingsError, LoratoolError
+from .extraction import DEFAULT_MAX_RANK
+from .extraction import extract as extract_files
+from .extraction.resize import resize as resize_file
 from .inspection import inspect as inspect_file
 from .merging import DTYPE_CHOICES
 from .merging import merge as merge_files
@@ -25,8 +28,10 @@ from .report import (
     progress_bar,
     render_combine,
     render_convert,
+    render_extract,
     render_inspect,
     render_merge,
+    render_resize,
     stdout_console,
 )
 from .sizes import parse_size
@@ -223,6 +228,131 @@ def combine(
         print_json(report.to_json())
     else:
         render_combine(report, stdout_console())
+
+
+DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or eps:1e-3."
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("tuned", type=click.Path(path_type=str))
+@click.option(
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+)
+@click.option("--rank", type=int, help="Rank of every module.")
+@click.option("--dynamic", help=DYNAMIC_HELP)
+@click.option("--max-rank", type=int, help=f"Cap for --dynamic (default {DEFAULT_MAX_RANK}).")
+@click.option("--conv-rank", type=int, help="Also extract kxk convs (LoCon), at this rank.")
+@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Layout (default kohya; peft for LLMs).")
+@click.option("--alpha", type=float, help="Alpha to record (factors rescaled so the update is unchanged).")
+@click.option(
+    "--min-diff", type=float, default=0.0, show_default=True, help="Skip modules with ||dW||/||W|| at or below this."
+)
+@click.option(
+    "--clamp-quantile", "clamp", type=float, help="kohya's clamp of factor values at this quantile, e.g. 0.99."
+)
+@click.option("--include", help="Regex on module names (e.g. 'attn|mlp'): extract only these.")
+@click.option("--exclude", help="Regex on module names: leave these out.")
+@click.option("--exact", is_flag=True, help="Full SVD per module instead of the randomized one.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def extract(
+    base: str,
+    tuned: str,
+    dest: str,
+    rank: int | None,
+    dynamic: str | None,
+    max_rank: int | None,
+    conv_rank: int | None,
+    to: str | None,
+    alpha: float | None,
+    min_diff: float,
+    clamp: float | None,
+    include: str | None,
+    exclude: str | None,
+    exact: bool,
+    device: str,
+    force: bool,
+    show_modules: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Extract a LoRA from a fine-tuned checkpoint: truncated SVD of TUNED - BASE per module.
+
+    BASE and TUNED are single files, diffusers folders or HF model dirs of one model.
+
+    \b
+    Example:
+      loratool extract sd15.safetensors sd15_tuned.safetensors --rank 32 -o tuned_r32.safetensors
+      loratool extract llama_dir/ llama_tuned_dir/ --dynamic fro:0.9 --max-rank 64 -o adapter_dir/
+    """
+    with progress_bar("extracting", enabled=not quiet, unit="modules") as progress:
+        report = extract_files(
+            base,
+            tuned,
+            dest,
+            rank=rank,
+            dynamic=dynamic,
+            max_rank=max_rank,
+            conv_rank=conv_rank,
+            to=to,
+            alpha=alpha,
+            min_diff=min_diff,
+            clamp=clamp,
+            include=include,
+            exclude=exclude,
+            exact=exact,
+            device=device,
+            force=force,
+            progress=progress,
+        )
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_extract(report, stdout_console(), show_modules)
+
+
+@main.command()
+@click.argument("lora", type=click.Path(path_type=str))
+@click.option(
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+)
+@click.option("--rank", type=int, help="New rank of every module (modules at or below it are copied).")
+@click.option("--dynamic", help=DYNAMIC_HELP)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
+@click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def resize(
+    lora: str,
+    dest: str,
+    rank: int | None,
+    dynamic: str | None,
+    device: str,
+    force: bool,
+    show_modules: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Cut a LoRA to a lower rank: the optimal truncation per module, same layout and scale.
+
+    \b
+    Example:
+      loratool resize big_r128.safetensors --rank 32 -o small_r32.safetensors
+      loratool resize adapter_dir/ --dynamic fro:0.95 -o adapter_small/
+    """
+    with progress_bar("resizing", enabled=not quiet, unit="modules") as progress:
+        report = resize_file(lora, dest, rank=rank, dynamic=dynamic, device=device, force=force, progress=progress)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        render_resize(report, stdout_console(), show_modules)
 
 
 if __name__ == "__main__":

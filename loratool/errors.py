@@ -44,6 +44,11 @@ class MergeError(LoratoolError):
     """A LoRA cannot be merged into this base: it does not fit, or the result would be broken."""
 
 
+class ExtractError(LoratoolError):
+    """A LoRA cannot be extracted or resized as asked: the checkpoints differ in more than values,
+    or the adapter holds what the command cannot reduce."""
+
+
 class FindingsError(LoratoolError):
     """Verification found error-level problems (for example `inspect --strict`)."""
 

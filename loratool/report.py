@@ -12,11 +12,22 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from .conversion import ConvertReport
 from .conversion.combine import CombineReport
+from .extraction import ExtractReport
+from .extraction.resize import ResizeReport
 from .inspection import InspectReport
 from .merging import MergeReport
 
@@ -49,18 +60,18 @@ def _finite_json(value: object) -> object:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool) -> Iterator[object]:
-    """A bytes progress bar on stderr; yields a `(done, total)` callback, or None when disabled."""
+def progress_bar(description: str, enabled: bool, unit: str = "bytes") -> Iterator[object]:
+    """A progress bar on stderr counting bytes (or modules, with `unit="modules"`); yields a
+    `(done, total)` callback, or None when disabled."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+    counts = (
+        (DownloadColumn(), TransferSpeedColumn())
+        if unit == "bytes"
+        else (MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn())
     )
+    columns = (TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn())
     with Progress(*columns, console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task(description, total=None)
 
@@ -242,3 +253,76 @@ def render_combine(report: CombineReport, console: Console) -> None:
     console.print(grid)
     for note in report.notes[:MAX_LISTED_NOTES]:
         console.print(f"  [dim]{escape(note)}[/dim]")
+
+
+def _energy_row(retained: list[float], errors: list[float]) -> str:
+    if not retained:
+        return "-"
+    return (
+        f"retained energy min {min(retained):.4f}, mean {sum(retained) / len(retained):.4f}; "
+        f"relative error max {max(errors):.4f}"
+    )
+
+
+def _modules_by_rank(ranks: list[int]) -> str:
+    counts = Counter(ranks)
+    return ", ".join(f"{n} at rank {r}" for r, n in sorted(counts.items(), reverse=True))
+
+
+def render_extract(report: ExtractReport, console: Console, show_modules: bool) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("base", f"{escape(report.base)} [dim]({report.architecture})[/dim]")
+    grid.add_row("tuned", escape(report.tuned))
+    svd = "exact SVD" if report.exact else "randomized SVD"
+    grid.add_row("to", f"{escape(report.dest)} [dim]({report.target}, {report.method}, {svd}, {report.device})[/dim]")
+    grid.add_row("modules", f"{len(report.modules)} extracted ({_modules_by_rank([m.rank for m in report.modules])})")
+    grid.add_row(
+        "quality", _energy_row([m.retained for m in report.modules], [m.relative_error for m in report.modules])
+    )
+    if report.skipped:
+        grid.add_row("skipped", f"{len(report.skipped)} unchanged or below --min-diff")
+    grid.add_row("size", _fmt_size(report.bytes_written))
+    console.print(grid)
+    if show_modules:
+        table = Table(box=None, pad_edge=False)
+        for title in ("module", "rank", "retained", "rel. error", "change"):
+            table.add_column(title, justify="left" if title == "module" else "right", overflow="fold")
+        for m in report.modules:
+            table.add_row(
+                escape(m.name), str(m.rank), f"{m.retained:.4f}", f"{m.relative_error:.4f}", f"{m.change:.3g}"
+            )
+        console.print(table)
+    for m in report.skipped[:MAX_LISTED_NOTES]:
+        console.print(f"  [dim]skipped {escape(m.name)}: change {m.change:.3g}[/dim]")
+    if len(report.skipped) > MAX_LISTED_NOTES:
+        console.print(f"  [dim]+{len(report.skipped) - MAX_LISTED_NOTES} more skipped (--json lists all)[/dim]")
+
+
+def render_resize(report: ResizeReport, console: Console, show_modules: bool) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("from", escape(report.source))
+    grid.add_row("to", f"{escape(report.dest)} [dim]({report.target}, {report.method})[/dim]")
+    cut = [m for m in report.modules if m.rank_out < m.rank_in]
+    grid.add_row(
+        "modules",
+        f"{len(cut)} cut, {len(report.modules) - len(cut)} unchanged "
+        f"({_modules_by_rank([m.rank_out for m in report.modules])})",
+    )
+    grid.add_row(
+        "quality", _energy_row([m.retained for m in report.modules], [m.relative_error for m in report.modules])
+    )
+    grid.add_row("size", _fmt_size(report.bytes_written))
+    console.print(grid)
+    if show_modules:
+        table = Table(box=None, pad_edge=False)
+        for title in ("module", "rank", "retained", "rel. error"):
+            table.add_column(title, justify="left" if title == "module" else "right", overflow="fold")
+        for m in report.modules:
+            table.add_row(
+                escape(m.name), f"{m.rank_in} -> {m.rank_out}", f"{m.retained:.4f}", f"{m.relative_error:.4f}"
+            )
+        console.print(table)

@@ -17,6 +17,7 @@ class HFFamily:
     model_type: str
     patterns: tuple[str, ...]  # regexes a module path of this family matches (searched, not anchored at 0)
     same_names: tuple[str, ...] = ()  # model types whose module paths are identical
+    stored_transposed: bool = False  # linear weights saved (in, out): GPT-2's Conv1D
 
 
 HF_FAMILIES: tuple[HFFamily, ...] = (
@@ -28,7 +29,7 @@ HF_FAMILIES: tuple[HFFamily, ...] = (
     HFFamily("mixtral", (r"layers\.\d+\.self_attn\.[qkvo]_proj$", r"block_sparse_moe\.(gate|experts\.\d+\.w[123])$")),
     HFFamily("phi3", (r"layers\.\d+\.self_attn\.(qkv_proj|o_proj)$", r"layers\.\d+\.mlp\.(gate_up_proj|down_proj)$")),
     HFFamily("phi", (r"layers\.\d+\.self_attn\.([qkv]_proj|dense)$", r"layers\.\d+\.mlp\.fc[12]$")),
-    HFFamily("gpt2", (r"\bh\.\d+\.attn\.c_(attn|proj)$", r"\bh\.\d+\.mlp\.c_(fc|proj)$")),
+    HFFamily("gpt2", (r"\bh\.\d+\.attn\.c_(attn|proj)$", r"\bh\.\d+\.mlp\.c_(fc|proj)$"), stored_transposed=True),
     HFFamily(
         "gpt_neox", (r"layers\.\d+\.attention\.(query_key_value|dense)$", r"layers\.\d+\.mlp\.dense_(h_to_4h|4h_to_h)$")
     ),
@@ -56,6 +57,18 @@ HF_FAMILIES: tuple[HFFamily, ...] = (
     HFFamily("clip", (r"layers\.\d+\.self_attn\.(q|k|v|out)_proj$", r"layers\.\d+\.mlp\.fc[12]$")),
 )
 COMMON_LEAVES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "shared", "score", "classifier")
+# Leaf names of nn.Embedding tables in transformers models (their weight is (num_embeddings, dim)).
+EMBEDDING_LEAVES = (
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "shared",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "embed_positions",
+    "embed_in",
+)
 
 
 @dataclass

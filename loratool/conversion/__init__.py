@@ -75,7 +75,7 @@ def convert(
     check_destination([Path(src)], Path(dest), force, directory=isinstance(layout, PeftLayout))
     adapter, detection = read_adapter(src, arch)
     with adapter:
-        _refuse_lossy_input(adapter, detection)
+        refuse_lossy_input(adapter, detection)
         named, notes = plan(adapter, layout)
         notes += _ignored(adapter)
         if adapter.arch_tied and arch is None:
@@ -90,7 +90,7 @@ def convert(
             with atomic_directory(dest, force) as tmp:
                 written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
                 config = layout.config(named, adapter, adapter.arch)
-                atomic_write_text(tmp / PEFT_CONFIG, _json(config))
+                atomic_write_text(tmp / PEFT_CONFIG, config_json(config))
         else:
             written = write_entries(adapter, entries, metadata, Path(dest), progress)
     copied = sum(1 for e in entries if _is_copy(adapter, e.piece))
@@ -109,11 +109,11 @@ def convert(
     )
 
 
-def _json(data: dict) -> str:
+def config_json(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def _refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
+def refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
     """Convert never drops anything silently: tensors it cannot account for stop it."""
     if detection.unexplained:
         n = len(detection.unexplained)
@@ -257,13 +257,15 @@ def _extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
     return out
 
 
-def _is_copy(adapter: Adapter, piece: Piece) -> bool:
-    return piece.key is not None and adapter.source.info(piece.key).dtype == piece.dtype
+def _is_copy(adapter: Adapter | None, piece: Piece) -> bool:
+    return adapter is not None and piece.key is not None and adapter.source.info(piece.key).dtype == piece.dtype
 
 
 def write_entries(
-    adapter: Adapter, entries: list[Entry], metadata: dict[str, str], path: Path, progress: Progress | None
+    adapter: Adapter | None, entries: list[Entry], metadata: dict[str, str], path: Path, progress: Progress | None
 ) -> int:
+    """Stream `entries` into one safetensors file; pieces that name a tensor of `adapter` (when
+    given) are copied byte for byte, the rest computed."""
     specs = [TensorSpec(e.key, e.piece.dtype, e.piece.shape) for e in entries]
     record_hash = HASH_KEY in metadata
     legacy = LEGACY_HASH_KEY in metadata

@@ -30,7 +30,7 @@ from ..io.writer import atomic_directory, atomic_write_text
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
 from ..strengths import lora_weights
-from . import PEFT_CONFIG, PEFT_WEIGHTS, Progress, _json, _refuse_lossy_input, plan, write_entries
+from . import PEFT_CONFIG, PEFT_WEIGHTS, Progress, config_json, plan, refuse_lossy_input, write_entries
 from .layouts import LAYOUTS, PeftLayout
 from .plan import Load, Piece, Unit
 
@@ -85,7 +85,7 @@ def combine(
         for path in loras:
             adapter, detection = read_adapter(path)
             adapters.append(adapter)
-            _refuse_lossy_input(adapter, detection)
+            refuse_lossy_input(adapter, detection)
             _refuse_uncombinable(adapter)
         layout = LAYOUTS[to or _default_layout(adapters[0])]
         check_destination([Path(p) for p in loras], Path(dest), force, directory=isinstance(layout, PeftLayout))
@@ -102,11 +102,12 @@ def combine(
         first = adapters[0]
         entries = [e for name, unit in combined.items() for e in layout.entries(name, unit, arch)]
         metadata = layout.metadata(combined, first, arch)
-        metadata[COMBINED_KEY] = _json({"loras": [str(p) for p in loras], "weights": strengths, "rank": rank}).strip()
+        record = {"loras": [str(p) for p in loras], "weights": strengths, "rank": rank}
+        metadata[COMBINED_KEY] = config_json(record).strip()
         if isinstance(layout, PeftLayout):
             with atomic_directory(dest, force) as tmp:
                 written = write_entries(first, entries, metadata, tmp / PEFT_WEIGHTS, progress)
-                atomic_write_text(tmp / PEFT_CONFIG, _json(layout.config(combined, first, arch)))
+                atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(combined, first, arch)))
         else:
             written = write_entries(first, entries, metadata, Path(dest), progress)
     finally:

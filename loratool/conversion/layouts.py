@@ -16,11 +16,11 @@ import re
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy
 import torch
 
-from ..adapter import Adapter
 from ..archs import Architecture, HFArchitecture, Targets, kohya_flat
 from ..formats.diffusers import METADATA_KEY
 from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
@@ -36,6 +36,15 @@ DORA_SUFFIX = {"kohya": "dora_scale", "peft": "lora_magnitude_vector"}
 EMBEDDING_NAMES = {"down": "lora_embedding_A", "up": "lora_embedding_B"}
 # The PEFT config fields convert owns: recomputed from the modules, whatever the source config said.
 MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")
+
+
+class Origin(Protocol):
+    """What a layout carries over from where the units came from: an Adapter, or the facts
+    extract records about the checkpoints it read."""
+
+    format: str  # the source layout ("peft", "kohya", ...), or "extracted"
+    metadata: dict[str, str]
+    config: dict | None  # PEFT adapter_config.json fields to keep
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ class Layout(ABC):
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
         """The unit's tensors under their keys in this layout."""
 
-    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
         return carried_metadata(adapter.metadata, units)
 
     def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
@@ -164,7 +173,7 @@ class KohyaLayout(Layout):
             out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
         return out
 
-    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
         if isinstance(arch, HFArchitecture):
             modules = {}
@@ -291,7 +300,7 @@ class DiffusersLayout(PeftKeyed):
     def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
         return isinstance(arch, HFArchitecture)  # an LLM file keeps PEFT's own keys
 
-    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
         metadata.setdefault("format", "pt")
         if isinstance(arch, HFArchitecture):
@@ -323,10 +332,10 @@ class PeftLayout(PeftKeyed):
             return None
         return WRAPPER + arch.modules[targets[0]].path
 
-    def metadata(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
         return {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
 
-    def config(self, units: dict[str, Unit], adapter: Adapter, arch: Architecture | HFArchitecture) -> dict:
+    def config(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict:
         levels: tuple[str, ...] = ()
         if isinstance(arch, Architecture):
             levels = arch.components[next(iter(units.values())).component].optional_levels

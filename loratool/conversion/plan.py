@@ -81,12 +81,13 @@ class Unit:
 class Load:
     """Source tensors for planning and writing; a module's tensors are read when asked for."""
 
-    def __init__(self, adapter: Adapter) -> None:
-        self.adapter = adapter
+    def __init__(self, adapter: Adapter | None) -> None:
+        self.adapter = adapter  # None when every piece is computed (extract)
 
     def __call__(self, piece: Piece) -> torch.Tensor:
         if piece.compute is not None:
             return piece.compute()
+        assert self.adapter is not None, "a keyed piece needs the adapter it came from"
         return self.adapter.load(piece.key).reshape(piece.shape)
 
 

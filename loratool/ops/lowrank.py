@@ -9,6 +9,8 @@ faster than Householder QR on tall factors, and float64 leaves ample accuracy fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -52,18 +54,34 @@ def max_abs_product(
     return best
 
 
-def best_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of the best rank-`rank` approximation of up @ down (Eckart-Young), never forming it.
+@dataclass
+class CoreSVD:
+    """The SVD of up @ down without forming it: up @ down = (qb u) diag(s) (vh qa^T)."""
 
-    QR of both factors leaves an r x r core whose SVD rotates into the truncated factors; the
-    singular values are split evenly (B = Qb U sqrt(S), A = sqrt(S) V^T Qa^T) so neither factor
-    carries all the magnitude. Returned in float32.
-    """
+    qb: torch.Tensor
+    u: torch.Tensor
+    s: torch.Tensor  # every singular value of up @ down, largest first
+    vh: torch.Tensor
+    qa: torch.Tensor
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of the best rank-`rank` approximation, singular values split evenly
+        (B = Qb U sqrt(S), A = sqrt(S) V^T Qa^T) so neither factor carries all the magnitude."""
+        keep = min(rank, self.s.numel())
+        root = self.s[:keep].sqrt()
+        return self.qb @ (self.u[:, :keep] * root), (root[:, None] * self.vh[:keep]) @ self.qa.T
+
+
+def core_svd(up: torch.Tensor, down: torch.Tensor) -> CoreSVD:
+    """QR of both factors and an SVD of the small r x r core, in float64 on the factors' device."""
     qb, rb = torch.linalg.qr(up.double())
     qa, ra = torch.linalg.qr(down.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    keep = min(rank, s.numel())
-    root = s[:keep].sqrt()
-    new_up = qb @ (u[:, :keep] * root)
-    new_down = (root[:, None] * vh[:keep]) @ qa.T
+    return CoreSVD(qb, u, s, vh, qa)
+
+
+def best_rank(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of the best rank-`rank` approximation of up @ down (Eckart-Young), never forming
+    it; returned in float32."""
+    new_up, new_down = core_svd(up, down).factors(rank)
     return new_up.float(), new_down.float()

@@ -1,0 +1,95 @@
+"""Which model a base checkpoint is, and which of its weights a LoRA would adapt.
+
+merge learns the architecture from the LoRA; extract has only checkpoints. Every table is tried:
+the one whose modules the checkpoint holds most of wins, ties (an SD1 and an SD2 UNet share every
+name) going to the table whose module types fit the stored tensors (SD1's proj_in is a 1x1 conv,
+SD2's a linear), then to the checkpoint's metadata. A directory with a transformers config.json, or
+a file no table explains, is an HF model whose module paths are its own keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import InputError
+from ..io.source import TensorSource
+from . import architectures, hint_matches
+from .hf import COMMON_LEAVES, EMBEDDING_LEAVES, HFArchitecture, detect_hf
+from .locate import Location, locate
+from .table import Architecture
+
+TYPE_NDIM = {"linear": 2, "conv": 4, "embedding": 2}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A module of the checkpoint a LoRA could adapt: its type and where its weight is stored."""
+
+    name: str  # canonical module (table name, or the HF module path)
+    type: str  # linear | conv | embedding
+    target: str  # default | conv | extra, as the table marks it
+    location: Location
+
+
+def checkpoint_architecture(source: TensorSource) -> Architecture | HFArchitecture:
+    """The architecture of a base checkpoint; raises InputError when nothing fits."""
+    if source.config and isinstance(source.config.get("model_type"), str):
+        return _hf(source)
+    best: list[tuple[int, int, bool, Architecture]] = []
+    for arch in architectures().values():
+        found = _table_weights(arch, source)
+        typed = sum(1 for w in found if len(source.info(w.location.key).shape) == TYPE_NDIM[w.type])
+        best.append((len(found), typed, hint_matches(arch, source.metadata), arch))
+    best.sort(key=lambda b: (-b[0], -b[1], not b[2]))
+    if best[0][0] > 0:
+        return best[0][3]
+    return _hf(source)
+
+
+def _hf(source: TensorSource) -> HFArchitecture:
+    paths = [k.removesuffix(".weight") for k in source if k.endswith(".weight") and len(source.info(k).shape) == 2]
+    arch = detect_hf(paths, source.config)
+    if arch is None:
+        raise InputError(
+            f"{source.path}: not a checkpoint of a known model (no SD, SDXL or Flux table and no transformers "
+            "family explains its weights)"
+        )
+    return arch
+
+
+def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource) -> list[Weight]:
+    """Every module of `arch` the checkpoint stores, in the checkpoint's key order."""
+    found = _table_weights(arch, source) if isinstance(arch, Architecture) else _hf_weights(arch, source)
+    order = {key: i for i, key in enumerate(source)}
+    return sorted(found, key=lambda w: (order[w.location.key], w.location.rows or (0, 0)))
+
+
+def _table_weights(arch: Architecture, source: TensorSource) -> list[Weight]:
+    out = []
+    for spec in arch.modules.values():
+        located = locate(arch, (spec.name,), source, lambda key: source.info(key).shape)
+        if located is not None:
+            out.append(Weight(spec.name, spec.type, spec.target, located[0]))
+    return out
+
+
+def _hf_weights(arch: HFArchitecture, source: TensorSource) -> list[Weight]:
+    family = arch.family
+    patterns = [re.compile(p) for p in family.patterns] if family is not None else []
+    out = []
+    for key in source:
+        if not key.endswith(".weight") or len(source.info(key).shape) != 2:
+            continue
+        path = key.removesuffix(".weight")
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in EMBEDDING_LEAVES:
+            out.append(Weight(path, "embedding", "extra", Location(key)))
+            continue
+        if patterns:
+            adapted = any(p.search(path) for p in patterns)
+        else:  # a model type without a family: every projection but the heads
+            adapted = leaf not in COMMON_LEAVES and "norm" not in leaf
+        transposed = adapted and family is not None and family.stored_transposed
+        out.append(Weight(path, "linear", "default" if adapted else "extra", Location(key, transposed=transposed)))
+    return out

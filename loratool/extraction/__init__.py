@@ -1,0 +1,396 @@
+"""extract: a LoRA from a fine-tuned checkpoint and its base, one module at a time.
+
+The walk: open both checkpoints (headers only) -> learn the model from the base -> plan one job per
+output module, in the base's key order -> for each job read both weights (the next job's are read
+while this one computes), take D = tuned - base in fp32 on the device, skip it when the change is
+below --min-diff, cut D to its top singular triplets (randomized by default, see ops/svd.py) and
+split them evenly between up and down -> write the layout's file. Memory holds two weights and
+their delta at a time, plus the factors extracted so far (the size of the output).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..archs import Architecture, HFArchitecture
+from ..archs.checkpoint import checkpoint_architecture
+from ..conversion import PEFT_CONFIG, PEFT_WEIGHTS, config_json, write_entries
+from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
+from ..conversion.plan import Piece, Unit
+from ..errors import ExtractError
+from ..io.destination import check_destination
+from ..io.safetensors_file import DTYPE_NAMES, DTYPES
+from ..io.source import TensorSource, open_source
+from ..io.writer import atomic_directory, atomic_write_text
+from ..kinds import KINDS
+from ..ops.device import resolve_device
+from ..ops.fuse import swap_halves
+from ..ops.merge import fits
+from ..ops.svd import (
+    balanced_factors,
+    clamp_quantile,
+    dynamic_rank,
+    exact_svd,
+    parse_dynamic,
+    randomized_svd,
+    seed_for,
+)
+from .targets import Job, Selection, plan_jobs
+
+Progress = Callable[[int, int], None]  # (modules done, modules total)
+EXTRACTED_KEY = "loratool.extracted_from"
+DEFAULT_MAX_RANK = 64
+FACTOR_DTYPES = ("F32", "F16", "BF16")  # the tuned weight's dtype when it is one of these, else BF16
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    rank: int
+    retained: float  # share of ||D||_F^2 kept
+    relative_error: float  # ||D - D_r||_F / ||D||_F
+    change: float  # ||D||_F / ||W_base||_F
+
+
+@dataclass
+class ExtractReport:
+    base: str
+    tuned: str
+    dest: str
+    target: str
+    architecture: str
+    device: str
+    method: str  # "rank 16", "fro:0.9 (max rank 64)", ...
+    exact: bool
+    modules: list[ModuleResult]
+    skipped: list[ModuleResult]  # change at or below --min-diff
+    bytes_written: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["modules"] = [dict(m.__dict__) for m in self.modules]
+        data["skipped"] = [dict(m.__dict__) for m in self.skipped]
+        return data
+
+
+@dataclass
+class _Origin:
+    """What the layouts carry into the file's metadata and PEFT config."""
+
+    metadata: dict[str, str]
+    config: dict | None
+    format: str = "extracted"
+
+
+def extract(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    dynamic: str | None = None,
+    max_rank: int | None = None,
+    conv_rank: int | None = None,
+    to: str | None = None,
+    alpha: float | None = None,
+    min_diff: float = 0.0,
+    clamp: float | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    exact: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExtractReport:
+    """Write a LoRA whose update approximates `tuned - base`, module by module.
+
+    Give `rank`, or `dynamic` ("fro:0.9", "ratio:20", "cumulative:0.9", "eps:1e-3") with an
+    optional `max_rank` cap (default 64). kxk convs are extracted only with `conv_rank`. `to` is
+    the layout (default kohya for SD/SDXL/Flux, peft for transformers models).
+    """
+    rule = _check_options(rank, dynamic, max_rank, conv_rank, alpha, min_diff, clamp)
+    selection = Selection(
+        rank=rank if rank is not None else (max_rank or DEFAULT_MAX_RANK),
+        conv_rank=conv_rank,
+        include=_regex(include, "--include"),
+        exclude=_regex(exclude, "--exclude"),
+    )
+    torch_device = resolve_device(device)
+    base_path, tuned_path = Path(base), Path(tuned)
+    with open_source(base_path) as base_src, open_source(tuned_path) as tuned_src:
+        arch = checkpoint_architecture(base_src)
+        tuned_arch = checkpoint_architecture(tuned_src)
+        if tuned_arch.name != arch.name:
+            raise ExtractError(f"BASE {base_path} is {arch.name} but TUNED {tuned_path} is {tuned_arch.name}")
+        layout = LAYOUTS[to or ("peft" if isinstance(arch, HFArchitecture) else "kohya")]
+        check_destination([base_path, tuned_path], Path(dest), force, directory=isinstance(layout, PeftLayout))
+        jobs = plan_jobs(arch, base_src, tuned_src, layout, selection)
+        _check_components(layout, jobs)
+        units: dict[str, Unit] = {}
+        results: list[ModuleResult] = []
+        skipped: list[ModuleResult] = []
+        for i, (job, w_base, w_tuned) in enumerate(_read_ahead(jobs, base_src, tuned_src, torch_device)):
+            unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed)
+            del w_base, w_tuned
+            if unit is None:
+                skipped.append(result)
+            else:
+                units[job.name] = unit
+                results.append(result)
+            if progress is not None:
+                progress(i + 1, len(jobs))
+        if not units:
+            raise ExtractError(
+                f"{tuned_path}: no module differs from the base by more than --min-diff {min_diff:g}; "
+                "nothing to extract"
+            )
+        method = _describe(rank, dynamic, selection.rank, conv_rank)
+        origin = _origin(arch, layout, base_path, tuned_path, base_src, method, exact, conv_rank, units)
+        written = _write(layout, arch, units, origin, Path(dest), force)
+    return ExtractReport(
+        base=str(base_path),
+        tuned=str(tuned_path),
+        dest=str(dest),
+        target=layout.name,
+        architecture=arch.name,
+        device=str(torch_device),
+        method=method,
+        exact=exact,
+        modules=results,
+        skipped=skipped,
+        bytes_written=written,
+    )
+
+
+def _check_options(
+    rank: int | None,
+    dynamic: str | None,
+    max_rank: int | None,
+    conv_rank: int | None,
+    alpha: float | None,
+    min_diff: float,
+    clamp: float | None,
+) -> tuple[str, float] | None:
+    if (rank is None) == (dynamic is None):
+        raise ExtractError("give exactly one of --rank R and --dynamic METHOD:VALUE")
+    for flag, value in (("--rank", rank), ("--max-rank", max_rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise ExtractError(f"{flag} {value}: must be at least 1")
+    if max_rank is not None and dynamic is None:
+        raise ExtractError("--max-rank caps a --dynamic rank; with --rank R the rank is R")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ExtractError(f"--alpha {alpha:g}: must be a positive number")
+    if not (math.isfinite(min_diff) and min_diff >= 0):
+        raise ExtractError(f"--min-diff {min_diff:g}: must be zero or positive")
+    if clamp is not None and not 0 < clamp <= 1:
+        raise ExtractError(f"--clamp-quantile {clamp:g}: must be in (0, 1]")
+    if dynamic is None:
+        return None
+    try:
+        return parse_dynamic(dynamic)
+    except ValueError as exc:
+        raise ExtractError(f"--dynamic {exc}") from None
+
+
+def _regex(pattern: str | None, flag: str) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ExtractError(f"{flag} {pattern!r}: not a valid regular expression ({exc})") from None
+
+
+def _check_components(layout: Layout, jobs: list[Job]) -> None:
+    components = sorted({j.component for j in jobs if j.component is not None})
+    if layout.single_component and len(components) > 1:
+        raise ExtractError(
+            f"a PEFT adapter dir wraps one model, and the selected modules span {', '.join(components)}; "
+            "use --to diffusers, or --include one component (e.g. --include '^unet\\.')"
+        )
+
+
+def _read_ahead(
+    jobs: list[Job], base: TensorSource, tuned: TensorSource, device: torch.device
+) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
+    """Each job's two weights in canonical orientation, fp32 on `device`; the next job's are read
+    while the caller works on this one."""
+    reader = _Reader(base, tuned, device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(reader.pair, jobs[0]) if jobs else None
+        for i, job in enumerate(jobs):
+            w_base, w_tuned = pending.result()
+            pending = pool.submit(reader.pair, jobs[i + 1]) if i + 1 < len(jobs) else None
+            yield job, w_base, w_tuned
+
+
+class _Reader:
+    """Loads row blocks of checkpoint weights; the last whole tensor of each source is kept, so
+    q, k and v cut from one fused weight read it once."""
+
+    def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device) -> None:
+        self.sources = {"base": base, "tuned": tuned}
+        self.device = device
+        self.last: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def pair(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        w_base = self.weight("base", job, job.base)
+        w_tuned = self.weight("tuned", job, job.tuned)
+        if w_base.shape != w_tuned.shape:
+            raise ExtractError(
+                f"{job.name}: BASE has it as {list(w_base.shape)} but TUNED as {list(w_tuned.shape)}; "
+                "are both checkpoints of one model?"
+            )
+        return w_base, w_tuned
+
+    def weight(self, which: str, job: Job, locations) -> torch.Tensor:
+        blocks = []
+        for location in locations:
+            t = self.tensor(which, location.key)
+            if location.rows is not None:
+                t = t[location.rows[0] : location.rows[1]]
+            if location.transposed or job.type == "embedding":  # the update's (out, in) orientation
+                t = t.T
+            if location.swap_halves:
+                t = swap_halves(t)
+            blocks.append(t)
+        return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
+
+    def tensor(self, which: str, key: str) -> torch.Tensor:
+        cached = self.last.get(which)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        t = self.sources[which].load(key).to(self.device, torch.float32)
+        self.last[which] = (key, t)
+        return t
+
+
+def _extract_one(
+    job: Job,
+    w_base: torch.Tensor,
+    w_tuned: torch.Tensor,
+    rule: tuple[str, float] | None,
+    alpha: float | None,
+    min_diff: float,
+    clamp: float | None,
+    exact: bool,
+    seed: int,
+) -> tuple[Unit | None, ModuleResult]:
+    delta = w_tuned - w_base
+    delta_norm = float(delta.double().norm())
+    base_norm = float(w_base.double().norm())
+    change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
+    if delta_norm == 0.0 or change <= min_diff:
+        return None, ModuleResult(job.name, 0, 0.0, 0.0, change)
+    if job.native_rows:
+        delta = swap_halves(delta)
+    matrix = delta.flatten(1)
+    cap = min(job.rank, *matrix.shape)
+    if rule is not None and rule[0] == "cumulative":
+        svd = exact_svd(matrix)  # sum S[:k] / sum S needs every singular value
+    elif exact:
+        svd = exact_svd(matrix, cap)
+    else:
+        svd = randomized_svd(matrix, cap, seed_for(job.name, seed))
+    kept = cap if rule is None else min(cap, dynamic_rank(svd.s, rule[0], rule[1], svd.energy))
+    up, down = balanced_factors(svd, kept)
+    if clamp is not None:
+        up, down = clamp_quantile(up, down, clamp)
+    if alpha is not None:  # scale = alpha / r: undo it in the factors so the update is unchanged
+        root = math.sqrt(kept / alpha)
+        up, down = up * root, down * root
+    result = ModuleResult(job.name, kept, svd.retained(kept), svd.relative_error(kept), change)
+    return _unit(job, up, down, kept, alpha, delta.shape), result
+
+
+def _unit(
+    job: Job,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    rank: int,
+    alpha: float | None,
+    shape: torch.Size,
+) -> Unit:
+    dtype = DTYPES[job.dtype] if job.dtype in FACTOR_DTYPES else torch.bfloat16
+    if len(shape) == 4:  # LoCon: the kernel lives in down, up is a 1x1 conv
+        up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
+    factors = {"up": up.cpu(), "down": down.cpu()}
+    for role, t in factors.items():
+        if not fits(t, dtype):
+            raise ExtractError(f"{job.name}: the {role} factor does not fit {DTYPE_NAMES[dtype]}")
+        factors[role] = t.to(dtype)
+    name = DTYPE_NAMES[dtype]
+    pieces = {role: Piece(name, tuple(t.shape), None, lambda t=t: t) for role, t in factors.items()}
+    return Unit(
+        targets=job.targets,
+        component=job.component,
+        kind=KINDS["lora"],
+        pieces=pieces,
+        alpha=float(alpha if alpha is not None else rank),
+        embedding=job.type == "embedding",
+        transposed=job.type == "embedding" or any(loc.transposed for loc in job.base),
+        native_rows=job.native_rows,
+        origin=job.name,
+    )
+
+
+def _describe(rank: int | None, dynamic: str | None, cap: int, conv_rank: int | None) -> str:
+    text = f"rank {rank}" if rank is not None else f"{dynamic} (max rank {cap})"
+    return text + (f", conv rank {conv_rank}" if conv_rank is not None else "")
+
+
+def _origin(
+    arch: Architecture | HFArchitecture,
+    layout: Layout,
+    base: Path,
+    tuned: Path,
+    base_src: TensorSource,
+    method: str,
+    exact: bool,
+    conv_rank: int | None,
+    units: dict[str, Unit],
+) -> _Origin:
+    record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
+    metadata = {EXTRACTED_KEY: json.dumps(record, sort_keys=True)}
+    if layout.name == "kohya":
+        metadata.update(ss_network_module="networks.lora", ss_network_dim="", ss_network_alpha="")
+        if conv_rank is not None and any(len(u.pieces["down"].shape) == 4 for u in units.values()):
+            metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
+        if isinstance(arch, Architecture):
+            metadata["ss_base_model_version"] = arch.hints["ss_base_model_version"][0]
+    config = None
+    if isinstance(arch, HFArchitecture):
+        config = {"base_model_name_or_path": str(base)}
+        architectures = (base_src.config or {}).get("architectures") or []
+        if any(str(a).endswith("ForCausalLM") for a in architectures):
+            config["task_type"] = "CAUSAL_LM"
+    return _Origin(metadata, config)
+
+
+def _write(
+    layout: Layout,
+    arch: Architecture | HFArchitecture,
+    units: dict[str, Unit],
+    origin: _Origin,
+    dest: Path,
+    force: bool,
+) -> int:
+    entries = [e for name, unit in units.items() for e in layout.entries(name, unit, arch)]
+    metadata = layout.metadata(units, origin, arch)
+    if isinstance(layout, PeftLayout):
+        with atomic_directory(dest, force) as tmp:
+            written = write_entries(None, entries, metadata, tmp / PEFT_WEIGHTS, None)
+            atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(units, origin, arch)))
+        return written
+    return write_entries(None, entries, metadata, dest, None)

@@ -1,0 +1,159 @@
+"""resize: a LoRA cut to a lower rank, module by module, without ever forming its dense update.
+
+With up = Qb Rb and down^T = Qa Ra, up @ down = Qb (Rb Ra^T) Qa^T: the r x r core's SVD gives
+every singular value of the update exactly, so the truncation is the optimal one (Eckart-Young)
+in O((out + in) r^2), and a dynamic rule sees the whole spectrum. The module's scale (alpha/r, or
+alpha/sqrt(r) for rsLoRA) is kept, so the file behaves the same at the same strength; alpha
+follows the new rank. A module already at or below the new rank is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..conversion import PEFT_CONFIG, PEFT_WEIGHTS, config_json, plan, refuse_lossy_input, write_entries
+from ..conversion.layouts import LAYOUTS, PeftLayout
+from ..conversion.plan import Load, Piece, Unit
+from ..errors import ExtractError
+from ..formats import read_adapter
+from ..io.destination import check_destination
+from ..io.safetensors_file import DTYPES
+from ..io.writer import atomic_directory, atomic_write_text
+from ..ops.device import resolve_device
+from ..ops.lowrank import core_svd
+from ..ops.merge import fits
+from ..ops.svd import dynamic_rank, parse_dynamic
+
+Progress = Callable[[int, int], None]  # (modules done, modules total)
+RESIZED_KEY = "loratool.resized_from"
+
+
+@dataclass
+class ResizedModule:
+    name: str
+    rank_in: int
+    rank_out: int
+    retained: float  # share of ||dW||_F^2 kept
+    relative_error: float  # ||dW - dW_r||_F / ||dW||_F
+
+
+@dataclass
+class ResizeReport:
+    source: str
+    dest: str
+    target: str
+    method: str
+    modules: list[ResizedModule]
+    bytes_written: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["modules"] = [dict(m.__dict__) for m in self.modules]
+        return data
+
+
+def resize(
+    lora: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    dynamic: str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ResizeReport:
+    """Write `lora` at a lower rank: `rank`, or per module by a `dynamic` rule ("fro:0.9",
+    "ratio:20", "cumulative:0.9", "eps:1e-3"; never above the module's own rank). Same layout."""
+    if (rank is None) == (dynamic is None):
+        raise ExtractError("give exactly one of --rank R and --dynamic METHOD:VALUE")
+    if rank is not None and rank < 1:
+        raise ExtractError(f"--rank {rank}: must be at least 1")
+    try:
+        rule = parse_dynamic(dynamic) if dynamic is not None else None
+    except ValueError as exc:
+        raise ExtractError(f"--dynamic {exc}") from None
+    torch_device = resolve_device(device)
+    adapter, detection = read_adapter(lora)
+    with adapter:
+        refuse_lossy_input(adapter, detection)
+        layout = LAYOUTS[adapter.format if adapter.format in LAYOUTS else "kohya"]
+        check_destination([Path(lora)], Path(dest), force, directory=isinstance(layout, PeftLayout))
+        for module in adapter.modules.values():
+            if module.kind.name != "lora":
+                raise ExtractError(
+                    f"{module.name}: resize works on LoRA and LoCon modules; {module.kind.label} has no rank to cut"
+                )
+            if module.dora_key is not None:
+                raise ExtractError(
+                    f"{module.name}: DoRA's magnitude was trained for this exact direction; a lower rank changes it"
+                )
+        named, notes = plan(adapter, layout)
+        load = Load(adapter)
+        results = []
+        resized: dict[str, Unit] = {}
+        for i, (name, unit) in enumerate(named.items()):
+            resized[name], result = _resize_unit(name, unit, load, rank, rule, torch_device)
+            results.append(result)
+            if progress is not None:
+                progress(i + 1, len(named))
+        entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
+        metadata = layout.metadata(resized, adapter, adapter.arch)
+        method = f"rank {rank}" if rank is not None else str(dynamic)
+        metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
+        if isinstance(layout, PeftLayout):
+            with atomic_directory(dest, force) as tmp:
+                written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, None)
+                atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(resized, adapter, adapter.arch)))
+        else:
+            written = write_entries(adapter, entries, metadata, Path(dest), None)
+    return ResizeReport(str(lora), str(dest), layout.name, method, results, written, notes)
+
+
+def _resize_unit(
+    name: str,
+    unit: Unit,
+    load: Load,
+    rank: int | None,
+    rule: tuple[str, float] | None,
+    device: torch.device,
+) -> tuple[Unit, ResizedModule]:
+    tensors = {role: load(p).to(device) for role, p in unit.pieces.items() if role in ("up", "down", "mid")}
+    up, down = unit.kind.low_rank(tensors)
+    core = core_svd(up, down)
+    r = unit.rank or core.s.numel()
+    energy = float(core.s.square().sum())
+    new_rank = rank if rule is None else dynamic_rank(core.s, rule[0], rule[1], energy)
+    new_rank = min(new_rank, r)
+    kept = float(core.s[:new_rank].square().sum())
+    retained = 1.0 if energy == 0 else min(kept / energy, 1.0)
+    result = ResizedModule(name, r, new_rank, retained, math.sqrt(max(1.0 - retained, 0.0)))
+    if new_rank >= r:
+        return unit, result
+    new_up, new_down = core.factors(new_rank)
+    weight = unit.kind.weight_shape(unit.shapes)
+    up_shape = (unit.pieces["up"].shape[0], new_rank, *unit.pieces["up"].shape[2:])
+    down_shape = (new_rank, *weight[1:])
+    pieces = {
+        "up": _piece(name, "up", new_up.reshape(up_shape), unit.pieces["up"].dtype),
+        "down": _piece(name, "down", new_down.reshape(down_shape), unit.pieces["down"].dtype),
+    }
+    if "bias" in unit.pieces:  # lora_B.bias is not part of the low-rank product
+        pieces["bias"] = unit.pieces["bias"]
+    scale = unit.scale
+    alpha = scale * (math.sqrt(new_rank) if unit.rslora else new_rank)
+    return replace(unit, pieces=pieces, alpha=alpha, declared_rank=None, alpha_key=None, alpha_dtype=None), result
+
+
+def _piece(name: str, role: str, tensor: torch.Tensor, dtype: str) -> Piece:
+    tensor = tensor.float().cpu()
+    if not fits(tensor, DTYPES[dtype]):
+        raise ExtractError(f"{name}: the resized {role} factor does not fit {dtype}")
+    stored = tensor.to(DTYPES[dtype])
+    return Piece(dtype, tuple(stored.shape), None, lambda: stored)

@@ -1,0 +1,118 @@
+"""Which modules extract turns into LoRA modules, and where each one's weight lives in both checkpoints.
+
+The output layout decides the unit of extraction: a layout that names Flux's fused `qkv` as one
+module (kohya) gets one SVD of the fused weight; one that names `to_q`, `to_k`, `to_v` (diffusers)
+gets one SVD per row block. The two checkpoints are located independently, so a diffusers folder
+can be compared with a single file of the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..archs import Architecture, HFArchitecture, Targets
+from ..archs.checkpoint import Weight, checkpoint_weights
+from ..archs.locate import Location, locate
+from ..conversion.layouts import Layout
+from ..errors import ExtractError
+from ..io.source import TensorSource
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which modules to extract and at what rank (the cap, with a dynamic rule)."""
+
+    rank: int
+    conv_rank: int | None  # kxk convs (and the table's LoCon-only modules) only when given
+    include: re.Pattern | None
+    exclude: re.Pattern | None
+
+    def wants(self, weight: Weight) -> bool:
+        if self.exclude is not None and self.exclude.search(weight.name):
+            return False
+        if self.include is not None:
+            return bool(self.include.search(weight.name))
+        return weight.target == "default" or (weight.target == "conv" and self.conv_rank is not None)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output module: its canonical targets (row blocks in order) and their locations."""
+
+    name: str  # the module's name in the output layout
+    targets: Targets
+    component: str | None
+    type: str  # linear | conv | embedding
+    base: tuple[Location, ...]
+    tuned: tuple[Location, ...]
+    rank: int  # the rank asked for (the cap, with --dynamic)
+    dtype: str  # the tuned weight's stored dtype
+    native_rows: bool  # the output's rows follow the single-file order (Flux final modulation)
+
+
+def plan_jobs(
+    arch: Architecture | HFArchitecture,
+    base: TensorSource,
+    tuned: TensorSource,
+    layout: Layout,
+    selection: Selection,
+) -> list[Job]:
+    """Jobs in the base checkpoint's key order, so both files are read front to back."""
+    weights = [w for w in checkpoint_weights(arch, base) if selection.wants(w)]
+    if not weights:
+        raise ExtractError(f"{base.path}: no module of {arch.name} matches the selection (see --include/--exclude)")
+    jobs: dict[str, Job] = {}
+    for weight in weights:
+        targets = _unit_targets(arch, layout, weight.name)
+        name = layout.unit_name(arch, targets)
+        if name is None or name in jobs:
+            continue
+        if weight.type == "embedding" and layout.scheme != "peft":
+            raise ExtractError(
+                f"{weight.name}: an embedding's LoRA (lora_embedding_A/B) exists only in PEFT's layout; use --to peft"
+            )
+        tuned_at = _located(arch, tuned, targets, "TUNED")
+        jobs[name] = Job(
+            name=name,
+            targets=targets,
+            component=arch.modules[targets[0]].component if isinstance(arch, Architecture) else None,
+            type=weight.type,
+            base=tuple(_located(arch, base, targets, "BASE")),
+            tuned=tuple(tuned_at),
+            rank=_rank_for(weight, base, selection),
+            dtype=tuned.info(tuned_at[0].key).dtype,
+            native_rows=layout.native_rows(arch, targets),
+        )
+    return list(jobs.values())
+
+
+def _unit_targets(arch: Architecture | HFArchitecture, layout: Layout, name: str) -> Targets:
+    """The module alone when the layout names it, else its whole fused group."""
+    if layout.unit_name(arch, (name,)) is not None or not isinstance(arch, Architecture):
+        return (name,)
+    group = arch.fused.get(arch.modules[name].fused or "")
+    if group is None or layout.unit_name(arch, group.parts) is None:
+        raise ExtractError(f"{name}: the {layout.name} layout has no name for it")
+    return group.parts
+
+
+def _located(arch: Architecture | HFArchitecture, source: TensorSource, targets: Targets, which: str) -> list[Location]:
+    found = locate(arch, targets, source, lambda key: source.info(key).shape)
+    if found is None:
+        missing = [t for t in targets if locate(arch, (t,), source, lambda key: source.info(key).shape) is None]
+        raise ExtractError(f"{which} {source.path} has no weight for {missing[0]}; are both checkpoints of one model?")
+    for location in found:
+        stored = source.info(location.key).shape
+        if not location.fits_rows(stored[0]):
+            raise ExtractError(
+                f"{which} {location.key} is {list(stored)}, but its row blocks for {stored[1]} input features "
+                f"add up to {location.fused_rows} rows"
+            )
+    return found
+
+
+def _rank_for(weight: Weight, base: TensorSource, selection: Selection) -> int:
+    shape = base.info(weight.location.key).shape
+    kxk = weight.type == "conv" and len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    return selection.conv_rank if kxk and selection.conv_rank is not None else selection.rank

@@ -1,0 +1,179 @@
+"""Truncated SVDs for extract and resize: near-optimal, deterministic, and much cheaper than a full SVD.
+
+Peers call `torch.linalg.svd` on every full weight delta (minutes to an hour for a big model). A
+randomized range finder needs only a few products of the delta with thin matrices. Its error is
+known exactly at every step: with Q the orthonormal sketch and s~ the singular values of Q^T D,
+
+    ||D - (truncation)||_F^2 = ||D||_F^2 - sum_{i<=k} s~_i^2,
+
+so power iterations run until that error stops improving (a sweep gains less than `TOLERANCE` of
+the error itself), instead of a fixed count that is too many for flat spectra and too few for
+slowly decaying ones. Energies are summed in float64; products run in the delta's dtype on its
+device. The starting sketch comes from a CPU generator seeded per module, so a run is repeatable
+and the GPU and the CPU start from the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+TOLERANCE = 1e-4  # stop when one more sweep lowers the squared error by less than this fraction of it
+MIN_SWEEPS, MAX_SWEEPS = 2, 12
+ROUNDOFF = 1e-7  # float32 products cannot pin the squared error down more finely than this share of ||D||^2
+DYNAMIC_METHODS = ("fro", "ratio", "cumulative", "eps")
+
+
+@dataclass
+class Truncated:
+    """The top singular triplets of a matrix D, and how much of D they hold."""
+
+    u: torch.Tensor  # (m, k)
+    s: torch.Tensor  # (k,), largest first
+    vh: torch.Tensor  # (k, n)
+    energy: float  # ||D||_F^2
+    sweeps: int  # power iterations run (0 for an exact SVD)
+
+    def kept_energy(self, rank: int) -> float:
+        return float(self.s[:rank].double().square().sum())
+
+    def relative_error(self, rank: int) -> float:
+        """||D - D_rank||_F / ||D||_F for the rank-`rank` truncation."""
+        if self.energy == 0.0:
+            return 0.0
+        return math.sqrt(max(self.energy - self.kept_energy(rank), 0.0) / self.energy)
+
+    def retained(self, rank: int) -> float:
+        """Share of ||D||_F^2 the rank-`rank` truncation keeps."""
+        return 1.0 if self.energy == 0.0 else min(self.kept_energy(rank) / self.energy, 1.0)
+
+
+def seed_for(name: str, seed: int = 0) -> int:
+    """A stable per-module seed (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode()) ^ seed
+
+
+def exact_svd(matrix: torch.Tensor, rank: int | None = None) -> Truncated:
+    """A full SVD (every singular value when `rank` is None)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = s.numel() if rank is None else rank
+    energy = float(matrix.double().square().sum())
+    return Truncated(u[:, :rank], s[:rank], vh[:rank], energy, 0)
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, seed: int, oversample: int | None = None) -> Truncated:
+    """The top `rank` singular triplets of `matrix`, within a hair of the optimal truncation.
+
+    Falls back to an exact SVD when the sketch would be as wide as the matrix's smaller side.
+    """
+    m, n = matrix.shape
+    width = rank + (oversample if oversample is not None else max(10, rank // 2))
+    if 2 * width >= min(m, n):
+        return exact_svd(matrix, rank)
+    energy = float(matrix.double().square().sum())
+    generator = torch.Generator().manual_seed(seed)
+    sketch = torch.randn(n, width, generator=generator, dtype=torch.float32).to(matrix.device, matrix.dtype)
+    q = torch.linalg.qr(matrix @ sketch).Q
+    previous = -math.inf
+    sweeps = 0
+    while True:
+        core_t = matrix.T @ q  # (n, width) = (Q^T D)^T
+        captured = _top_energy(core_t, rank)
+        error = energy - captured
+        converged = captured - previous <= TOLERANCE * max(error, 0.0) + ROUNDOFF * energy
+        if sweeps >= MAX_SWEEPS or (sweeps >= MIN_SWEEPS and converged):
+            break
+        previous = captured
+        q = torch.linalg.qr(matrix @ torch.linalg.qr(core_t).Q).Q
+        sweeps += 1
+    v, s, uh = torch.linalg.svd(core_t, full_matrices=False)  # core_t = V S U^T of the small core
+    return Truncated(q @ uh[:rank].T, s[:rank], v[:, :rank].T, energy, sweeps)
+
+
+def _top_energy(core_t: torch.Tensor, rank: int) -> float:
+    return float(torch.linalg.svdvals(core_t)[:rank].double().square().sum())
+
+
+def balanced_factors(t: Truncated, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down the rank-`rank` truncation and the singular values split evenly
+    (B = U sqrt(S), A = sqrt(S) V^T), so neither factor carries all the magnitude."""
+    root = t.s[:rank].sqrt()
+    return t.u[:, :rank] * root, root[:, None] * t.vh[:rank]
+
+
+def parse_dynamic(spec: str) -> tuple[str, float]:
+    """`fro:0.9` -> ("fro", 0.9); raises ValueError with a readable reason."""
+    method, sep, value = spec.partition(":")
+    if not sep or method not in DYNAMIC_METHODS:
+        raise ValueError(f"{spec!r}: expected METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {value!r} is not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{spec!r}: the value must be a positive number")
+    if method in ("fro", "cumulative") and number > 1:
+        raise ValueError(f"{spec!r}: {method} keeps a share of the spectrum, between 0 and 1")
+    if method == "ratio" and number < 1:
+        raise ValueError(f"{spec!r}: ratio keeps S_i >= S_0 / VALUE, so VALUE must be at least 1")
+    return method, number
+
+
+def dynamic_rank(s: torch.Tensor, method: str, value: float, energy: float | None = None) -> int:
+    """The smallest rank the rule accepts (at least 1, at most len(s)).
+
+    - fro: sqrt(sum S[:k]^2 / ||D||_F^2) >= value (`energy` = ||D||_F^2; the kept spectrum's own
+      sum when None),
+    - ratio: keep S_i >= S_0 / value,
+    - cumulative: sum S[:k] / sum S >= value (`s` must be the whole spectrum),
+    - eps: keep S_i > value.
+    """
+    s = s.double()
+    if s.numel() == 0 or float(s[0]) <= 0.0:
+        return 1
+    if method in ("fro", "cumulative"):
+        terms = s.square() if method == "fro" else s
+        total = energy if method == "fro" and energy is not None else float(terms.sum())
+        share = terms.cumsum(0) / total
+        if method == "fro":
+            share = share.sqrt()
+        # A hair of slack so a spectrum that reaches the target exactly is not pushed one rank up
+        # by rounding in the cumulative sum.
+        reached = (share >= value * (1 - 1e-12)).nonzero()
+        k = int(reached[0]) + 1 if reached.numel() else s.numel()
+    elif method == "ratio":
+        k = int((s >= float(s[0]) / value).sum())
+    elif method == "eps":
+        k = int((s > value).sum())
+    else:
+        raise ValueError(f"unknown dynamic method {method!r}")
+    return max(1, min(k, s.numel()))
+
+
+def clamp_quantile(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya's extraction clamp: with all of S in up, both factors are clamped to +-(the `quantile`
+    of their signed values taken together), then rebalanced (which leaves the product as kohya's).
+
+    torch.quantile refuses inputs above 2^24 elements (sd-scripts issue 1485); a sort does not.
+    """
+    norms = down.norm(dim=1).clamp_min(torch.finfo(down.dtype).tiny)
+    up, down = up * norms, down / norms[:, None]  # S into up, as kohya's U @ diag(S)
+    values = torch.cat([up.flatten(), down.flatten()]).sort().values
+    position = quantile * (values.numel() - 1)  # linear interpolation, as torch.quantile does
+    lo = math.floor(position)
+    hi = min(lo + 1, values.numel() - 1)
+    limit = float(values[lo] + (position - lo) * (values[hi] - values[lo]))
+    up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
+    return rebalance(up, down)
+
+
+def rebalance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each rank-1 term so its up column and down row have equal norms; the product is unchanged."""
+    up_norms = up.norm(dim=0)
+    down_norms = down.norm(dim=1)
+    ok = (up_norms > 0) & (down_norms > 0)
+    c = torch.where(ok, (down_norms / up_norms.where(ok, torch.ones_like(up_norms))).sqrt(), torch.ones_like(up_norms))
+    return up * c, down / c[:, None]
