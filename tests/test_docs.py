@@ -35,6 +35,7 @@ def test_every_doc_linked_from_readme_exists():
         "docs/inspect.md",
         "docs/convert.md",
         "docs/merge.md",
+        "docs/extract.md",
         "docs/formats.md",
         "docs/architecture.md",
         "docs/benchmarks.md",
@@ -78,9 +79,23 @@ def test_merge_benchmark_runs(tmp_path):
     assert result.stdout.count("ratio merge / read+write") == 2
 
 
-@pytest.mark.parametrize("command", ["convert", "combine"])
+def test_extract_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/extract.py", "--tiny", "--keep", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("x the optimum") == 2
+    assert "ratio extract / read both" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "combine", "resize"])
 def test_readme_examples_run(tmp_path, command):
-    """The convert and combine examples in README work as shown (run from a scratch dir against the fixtures)."""
+    """The convert, combine and resize examples in README work as shown (run from a scratch dir
+    against the fixtures)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split(f"### `loratool {command}", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]

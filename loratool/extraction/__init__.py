@@ -43,12 +43,15 @@ from ..ops.svd import (
     parse_dynamic,
     randomized_svd,
     seed_for,
+    squared_norm,
 )
 from .targets import Job, Selection, plan_jobs
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64
+KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux"}  # sd-scripts' network module per model
+ARITHMETIC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # the tuned weight's dtype when it is one of these, else BF16
 
 
@@ -157,6 +160,9 @@ def extract(
             )
         method = _describe(rank, dynamic, selection.rank, conv_rank)
         origin = _origin(arch, layout, base_path, tuned_path, base_src, method, exact, conv_rank, units)
+        # Computed in the base's data order (sequential reads); written in name order, so the same
+        # checkpoints give the same file however they are sharded.
+        units = dict(sorted(units.items()))
         written = _write(layout, arch, units, origin, Path(dest), force)
     return ExtractReport(
         base=str(base_path),
@@ -217,15 +223,15 @@ def _check_components(layout: Layout, jobs: list[Job]) -> None:
     if layout.single_component and len(components) > 1:
         raise ExtractError(
             f"a PEFT adapter dir wraps one model, and the selected modules span {', '.join(components)}; "
-            "use --to diffusers, or --include one component (e.g. --include '^unet\\.')"
+            "use --to diffusers, or --exclude the others (e.g. --exclude '^text_encoder')"
         )
 
 
 def _read_ahead(
     jobs: list[Job], base: TensorSource, tuned: TensorSource, device: torch.device
 ) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
-    """Each job's two weights in canonical orientation, fp32 on `device`; the next job's are read
-    while the caller works on this one."""
+    """Each job's two weights in canonical orientation on `device` (stored dtype, fp8 upcast);
+    the next job's are read while the caller works on this one."""
     reader = _Reader(base, tuned, device)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(reader.pair, jobs[0]) if jobs else None
@@ -271,7 +277,9 @@ class _Reader:
         cached = self.last.get(which)
         if cached is not None and cached[0] == key:
             return cached[1]
-        t = self.sources[which].load(key).to(self.device, torch.float32)
+        t = self.sources[which].load(key)
+        # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
+        t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
         self.last[which] = (key, t)
         return t
 
@@ -287,13 +295,13 @@ def _extract_one(
     exact: bool,
     seed: int,
 ) -> tuple[Unit | None, ModuleResult]:
-    delta = w_tuned - w_base
-    delta_norm = float(delta.double().norm())
-    base_norm = float(w_base.double().norm())
+    delta = w_tuned.to(torch.float32, copy=True).sub_(w_base)  # fp32 result, no fp32 copy of the base
+    delta_norm = math.sqrt(squared_norm(delta))
+    base_norm = math.sqrt(squared_norm(w_base))
     change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
     if delta_norm == 0.0 or change <= min_diff:
         return None, ModuleResult(job.name, 0, 0.0, 0.0, change)
-    if job.native_rows:
+    if job.swap_rows:
         delta = swap_halves(delta)
     matrix = delta.flatten(1)
     cap = min(job.rank, *matrix.shape)
@@ -364,7 +372,8 @@ def _origin(
     record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
     metadata = {EXTRACTED_KEY: json.dumps(record, sort_keys=True)}
     if layout.name == "kohya":
-        metadata.update(ss_network_module="networks.lora", ss_network_dim="", ss_network_alpha="")
+        module = KOHYA_NETWORK_MODULES.get(arch.name, "networks.lora")
+        metadata.update(ss_network_module=module, ss_network_dim="", ss_network_alpha="")
         if conv_rank is not None and any(len(u.pieces["down"].shape) == 4 for u in units.values()):
             metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
         if isinstance(arch, Architecture):
@@ -373,7 +382,7 @@ def _origin(
     if isinstance(arch, HFArchitecture):
         config = {"base_model_name_or_path": str(base)}
         architectures = (base_src.config or {}).get("architectures") or []
-        if any(str(a).endswith("ForCausalLM") for a in architectures):
+        if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             config["task_type"] = "CAUSAL_LM"
     return _Origin(metadata, config)
 

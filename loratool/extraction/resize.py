@@ -128,10 +128,11 @@ def _resize_unit(
     up, down = unit.kind.low_rank(tensors)
     core = core_svd(up, down)
     r = unit.rank or core.s.numel()
-    energy = float(core.s.square().sum())
-    new_rank = rank if rule is None else dynamic_rank(core.s, rule[0], rule[1], energy)
+    spectrum = core.s * abs(unit.scale)  # the singular values of the update the file applies
+    energy = float(spectrum.square().sum())
+    new_rank = rank if rule is None else dynamic_rank(spectrum, rule[0], rule[1], energy)
     new_rank = min(new_rank, r)
-    kept = float(core.s[:new_rank].square().sum())
+    kept = float(spectrum[:new_rank].square().sum())
     retained = 1.0 if energy == 0 else min(kept / energy, 1.0)
     result = ResizedModule(name, r, new_rank, retained, math.sqrt(max(1.0 - retained, 0.0)))
     if new_rank >= r:

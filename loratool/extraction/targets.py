@@ -9,7 +9,7 @@ can be compared with a single file of the same model.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..archs import Architecture, HFArchitecture, Targets
 from ..archs.checkpoint import Weight, checkpoint_weights
@@ -28,12 +28,18 @@ class Selection:
     include: re.Pattern | None
     exclude: re.Pattern | None
 
-    def wants(self, weight: Weight) -> bool:
+    def wants(self, weight: Weight, kxk: bool) -> bool:
+        """The default set (the table's LoRA targets, LoCon ones with --conv-rank), or with --include
+        any module it matches; kxk convs only ever with --conv-rank; --exclude removes."""
         if self.exclude is not None and self.exclude.search(weight.name):
+            return False
+        if (kxk or weight.target == "conv") and self.conv_rank is None:
             return False
         if self.include is not None:
             return bool(self.include.search(weight.name))
-        return weight.target == "default" or (weight.target == "conv" and self.conv_rank is not None)
+        if weight.type == "embedding":  # only when asked for: their LoRA exists only in PEFT's layout
+            return False
+        return weight.target in ("default", "conv")
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class Job:
     tuned: tuple[Location, ...]
     rank: int  # the rank asked for (the cap, with --dynamic)
     dtype: str  # the tuned weight's stored dtype
-    native_rows: bool  # the output's rows follow the single-file order (Flux final modulation)
+    native_rows: bool  # the output layout names the module by its single-file path
+    swap_rows: bool  # ... and its rows are the canonical halves swapped there (Flux final modulation)
 
 
 def plan_jobs(
@@ -59,9 +66,12 @@ def plan_jobs(
     selection: Selection,
 ) -> list[Job]:
     """Jobs in the base checkpoint's key order, so both files are read front to back."""
-    weights = [w for w in checkpoint_weights(arch, base) if selection.wants(w)]
+    weights = [w for w in checkpoint_weights(arch, base) if selection.wants(w, _kxk(w, base))]
     if not weights:
-        raise ExtractError(f"{base.path}: no module of {arch.name} matches the selection (see --include/--exclude)")
+        raise ExtractError(
+            f"{base.path}: no module of {arch.name} matches the selection (see --include/--exclude; "
+            "kxk convs need --conv-rank)"
+        )
     jobs: dict[str, Job] = {}
     for weight in weights:
         targets = _unit_targets(arch, layout, weight.name)
@@ -72,17 +82,23 @@ def plan_jobs(
             raise ExtractError(
                 f"{weight.name}: an embedding's LoRA (lora_embedding_A/B) exists only in PEFT's layout; use --to peft"
             )
+        base_at = _located(arch, base, targets, "BASE")
         tuned_at = _located(arch, tuned, targets, "TUNED")
+        native_rows = layout.native_rows(arch, targets)
+        if isinstance(arch, HFArchitecture):  # GPT-2's Conv1D storage is the family's fact, not a table's
+            base_at = [replace(loc, transposed=weight.location.transposed) for loc in base_at]
+            tuned_at = [replace(loc, transposed=weight.location.transposed) for loc in tuned_at]
         jobs[name] = Job(
             name=name,
             targets=targets,
             component=arch.modules[targets[0]].component if isinstance(arch, Architecture) else None,
             type=weight.type,
-            base=tuple(_located(arch, base, targets, "BASE")),
+            base=tuple(base_at),
             tuned=tuple(tuned_at),
             rank=_rank_for(weight, base, selection),
             dtype=tuned.info(tuned_at[0].key).dtype,
-            native_rows=layout.native_rows(arch, targets),
+            native_rows=native_rows,
+            swap_rows=native_rows and isinstance(arch, Architecture) and arch.modules[targets[0]].rows == "swap_halves",
         )
     return list(jobs.values())
 
@@ -112,7 +128,11 @@ def _located(arch: Architecture | HFArchitecture, source: TensorSource, targets:
     return found
 
 
-def _rank_for(weight: Weight, base: TensorSource, selection: Selection) -> int:
+def _kxk(weight: Weight, base: TensorSource) -> bool:
     shape = base.info(weight.location.key).shape
-    kxk = weight.type == "conv" and len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    return weight.type == "conv" and len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+
+
+def _rank_for(weight: Weight, base: TensorSource, selection: Selection) -> int:
+    kxk = _kxk(weight, base)
     return selection.conv_rank if kxk and selection.conv_rank is not None else selection.rank
