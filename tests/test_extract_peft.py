@@ -42,6 +42,7 @@ import loratool
 from loratool.cli import main
 from loratool.errors import ExtractError, OutputError
 from loratool.extraction import ExtractReport
+from loratool.ops import svd
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -50,6 +51,17 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def sketch_every_module():
+    """The tiny models' modules are small enough for loratool to take the exact SVD by default
+    (ops.svd.EXACT_BELOW); lower the bar so these tests check the randomized one."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(svd, "EXACT_BELOW", 0)
+    yield
+    patch.undo()
+
 
 WRAP = "base_model.model."
 ADAPTER = "adapter_model.safetensors"

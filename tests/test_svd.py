@@ -56,7 +56,7 @@ SPECTRA = {
 @pytest.mark.parametrize("rank", [1, 8, 16])
 def test_randomized_error_is_within_a_thousandth_of_optimal(name, rank):
     matrix = SPECTRA[name]()
-    t = randomized_svd(matrix, rank, seed=7)
+    t = randomized_svd(matrix, rank, seed=7, exact_below=0)
     assert t.sweeps >= 1  # the randomized path, not the exact fallback
     up, down = balanced_factors(t, rank)
     got = measured_error(matrix, up, down)
@@ -68,21 +68,23 @@ def test_randomized_error_is_within_a_thousandth_of_optimal(name, rank):
 def test_exactly_low_rank_is_recovered():
     g = torch.Generator().manual_seed(1)
     matrix = torch.randn(200, 4, generator=g) @ torch.randn(4, 150, generator=g)
-    up, down = balanced_factors(randomized_svd(matrix, 4, seed=0), 4)
+    up, down = balanced_factors(randomized_svd(matrix, 4, seed=0, exact_below=0), 4)
     assert measured_error(matrix, up, down) < 1e-5
 
 
 def test_randomized_is_deterministic_per_seed():
     matrix = planted_plus_noise(300, 200)
-    a, b = randomized_svd(matrix, 8, seed=5), randomized_svd(matrix, 8, seed=5)
+    a, b = randomized_svd(matrix, 8, seed=5, exact_below=0), randomized_svd(matrix, 8, seed=5, exact_below=0)
     assert torch.equal(a.u, b.u) and torch.equal(a.s, b.s) and torch.equal(a.vh, b.vh)
-    c = randomized_svd(matrix, 8, seed=6)
+    c = randomized_svd(matrix, 8, seed=6, exact_below=0)
     assert not torch.equal(a.u, c.u)
 
 
 def test_small_matrices_take_the_exact_path():
-    matrix = planted_plus_noise(40, 30)
-    t = randomized_svd(matrix, 8, seed=0)
+    assert randomized_svd(planted_plus_noise(300, 200), 8, seed=0).sweeps == 0  # at most EXACT_BELOW
+    assert randomized_svd(planted_plus_noise(600, 520), 8, seed=0).sweeps >= 1
+    matrix = planted_plus_noise(80, 70)
+    t = randomized_svd(matrix, 8, seed=0, exact_below=0)  # the Krylov space would be as wide as the matrix
     assert t.sweeps == 0
     up, down = balanced_factors(t, 8)
     assert measured_error(matrix, up, down) == pytest.approx(optimal_error(matrix, 8), rel=1e-5)

@@ -296,7 +296,8 @@ def _extract_one(
     seed: int,
 ) -> tuple[Unit | None, ModuleResult]:
     delta = w_tuned.to(torch.float32, copy=True).sub_(w_base)  # fp32 result, no fp32 copy of the base
-    delta_norm = math.sqrt(squared_norm(delta))
+    energy = squared_norm(delta)
+    delta_norm = math.sqrt(energy)
     base_norm = math.sqrt(squared_norm(w_base))
     change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
     if delta_norm == 0.0 or change <= min_diff:
@@ -310,7 +311,7 @@ def _extract_one(
     elif exact:
         svd = exact_svd(matrix, cap)
     else:
-        svd = randomized_svd(matrix, cap, seed_for(job.name, seed))
+        svd = randomized_svd(matrix, cap, seed_for(job.name, seed), energy=energy)
     kept = cap if rule is None else min(cap, dynamic_rank(svd.s, rule[0], rule[1], svd.energy))
     up, down = balanced_factors(svd, kept)
     if clamp is not None:

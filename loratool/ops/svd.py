@@ -1,16 +1,18 @@
 """Truncated SVDs for extract and resize: near-optimal, deterministic, and much cheaper than a full SVD.
 
 Peers call `torch.linalg.svd` on every full weight delta (minutes to an hour for a big model). A
-randomized range finder needs only a few products of the delta with thin matrices. Its error is
-known exactly at every step: with Q the orthonormal sketch and s~ the singular values of Q^T D,
+randomized block Krylov method needs only a few products of the delta with thin matrices: a random
+sketch Q_0 = orth(D G), power sweeps Q_i = orth(D orth(D^T Q_{i-1})), and the best rank-k
+approximation of D inside the span of all the Q_i together (one more product, then the SVD of a
+small matrix). Keeping every block, not only the last as plain power iteration does, matters for
+the deltas of real fine-tunes: past the change's true rank their spectrum is a flat noise floor,
+where the last block alone converges slowly (1.001-1.003x the optimal error after 5 sweeps in our
+measurements) and the whole Krylov space is within 1.0005x after 3.
 
-    ||D - (truncation)||_F^2 = ||D||_F^2 - sum_{i<=k} s~_i^2,
-
-so power iterations run until that error stops improving (a sweep gains less than `TOLERANCE` of
-the error itself), instead of a fixed count that is too many for flat spectra and too few for
-slowly decaying ones. Energies are summed in float64; products run in the delta's dtype on its
-device. The starting sketch comes from a CPU generator seeded per module, so a run is repeatable
-and the GPU and the CPU start from the same numbers.
+The error of the result is known exactly: with K the basis and s~ the singular values of K^T D,
+||D - (truncation)||_F^2 = ||D||_F^2 - sum_{i<=k} s~_i^2. Energies are summed in float64; products
+run in the delta's dtype on its device. The starting sketch comes from a CPU generator seeded per
+module, so a run is repeatable and the GPU and the CPU start from the same numbers.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-TOLERANCE = 1e-4  # stop when one more sweep lowers the squared error by less than this fraction of it
-MIN_SWEEPS, MAX_SWEEPS = 1, 12
-ROUNDOFF = 1e-7  # float32 products cannot pin the squared error down more finely than this share of ||D||^2
+SWEEPS = 3  # power sweeps: the Krylov space holds 4 blocks of rank + oversampling columns
 DYNAMIC_METHODS = ("fro", "ratio", "cumulative", "eps")
+# A full SVD of a matrix whose smaller side is at most this costs about what the sketch does (256 x
+# 2048: 40 ms on two CPU cores).
+EXACT_BELOW = 512
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Truncated:
     s: torch.Tensor  # largest first: the top k, or every singular value when `complete`
     vh: torch.Tensor  # (k, n)
     energy: float  # ||D||_F^2
-    sweeps: int  # power iterations run (0 for an exact SVD)
+    sweeps: int  # power sweeps run (0 for an exact SVD)
     complete: bool = False  # s holds the whole spectrum (an exact SVD)
 
     def kept_energy(self, rank: int) -> float:
@@ -72,33 +75,35 @@ def exact_svd(matrix: torch.Tensor, rank: int | None = None) -> Truncated:
     return Truncated(u[:, :rank], s, vh[:rank], squared_norm(matrix), 0, complete=True)
 
 
-def randomized_svd(matrix: torch.Tensor, rank: int, seed: int, oversample: int | None = None) -> Truncated:
+def randomized_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    seed: int,
+    oversample: int | None = None,
+    energy: float | None = None,
+    exact_below: int | None = None,
+) -> Truncated:
     """The top `rank` singular triplets of `matrix`, within a hair of the optimal truncation.
 
-    Falls back to an exact SVD when the sketch would be as wide as the matrix's smaller side.
+    `energy` is ||matrix||_F^2 when the caller has it. A matrix whose smaller side is at most
+    `exact_below` (default EXACT_BELOW) or the Krylov space's width gets the exact SVD instead.
     """
     m, n = matrix.shape
     width = rank + (oversample if oversample is not None else max(10, rank // 2))
-    if 2 * width >= min(m, n):
+    if min(m, n) <= max(EXACT_BELOW if exact_below is None else exact_below, (SWEEPS + 1) * width):
         return exact_svd(matrix, rank)
-    energy = squared_norm(matrix)
+    energy = squared_norm(matrix) if energy is None else energy
     generator = torch.Generator().manual_seed(seed)
     sketch = torch.randn(n, width, generator=generator, dtype=torch.float32).to(matrix.device, matrix.dtype)
-    q = torch.linalg.qr(matrix @ sketch).Q
-    previous = -math.inf
-    sweeps = 0
-    while True:
-        core_t = matrix.T @ q  # (n, width) = (Q^T D)^T
-        captured = _top_energy(core_t, rank)
-        error = energy - captured
-        converged = captured - previous <= TOLERANCE * max(error, 0.0) + ROUNDOFF * energy
-        if sweeps >= MAX_SWEEPS or (sweeps >= MIN_SWEEPS and converged):
-            break
-        previous = captured
-        q = torch.linalg.qr(matrix @ torch.linalg.qr(core_t).Q).Q
-        sweeps += 1
+    block = torch.linalg.qr(matrix @ sketch).Q
+    blocks = [block]
+    for _ in range(SWEEPS):
+        block = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ block).Q).Q
+        blocks.append(block)
+    basis = torch.linalg.qr(torch.cat(blocks, dim=1)).Q
+    core_t = matrix.T @ basis  # (K^T D)^T
     v, s, uh = torch.linalg.svd(core_t, full_matrices=False)  # core_t = V S U^T of the small core
-    return Truncated(q @ uh[:rank].T, s[:rank], v[:, :rank].T, energy, sweeps)
+    return Truncated(basis @ uh[:rank].T, s[:rank], v[:, :rank].T, energy, SWEEPS)
 
 
 def squared_norm(tensor: torch.Tensor) -> float:
@@ -107,10 +112,6 @@ def squared_norm(tensor: torch.Tensor) -> float:
     the error estimate `energy - captured`; a float64 copy of the matrix would cost 10x the time."""
     rows = tensor.reshape(tensor.shape[0], -1)
     return float(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).double().square().sum())
-
-
-def _top_energy(core_t: torch.Tensor, rank: int) -> float:
-    return float(torch.linalg.svdvals(core_t)[:rank].double().square().sum())
 
 
 def balanced_factors(t: Truncated, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
