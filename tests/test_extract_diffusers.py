@@ -49,7 +49,6 @@ from safetensors.torch import load_file
 import loratool
 from loratool.archs import get_architecture
 from loratool.errors import ExtractError
-from loratool.ops import svd
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -62,15 +61,7 @@ from test_merge_diffusers import BFL_PREFIX, base_checkpoint, components, plain_
 from tiny_models import clip_config, clip_text_model, flux_transformer, sd15_unet, sdxl_unet  # noqa: E402
 from transformers import CLIPTextModelWithProjection  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def sketch_every_module():
-    """The tiny models' modules are small enough for loratool to take the exact SVD by default
-    (ops.svd.EXACT_BELOW); lower the bar so these tests check the randomized one."""
-    patch = pytest.MonkeyPatch()
-    patch.setattr(svd, "EXACT_BELOW", 0)
-    yield
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("sketch_every_module")
 
 
 RANK, CONV_RANK = 3, 2

@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import shutil
-import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ import loratool
 from loratool.cli import main
 from loratool.errors import ExtractError, OutputError
 from loratool.extraction import ExtractReport
-from loratool.ops import svd
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -50,17 +48,10 @@ pytest.importorskip("transformers")
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
+from test_merge_peft import read_header
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def sketch_every_module():
-    """The tiny models' modules are small enough for loratool to take the exact SVD by default
-    (ops.svd.EXACT_BELOW); lower the bar so these tests check the randomized one."""
-    patch = pytest.MonkeyPatch()
-    patch.setattr(svd, "EXACT_BELOW", 0)
-    yield
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("sketch_every_module")
 
 
 WRAP = "base_model.model."
@@ -190,30 +181,6 @@ def relative_errors(pair: Pair, merged: dict[str, torch.Tensor], keys: list[str]
     return {
         key: float((merged[key].double() - pair.w_tuned[key].double()).norm() / pair.delta(key).norm()) for key in keys
     }
-
-
-@dataclass
-class Header:
-    """A safetensors file's header, read from its bytes."""
-
-    path: Path
-    entries: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}
-    metadata: dict[str, str] | None
-    start: int
-
-    def raw(self, name: str) -> bytes:
-        begin, end = self.entries[name]["data_offsets"]
-        with open(self.path, "rb") as f:
-            f.seek(self.start + begin)
-            return f.read(end - begin)
-
-
-def read_header(path: Path) -> Header:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    metadata = header.pop("__metadata__", None)
-    return Header(path, header, metadata, 8 + n)
 
 
 def input_ids() -> torch.Tensor:
