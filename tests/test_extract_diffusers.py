@@ -654,3 +654,16 @@ def test_tuned_with_a_module_of_another_shape_is_refused(sd15, tmp_path):
     with pytest.raises(ExtractError, match="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"):
         extract(sd15.base, wide, out / "lora.safetensors", rank=RANK)
     assert list(out.iterdir()) == []
+
+
+def test_kohya_cannot_leave_out_part_of_a_fused_module(flux, tmp_path):
+    """kohya names Flux's qkv as one module: excluding k alone cannot be honoured, and is not ignored."""
+    base, tuned = flux_files(flux, tmp_path, "")
+    lora = tmp_path / "lora.safetensors"
+    with pytest.raises(ExtractError, match="one fused module"):
+        extract(base, tuned, lora, rank=RANK, exclude=r"transformer_blocks\.0\.attn\.to_k$")
+    assert not lora.exists()
+    report = extract(base, tuned, lora, rank=RANK, exclude=r"transformer_blocks\.0\.attn\.to_k$", to="diffusers")
+    names = {m.name for m in report.modules}
+    assert "transformer.transformer_blocks.0.attn.to_k" not in names
+    assert "transformer.transformer_blocks.0.attn.to_q" in names

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import loratool
 from loratool.cli import main
@@ -772,6 +773,11 @@ def test_clamp_is_kohyas_quantile_clamp(llama, extracted, merged) -> None:
         assert clamped[key] > plain[key], f"{key}: clamping should cost accuracy"
         assert clamped[key] < 1.0, f"{key}: the clamped update should still approximate D"
     assert all(m.rank == RANK for m in report.modules)
+    # The report tells the clamped truth, not the SVD's error before the clamp.
+    reported = {key_of(m.name): m for m in report.modules}
+    for key in llama.targets:
+        assert reported[key].relative_error == pytest.approx(clamped[key], rel=1e-3), key
+        assert reported[key].retained == pytest.approx(1 - clamped[key] ** 2, abs=1e-4), key
 
 
 def test_clamp_with_the_randomized_svd_stays_finite_and_close(llama, extracted, merged) -> None:
@@ -891,3 +897,30 @@ def test_cli_extract_json(llama, extracted, tmp_path: Path) -> None:
     assert forced.exit_code == 0, forced.output
     exact, _ = extracted(exact=True)
     assert (dest / ADAPTER).read_bytes() == (exact / ADAPTER).read_bytes(), "--force replaces DEST"
+
+
+def test_a_non_finite_delta_is_an_error_naming_the_module(llama, tmp_path: Path) -> None:
+    broken = tmp_path / "tuned"
+    shutil.copytree(llama.tuned, broken)
+    path = broken / "model.safetensors"
+    tensors = load_file(str(path))
+    key = llama.targets[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), {"format": "pt"})
+    with pytest.raises(ExtractError, match=re.escape(key.removesuffix(".weight")) + ".*not finite"):
+        loratool.extract(llama.base, broken, tmp_path / "out", rank=RANK, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_scaled_fp8_checkpoints_are_refused(llama, tmp_path: Path) -> None:
+    """ComfyUI's scaled fp8 keeps a per-weight scale beside it; ignoring it would extract garbage."""
+    scaled = tmp_path / "tuned"
+    shutil.copytree(llama.tuned, scaled)
+    path = scaled / "model.safetensors"
+    tensors = load_file(str(path))
+    key = llama.targets[0]
+    tensors[key.removesuffix("weight") + "scale_weight"] = torch.tensor(1.0)
+    save_file(tensors, str(path), {"format": "pt"})
+    with pytest.raises(ExtractError, match="scaled fp8"):
+        loratool.extract(llama.base, scaled, tmp_path / "out", rank=RANK, device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -280,3 +280,54 @@ def test_cli_reports_json_and_refuses_in_one_line(tmp_path):
     )
     assert loha.exit_code == 2 and len(loha.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+# -- regressions from review ------------------------------------------------------------------------------
+def test_a_rank_between_the_layers_width_and_the_files_rank_is_capped_at_the_width(tmp_path):
+    """A rank-96 LoRA on a 64 x 64 layer has rank 64 at most; resizing it to 80 gives that."""
+    g = torch.Generator().manual_seed(5)
+    modules = {to_q(0): {"up": torch.randn(64, 96, generator=g), "down": torch.randn(96, 64, generator=g)}}
+    src = write_kohya(tmp_path / "wide.safetensors", modules, {to_q(0): 96.0})
+    out = tmp_path / "out.safetensors"
+    report = resize(src, out, rank=80, device="cpu")
+    assert report.modules[0].rank_out == 64
+    target = ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",)
+    (dense, scale, _), (new_dense, new_scale, _) = module_updates(src)[target], module_updates(out)[target]
+    assert new_scale == pytest.approx(scale)
+    assert relative(new_dense, dense) <= 1e-5  # rank 64 of a 64 x 64 update is all of it
+
+
+def test_peft_saved_full_weights_go_along(tmp_path):
+    """modules_to_save (a trained lm_head) is part of the adapter: PEFT must load the resized dir."""
+    peft = pytest.importorskip("peft")
+    from tiny_models import llama
+
+    model = llama()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    wrapped = peft.get_peft_model(model, config)
+    src = tmp_path / "adapter"
+    wrapped.save_pretrained(src)
+    out = tmp_path / "out"
+    resize(src, out, rank=2, device="cpu")
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    saved = [k for k in load_file(str(src / "adapter_model.safetensors")) if "lm_head" in k]
+    assert saved and all(k in tensors for k in saved)
+    loaded = peft.PeftModel.from_pretrained(llama(), out)
+    assert loaded.peft_config["default"].r == 2
+
+
+def test_a_kohya_file_of_an_unknown_model_keeps_its_names(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    names = ["lora_unet_blocks_0_cross_attn_q", "lora_unet_blocks_0_ffn_0"]
+    modules = {n: {"up": torch.randn(48, 8, generator=g), "down": torch.randn(8, 40, generator=g)} for n in names}
+    src = write_kohya(tmp_path / "wan.safetensors", modules, dict.fromkeys(names, 4.0))
+    out = tmp_path / "out.safetensors"
+    report = resize(src, out, rank=3, device="cpu")
+    assert {m.name for m in report.modules} == set(names)
+    tensors = load_file(str(out))
+    for name in names:
+        up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+        assert up.shape == (48, 3) and down.shape == (3, 40)
+        assert float(tensors[f"{name}.alpha"]) == pytest.approx(4.0 / 8 * 3)  # the scale alpha/r is kept
+        dense = modules[name]["up"].double() @ modules[name]["down"].double()
+        assert relative(up.double() @ down.double() * (1.5 / 3) / 0.5, truncated(dense, 3)) <= 1e-5

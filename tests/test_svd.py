@@ -17,6 +17,7 @@ from loratool.ops.svd import (
     parse_dynamic,
     randomized_svd,
     rebalance,
+    residual_energy,
 )
 
 
@@ -189,3 +190,11 @@ def test_core_svd_gives_the_spectrum_and_the_optimal_truncation():
     got = float((dense - new_up.double() @ new_down.double()).norm() / dense.norm())
     assert got == pytest.approx(float(core.s[5:].square().sum().sqrt() / core.s.square().sum().sqrt()), rel=1e-5)
     assert math.isclose(float(new_up.norm(dim=0)[0]), float(new_down.norm(dim=1)[0]), rel_tol=1e-5)
+
+
+def test_residual_energy_from_thin_products():
+    matrix = planted_plus_noise(90, 70)
+    g = torch.Generator().manual_seed(9)
+    up, down = torch.randn(90, 5, generator=g), torch.randn(5, 70, generator=g)
+    want = float((matrix.double() - up.double() @ down.double()).square().sum())
+    assert residual_energy(matrix, up, down) == pytest.approx(want, rel=1e-5)

@@ -77,11 +77,11 @@ def convert(
     with adapter:
         refuse_lossy_input(adapter, detection)
         named, notes = plan(adapter, layout)
-        notes += _ignored(adapter)
+        notes += ignored_notes(adapter)
         if adapter.arch_tied and arch is None:
             _check_ambiguity(src, adapter, layout, named)
         entries = [e for name, unit in named.items() for e in layout.entries(name, unit, adapter.arch)]
-        entries += _extra_entries(adapter, layout)
+        entries += extra_entries(adapter, layout)
         metadata = layout.metadata(named, adapter, adapter.arch)
         certain = isinstance(adapter.arch, Architecture) and (arch or not adapter.arch_tied)
         if certain and not hint_matches(adapter.arch, metadata):  # so the next reader need not guess
@@ -129,7 +129,7 @@ def refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
             raise ConversionError(f"{module.name}: {module.problem}")
 
 
-def _ignored(adapter: Adapter) -> list[str]:
+def ignored_notes(adapter: Adapter) -> list[str]:
     """What is left out, said out loud: alphas of modules that have no factors change nothing."""
     return [f"{o.key}: {o.reason}, not written" for o in adapter.orphans]
 
@@ -242,7 +242,7 @@ def _signature(layout: Layout, adapter: Adapter, named: dict[str, Unit]) -> list
     return [(e.key, e.piece.shape) for n, u in named.items() for e in layout.entries(n, u, adapter.arch)]
 
 
-def _extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
+def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
     """Full tensors PEFT saves beside the adapter (modules_to_save, resized embeddings): only a
     layout with PEFT's own keys can carry them."""
     if not adapter.extra_keys:

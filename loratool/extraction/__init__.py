@@ -42,6 +42,7 @@ from ..ops.svd import (
     exact_svd,
     parse_dynamic,
     randomized_svd,
+    residual_energy,
     seed_for,
     squared_norm,
 )
@@ -159,7 +160,7 @@ def extract(
                 "nothing to extract"
             )
         method = _describe(rank, dynamic, selection.rank, conv_rank)
-        origin = _origin(arch, layout, base_path, tuned_path, base_src, method, exact, conv_rank, units)
+        origin = _origin(arch, layout, base_path, tuned_path, base_src, method, exact, alpha, units)
         # Computed in the base's data order (sequential reads); written in name order, so the same
         # checkpoints give the same file however they are sharded.
         units = dict(sorted(units.items()))
@@ -297,6 +298,8 @@ def _extract_one(
 ) -> tuple[Unit | None, ModuleResult]:
     delta = w_tuned.to(torch.float32, copy=True).sub_(w_base)  # fp32 result, no fp32 copy of the base
     energy = squared_norm(delta)
+    if not math.isfinite(energy):
+        raise ExtractError(f"{job.name}: TUNED - BASE is not finite here (NaN or inf in one of the checkpoints)")
     delta_norm = math.sqrt(energy)
     base_norm = math.sqrt(squared_norm(w_base))
     change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
@@ -314,12 +317,15 @@ def _extract_one(
         svd = randomized_svd(matrix, cap, seed_for(job.name, seed), energy=energy)
     kept = cap if rule is None else min(cap, dynamic_rank(svd.s, rule[0], rule[1], svd.energy))
     up, down = balanced_factors(svd, kept)
+    retained, error = svd.retained(kept), svd.relative_error(kept)
     if clamp is not None:
         up, down = clamp_quantile(up, down, clamp)
+        error = math.sqrt(residual_energy(matrix, up, down) / energy)  # the clamp's own error counts
+        retained = 1.0 - error**2
     if alpha is not None:  # scale = alpha / r: undo it in the factors so the update is unchanged
         root = math.sqrt(kept / alpha)
         up, down = up * root, down * root
-    result = ModuleResult(job.name, kept, svd.retained(kept), svd.relative_error(kept), change)
+    result = ModuleResult(job.name, kept, retained, error, change)
     return _unit(job, up, down, kept, alpha, delta.shape), result
 
 
@@ -367,7 +373,7 @@ def _origin(
     base_src: TensorSource,
     method: str,
     exact: bool,
-    conv_rank: int | None,
+    alpha: float | None,
     units: dict[str, Unit],
 ) -> _Origin:
     record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
@@ -375,8 +381,13 @@ def _origin(
     if layout.name == "kohya":
         module = KOHYA_NETWORK_MODULES.get(arch.name, "networks.lora")
         metadata.update(ss_network_module=module, ss_network_dim="", ss_network_alpha="")
-        if conv_rank is not None and any(len(u.pieces["down"].shape) == 4 for u in units.values()):
-            metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
+        conv_ranks = {
+            u.rank for u in units.values() if len(u.pieces["down"].shape) == 4 and u.pieces["down"].shape[2:] != (1, 1)
+        }
+        if len(conv_ranks) == 1:  # sd-scripts' LoCon record, when one rank and alpha hold for every kxk conv
+            conv_dim = conv_ranks.pop()
+            conv_alpha = alpha if alpha is not None else conv_dim
+            metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": f"{conv_alpha:g}"})
         if isinstance(arch, Architecture):
             metadata["ss_base_model_version"] = arch.hints["ss_base_model_version"][0]
     config = None

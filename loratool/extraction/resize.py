@@ -17,9 +17,19 @@ from pathlib import Path
 
 import torch
 
-from ..conversion import PEFT_CONFIG, PEFT_WEIGHTS, config_json, plan, refuse_lossy_input, write_entries
-from ..conversion.layouts import LAYOUTS, PeftLayout
-from ..conversion.plan import Load, Piece, Unit
+from ..adapter import Adapter
+from ..conversion import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    config_json,
+    extra_entries,
+    ignored_notes,
+    plan,
+    refuse_lossy_input,
+    write_entries,
+)
+from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
+from ..conversion.plan import Load, Piece, Unit, unit_of
 from ..errors import ExtractError
 from ..formats import read_adapter
 from ..io.destination import check_destination
@@ -94,7 +104,8 @@ def resize(
                 raise ExtractError(
                     f"{module.name}: DoRA's magnitude was trained for this exact direction; a lower rank changes it"
                 )
-        named, notes = plan(adapter, layout)
+        named, notes = _units(adapter, layout)
+        notes += ignored_notes(adapter)
         load = Load(adapter)
         results = []
         resized: dict[str, Unit] = {}
@@ -104,6 +115,7 @@ def resize(
             if progress is not None:
                 progress(i + 1, len(named))
         entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
+        entries += extra_entries(adapter, layout)  # PEFT's saved full weights (modules_to_save) go along
         metadata = layout.metadata(resized, adapter, adapter.arch)
         method = f"rank {rank}" if rank is not None else str(dynamic)
         metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
@@ -131,7 +143,7 @@ def _resize_unit(
     spectrum = core.s * abs(unit.scale)  # the singular values of the update the file applies
     energy = float(spectrum.square().sum())
     new_rank = rank if rule is None else dynamic_rank(spectrum, rule[0], rule[1], energy)
-    new_rank = min(new_rank, r)
+    new_rank = min(new_rank, r, core.s.numel())  # never above the rank the update can have
     kept = float(spectrum[:new_rank].square().sum())
     retained = 1.0 if energy == 0 else min(kept / energy, 1.0)
     result = ResizedModule(name, r, new_rank, retained, math.sqrt(max(1.0 - retained, 0.0)))
@@ -150,6 +162,19 @@ def _resize_unit(
     scale = unit.scale
     alpha = scale * (math.sqrt(new_rank) if unit.rslora else new_rank)
     return replace(unit, pieces=pieces, alpha=alpha, declared_rank=None, alpha_key=None, alpha_dtype=None), result
+
+
+def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
+    """The output units by name. A kohya file of a model we have no table for (Wan, SD3, ...)
+    keeps its own names: resizing renames nothing, so it needs no architecture."""
+    if adapter.arch is None and layout.name == "kohya" and adapter.format == "kohya":
+        return {name: unit_of(module, adapter) for name, module in adapter.modules.items()}, []
+    if adapter.arch is None:
+        raise ExtractError(
+            f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); resize keeps names as they are "
+            "only for kohya files"
+        )
+    return plan(adapter, layout)
 
 
 def _piece(name: str, role: str, tensor: torch.Tensor, dtype: str) -> Piece:

@@ -72,12 +72,19 @@ def plan_jobs(
             f"{base.path}: no module of {arch.name} matches the selection (see --include/--exclude; "
             "kxk convs need --conv-rank)"
         )
+    selected = {w.name for w in weights}
     jobs: dict[str, Job] = {}
     for weight in weights:
         targets = _unit_targets(arch, layout, weight.name)
         name = layout.unit_name(arch, targets)
         if name is None or name in jobs:
             continue
+        left_out = [t for t in targets if t not in selected]
+        if left_out:
+            raise ExtractError(
+                f"{name}: {layout.name} writes {', '.join(targets)} as one fused module, so {left_out[0]} cannot "
+                "be left out; select all of them, or use --to diffusers to extract them one by one"
+            )
         if weight.type == "embedding" and layout.scheme != "peft":
             raise ExtractError(
                 f"{weight.name}: an embedding's LoRA (lora_embedding_A/B) exists only in PEFT's layout; use --to peft"
@@ -119,6 +126,12 @@ def _located(arch: Architecture | HFArchitecture, source: TensorSource, targets:
         missing = [t for t in targets if locate(arch, (t,), source, lambda key: source.info(key).shape) is None]
         raise ExtractError(f"{which} {source.path} has no weight for {missing[0]}; are both checkpoints of one model?")
     for location in found:
+        for scale in _scale_keys(location.key):
+            if scale in source:
+                raise ExtractError(
+                    f"{which} {location.key} is a scaled fp8 weight ({scale}); extracting from scaled fp8 "
+                    "checkpoints is not supported (use the bf16/fp16 checkpoint)"
+                )
         stored = source.info(location.key).shape
         if not location.fits_rows(stored[0]):
             raise ExtractError(
@@ -126,6 +139,13 @@ def _located(arch: Architecture | HFArchitecture, source: TensorSource, targets:
                 f"add up to {location.fused_rows} rows"
             )
     return found
+
+
+def _scale_keys(key: str) -> list[str]:
+    """Where quantized checkpoints keep a weight's scale: ComfyUI's scaled fp8 (`scale_weight`) and
+    HF's fp8 (`weight_scale`, `weight_scale_inv`)."""
+    stem = key.removesuffix("weight")
+    return [stem + "scale_weight", stem + "weight_scale", stem + "weight_scale_inv"]
 
 
 def _kxk(weight: Weight, base: TensorSource) -> bool:

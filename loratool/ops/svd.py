@@ -114,6 +114,14 @@ def squared_norm(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).double().square().sum())
 
 
+def residual_energy(matrix: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """||matrix - up @ down||_F^2 from thin products only:
+    ||D||^2 - 2 tr(B^T D A^T) + tr((B^T B)(A A^T))."""
+    cross = float(((up.T @ matrix) * down).double().sum())
+    gram = float(((up.T @ up).double() * (down @ down.T).double()).sum())
+    return max(squared_norm(matrix) - 2 * cross + gram, 0.0)
+
+
 def balanced_factors(t: Truncated, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) with up @ down the rank-`rank` truncation and the singular values split evenly
     (B = U sqrt(S), A = sqrt(S) V^T), so neither factor carries all the magnitude."""
