@@ -264,6 +264,8 @@ def test_kohya_metadata_follows_the_new_ranks(tmp_path):
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "1"
     assert "loratool.resized_from" in metadata
+    # The fixture's LoCon record was conv_dim 2, conv_alpha 1 (scale 0.5): at rank 1 the scale stays.
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "1", "conv_alpha": "0.5"}
 
 
 def test_cli_reports_json_and_refuses_in_one_line(tmp_path):

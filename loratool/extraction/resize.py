@@ -9,6 +9,7 @@ follows the new rank. A module already at or below the new rank is copied unchan
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -117,6 +118,7 @@ def resize(
         entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)  # PEFT's saved full weights (modules_to_save) go along
         metadata = layout.metadata(resized, adapter, adapter.arch)
+        _update_network_args(metadata, resized)
         method = f"rank {rank}" if rank is not None else str(dynamic)
         metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
         if isinstance(layout, PeftLayout):
@@ -162,6 +164,25 @@ def _resize_unit(
     scale = unit.scale
     alpha = scale * (math.sqrt(new_rank) if unit.rslora else new_rank)
     return replace(unit, pieces=pieces, alpha=alpha, declared_rank=None, alpha_key=None, alpha_dtype=None), result
+
+
+def _update_network_args(metadata: dict[str, str], units: dict[str, Unit]) -> None:
+    """sd-scripts' LoCon record (`conv_dim`, `conv_alpha` in ss_network_args) after the cut: the kxk
+    convs' rank and alpha when one holds for all of them, else the record is dropped."""
+    try:
+        args = json.loads(metadata.get("ss_network_args", ""))
+    except json.JSONDecodeError:
+        return
+    if not isinstance(args, dict) or "conv_dim" not in args:
+        return
+    convs = [u for u in units.values() if len(u.pieces["down"].shape) == 4 and u.pieces["down"].shape[2:] != (1, 1)]
+    ranks, alphas = {u.rank for u in convs}, {u.alpha_for(False) for u in convs}
+    if len(ranks) == 1 and len(alphas) == 1:
+        args["conv_dim"], args["conv_alpha"] = str(ranks.pop()), f"{alphas.pop():g}"
+    else:
+        args.pop("conv_dim", None)
+        args.pop("conv_alpha", None)
+    metadata["ss_network_args"] = json.dumps(args)
 
 
 def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
