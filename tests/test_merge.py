@@ -105,11 +105,18 @@ def test_a_lora_for_another_model_is_refused(tmp_path, base_files):
 
 
 @pytest.mark.parametrize("fixture", ["lycoris_loha.safetensors", "lycoris_lokr.safetensors"])
-def test_lycoris_kinds_are_refused_for_now(tmp_path, base_files, fixture):
+def test_loha_and_lokr_merge_as_their_scaled_update(tmp_path, base_files, fixture):
+    """Dense kinds (3x3 convs with the kernel folded into w_b, LoKr with both factors full at scale 1)
+    go through the same walk as LoRA; tests/test_merge_lycoris.py checks them against LyCORIS itself."""
     out = tmp_path / "merged.safetensors"
-    with pytest.raises(MergeError, match="not supported yet"):
-        merge(base_files["sd1"], [FIXTURES / fixture], out, device="cpu")
-    assert not out.exists()
+    merge(base_files["sd1"], [FIXTURES / fixture], out, weights=[-0.6], device="cpu")
+    base, merged = load_file(base_files["sd1"]), load_file(out)
+    updates = deltas(FIXTURES / fixture)
+    assert updates
+    for target, delta in updates.items():
+        key = native_key("sd1", target)
+        expected = base[key] - 0.6 * delta.reshape(base[key].shape)
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6)
 
 
 def test_non_finite_result_stops_the_merge_and_leaves_dest_alone(tmp_path, base_files):

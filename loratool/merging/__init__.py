@@ -27,7 +27,7 @@ from ..io.source import TensorSource, open_source
 from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
-from ..ops.merge import add_low_rank, apply_dora, fits, update_view
+from ..ops.merge import add_update, apply_dora, fits, update_view
 from ..strengths import lora_weights
 from .match import LoraMatch, Patch, open_lora
 from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
@@ -165,8 +165,12 @@ def _summary(m: LoraMatch) -> LoraSummary:
 
 @dataclass
 class _Factors:
-    up: torch.Tensor  # (rows, r) fp32 on the device
-    down: torch.Tensor  # (r, in * kh * kw)
+    """A module's update on the device, in fp32: `up` (rows, r) and `down` (r, in * kh * kw) for a
+    low-rank kind, or the dense update itself as `up` (rows, in * kh * kw) with `down` None (LoHa,
+    LoKr: their products are not low-rank factors)."""
+
+    up: torch.Tensor
+    down: torch.Tensor | None
     bias: torch.Tensor | None
     magnitude: torch.Tensor | None
 
@@ -302,12 +306,13 @@ class _Walk:
             for first, last, up, down, factor in plans:
                 a, b = max(first, start), min(last, stop)
                 if a < b:
-                    add_low_rank(weight[a - start : b - start], up[a - first : b - first], down, factor)
+                    add_update(weight[a - start : b - start], up[a - first : b - first], down, factor)
             self._check(weight, key, patches, out.dtype)
             flat_out[start:stop].copy_(weight)
 
-    def _rows_of(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The module's up rows that land in this patch's block (in the base's row order), and down."""
+    def _rows_of(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The module's up rows (or dense update rows) that land in this patch's block, in the base's
+        row order, and down (None for a dense update)."""
         factors = self._factors_of(patch)
         up = factors.up if patch.up_rows is None else factors.up[patch.up_rows[0] : patch.up_rows[1]]
         return (swap_halves(up) if patch.swap_halves else up), factors.down
@@ -346,7 +351,7 @@ class _Walk:
                 magnitude = swap_halves(magnitude) if patch.swap_halves else magnitude
                 apply_dora(target, up, factors.down, module.scale, magnitude, strength)
             else:
-                add_low_rank(target, up, factors.down, strength * module.scale)
+                add_update(target, up, factors.down, strength * module.scale)
 
     def _factors_of(self, patch: Patch) -> _Factors:
         module = patch.module
@@ -355,13 +360,19 @@ class _Walk:
             return cached
         adapter = self.matches[patch.lora].adapter
         tensors = adapter.tensors(module)
-        up, down = module.kind.low_rank(tensors)
+        factors = module.kind.low_rank(tensors)
+        up, down = factors if factors is not None else (module.kind.delta(tensors).flatten(1), None)
 
         def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=self.device, dtype=torch.float32).reshape(-1)
 
         magnitude = on_device(adapter.load(module.dora_key)) if module.dora_key else None
-        factors = _Factors(up.to(self.device), down.to(self.device), on_device(tensors.get("bias")), magnitude)
+        factors = _Factors(
+            up.to(self.device),
+            None if down is None else down.to(self.device),
+            on_device(tensors.get("bias")),
+            magnitude,
+        )
         self._factors[id(module)] = factors
         return factors
 

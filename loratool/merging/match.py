@@ -8,6 +8,7 @@ base's own header here, so a merge that would fail part-way fails before it star
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -84,10 +85,8 @@ def _refuse_unmergeable(adapter: Adapter, detection: Detection) -> None:
         if orphan.severity == "error":
             raise MergeError(f"{orphan.module}: {orphan.reason}")
     for module in adapter.modules.values():
-        if module.kind.name != "lora":
-            raise MergeError(
-                f"{module.name}: merging {module.kind.label} modules is not supported yet (LoRA and LoCon are)"
-            )
+        if module.dora_key is not None and module.kind.name != "lora":
+            raise MergeError(f"{module.name}: merging DoRA on {module.kind.label} is not supported yet (on LoRA it is)")
         if module.dora_key is not None and not module.dora_key.endswith(PEFT_MAGNITUDE):
             raise MergeError(f"{module.name}: merging LyCORIS DoRA (dora_scale) is not supported yet (PEFT DoRA is)")
         if module.problem:
@@ -138,6 +137,8 @@ def _patches(
         rows = location.rows[1] - location.rows[0] if location.rows else oriented[0]
         want = (rows, *oriented[1:])
         got = (rows, *update[1:])
+        if len(got) == 2 and len(want) > 2:  # LoHa/LoKr without a Tucker core fold the kernel into `in`
+            want = (want[0], math.prod(want[1:]))
         if _squeezed(want) != _squeezed(got):
             where = location.key + (f" rows {location.rows[0]}:{location.rows[1]}" if location.rows else "")
             raise MergeError(

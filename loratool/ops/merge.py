@@ -23,9 +23,12 @@ def update_view(weight: torch.Tensor, transposed: bool, rows: tuple[int, int] | 
     return view if view.dim() == 2 else view.view(view.shape[0], -1)
 
 
-def add_low_rank(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor, factor: float) -> None:
-    """target += factor * up @ down, in place."""
-    target.addmm_(up, down, alpha=factor)
+def add_update(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None, factor: float) -> None:
+    """target += factor * up @ down in place; with `down` None, `up` is the dense update itself."""
+    if down is None:
+        target.add_(up.view(target.shape), alpha=factor)
+    else:
+        target.addmm_(up, down, alpha=factor)
 
 
 def apply_dora(

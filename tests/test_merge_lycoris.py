@@ -1,0 +1,112 @@
+"""LyCORIS as the oracle: networks built by lycoris-lora itself on the tiny SD1.5 UNet and CLIP,
+weights randomized and saved with its own save routine, then merged by loratool into a single-file
+base. Every adapted layer, run plainly with the merged weight, must give what the LyCORIS-wrapped
+layer gives on random inputs. Alphas differ from ranks throughout, so a scale applied twice (as
+LyCORIS's own merge path does for LoHa/LoKr) or not at all would show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_inspect_base import single_file
+from tiny_models import kohya_clip, sd15_unet
+
+from loratool import merge
+from loratool.archs import get_architecture
+from loratool.archs.locate import locate
+from loratool.io.source import open_source
+
+pytest.importorskip("lycoris")
+from make_fixtures import lycoris_network
+
+SD1 = get_architecture("sd1")
+TOLERANCE = 1e-5  # relative to the layer's output
+
+# (algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, create_network options)
+# Tensor names each file must hold, so the layouts under test are really there.
+EXPECTED_KEYS = {
+    "loha": ("hada_w1_a", "hada_w2_b"),
+    "loha-tucker": ("hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1_a", "lokr_w2_a", "lokr_w2"),
+    "locon-tucker": ("lora_mid",),
+}
+CONFIGS = {
+    "loha": ("loha", 4, 2.0, 4, 1.0, {}, {}),
+    "loha-tucker": ("loha", 4, 3.0, 4, 2.0, {}, {"use_tucker": True}),
+    "lokr": (
+        "lokr",
+        2,
+        1.0,
+        2,
+        3.0,
+        {
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v": {"algo": "lokr", "full_matrix": True},
+            "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj": {"algo": "lokr", "decompose_both": True},
+        },
+        {},
+    ),
+    "locon-tucker": ("locon", 4, 2.0, 4, 1.0, {}, {"use_tucker": True}),
+}
+
+
+def build(name: str, tmp: Path):
+    algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, options = CONFIGS[name]
+    torch.manual_seed(0)
+    unet, te = sd15_unet(), kohya_clip()
+    base = tmp / "base.safetensors"
+    save_file(single_file(SD1, {"unet": unet, "text_encoder": te}), str(base))
+    network = lycoris_network(algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, (unet, te), **options)
+    # Large enough that a Hadamard product of two low-rank products still moves the outputs visibly.
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in sorted(network.named_parameters()):
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    lora = tmp / f"{name}.safetensors"
+    network.save_weights(str(lora), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    return network, base, lora
+
+
+def plain_output(layer: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer._conv_forward(x, weight.reshape(layer.weight.shape), layer.bias)
+    return torch.nn.functional.linear(x, weight.reshape(layer.weight.shape), layer.bias)
+
+
+def random_input(layer: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+    if isinstance(layer, torch.nn.Conv2d):
+        return torch.randn(2, layer.in_channels, 8, 8, generator=g)
+    return torch.randn(3, layer.in_features, generator=g)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength):
+    network, base, lora = build(name, tmp_path)
+    for module in network.loras:
+        module.multiplier = strength
+    out = tmp_path / "merged.safetensors"
+    report = merge(base, [lora], out, weights=[strength], device="cpu")
+    assert report.loras[0].matched == len(network.loras) and not report.loras[0].unmatched
+    merged, original = load_file(str(out)), load_file(str(base))
+    g = torch.Generator().manual_seed(2)
+    layer_types = set()
+    with open_source(out) as source, torch.no_grad():
+        for module in network.loras:
+            layer = module.org_module[0]
+            layer_types.add(type(layer).__name__)
+            (location,) = locate(SD1, SD1.kohya_index[module.lora_name], source, lambda k: source.info(k).shape)
+            x = random_input(layer, g)
+            want = layer(x)  # the LyCORIS-wrapped forward
+            got = plain_output(layer, merged[location.key], x)
+            before = plain_output(layer, original[location.key], x)
+            assert float((want - before).norm()) > 1e-3 * float(want.norm()), f"{module.lora_name}: no update to see"
+            error = float((got - want).norm() / want.norm())
+            assert error <= TOLERANCE, f"{module.lora_name} ({type(module).__name__}): {error:.3g}"
+    saved = load_file(str(lora))
+    for part in EXPECTED_KEYS[name]:
+        assert any(f".{part}." in k or k.endswith(f".{part}") for k in saved), f"no {part} in the {name} file"
+    assert {"Conv2d", "Linear"} == layer_types
