@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_inspect_base import single_file
+from test_merge_diffusers import base_checkpoint
 from tiny_models import kohya_clip, sd15_unet
 
 from loratool import merge
@@ -33,6 +33,7 @@ EXPECTED_KEYS = {
     "loha-tucker": ("hada_t1", "hada_t2"),
     "lokr": ("lokr_w1_a", "lokr_w2_a", "lokr_w2"),
     "locon-tucker": ("lora_mid",),
+    "mixed": ("lora_down", "hada_w1_a", "diff", "diff_b"),
 }
 CONFIGS = {
     "loha": ("loha", 4, 2.0, 4, 1.0, {}, {}),
@@ -50,6 +51,21 @@ CONFIGS = {
         {},
     ),
     "locon-tucker": ("locon", 4, 2.0, 4, 1.0, {}, {"use_tucker": True}),
+    # One file of several kinds: LoCon convs, LoHa attention, a full diff (weight and bias).
+    "mixed": (
+        "locon",
+        4,
+        2.0,
+        4,
+        1.0,
+        {
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": {"algo": "loha"},
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": {"algo": "loha"},
+            "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": {"algo": "full"},
+            "down_blocks.0.attentions.0.proj_in": {"algo": "full"},
+        },
+        {},
+    ),
 }
 
 
@@ -58,7 +74,7 @@ def build(name: str, tmp: Path):
     torch.manual_seed(0)
     unet, te = sd15_unet(), kohya_clip()
     base = tmp / "base.safetensors"
-    save_file(single_file(SD1, {"unet": unet, "text_encoder": te}), str(base))
+    save_file(base_checkpoint(SD1, {"unet": unet, "text_encoder": te}), str(base))
     network = lycoris_network(algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, (unet, te), **options)
     # Large enough that a Hadamard product of two low-rank products still moves the outputs visibly.
     g = torch.Generator().manual_seed(1)
@@ -70,10 +86,11 @@ def build(name: str, tmp: Path):
     return network, base, lora
 
 
-def plain_output(layer: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def plain_output(layer: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    """The layer's op with these parameters (a LyCORIS full module takes the weight off its layer)."""
     if isinstance(layer, torch.nn.Conv2d):
-        return layer._conv_forward(x, weight.reshape(layer.weight.shape), layer.bias)
-    return torch.nn.functional.linear(x, weight.reshape(layer.weight.shape), layer.bias)
+        return layer._conv_forward(x, weight.reshape(layer.out_channels, -1, *layer.kernel_size), bias)
+    return torch.nn.functional.linear(x, weight.reshape(layer.out_features, layer.in_features), bias)
 
 
 def random_input(layer: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
@@ -99,10 +116,11 @@ def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength):
             layer = module.org_module[0]
             layer_types.add(type(layer).__name__)
             (location,) = locate(SD1, SD1.kohya_index[module.lora_name], source, lambda k: source.info(k).shape)
+            bias_key = location.key.removesuffix("weight") + "bias"
             x = random_input(layer, g)
             want = layer(x)  # the LyCORIS-wrapped forward
-            got = plain_output(layer, merged[location.key], x)
-            before = plain_output(layer, original[location.key], x)
+            got = plain_output(layer, merged[location.key], merged.get(bias_key), x)
+            before = plain_output(layer, original[location.key], original.get(bias_key), x)
             assert float((want - before).norm()) > 1e-3 * float(want.norm()), f"{module.lora_name}: no update to see"
             error = float((got - want).norm() / want.norm())
             assert error <= TOLERANCE, f"{module.lora_name} ({type(module).__name__}): {error:.3g}"
@@ -110,3 +128,36 @@ def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength):
     for part in EXPECTED_KEYS[name]:
         assert any(f".{part}." in k or k.endswith(f".{part}") for k in saved), f"no {part} in the {name} file"
     assert {"Conv2d", "Linear"} == layer_types
+
+
+PEFT_CONFIGS = {
+    "loha": lambda peft: peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "loha-rank-pattern": lambda peft: peft.LoHaConfig(
+        r=4, alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 3}
+    ),
+    "lokr": lambda peft: peft.LoKrConfig(r=4, alpha=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lokr-both": lambda peft: peft.LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "o_proj"], decompose_both=True),
+}
+
+
+@pytest.mark.parametrize("name", list(PEFT_CONFIGS))
+def test_peft_loha_and_lokr_merge_like_merge_and_unload(tmp_path, name):
+    peft = pytest.importorskip("peft")
+    from tiny_models import llama
+
+    torch.manual_seed(0)
+    model = llama()
+    model.save_pretrained(tmp_path / "base")
+    config = PEFT_CONFIGS[name](peft)
+    config.init_weights = False  # random factors: a zero update would prove nothing
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "merged", device="cpu")
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    theirs = wrapped.merge_and_unload().state_dict()
+    changed = 0
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-6, msg=key)
+        changed += not torch.equal(value, base[key])
+    assert changed == len(wrapped.peft_config["default"].target_modules) * 2  # every adapted layer moved

@@ -152,7 +152,7 @@ class KohyaLayout(Layout):
         return arch.components[arch.modules[targets[0]].component].kohya[0].paths == "native"
 
     def why_not(self, unit: Unit) -> str | None:
-        if "bias" in unit.pieces:
+        if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
         if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0:
             return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies two full LoKr factors at scale 1"

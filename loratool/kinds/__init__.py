@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from .base import Kind
+from .full import FullDiff
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LoRA(), LoHa(), LoKr())}
+KINDS: dict[str, Kind] = {k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff())}
 
 
 def suffix_table(scheme: str) -> dict[str, tuple[Kind, str]]:
