@@ -31,7 +31,7 @@ from ..io.writer import (
     encode_header,
 )
 from ..ops.fuse import swap_halves
-from .layouts import LAYOUTS, Entry, Layout, PeftLayout
+from .layouts import LAYOUTS, Entry, Layout, Origin, PeftLayout
 from .plan import Load, Piece, Unit, fuse_group, split, unit_of
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -86,13 +86,7 @@ def convert(
         certain = isinstance(adapter.arch, Architecture) and (arch or not adapter.arch_tied)
         if certain and not hint_matches(adapter.arch, metadata):  # so the next reader need not guess
             metadata.setdefault("ss_base_model_version", adapter.arch.hints["ss_base_model_version"][0])
-        if isinstance(layout, PeftLayout):
-            with atomic_directory(dest, force) as tmp:
-                written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
-                config = layout.config(named, adapter, adapter.arch)
-                atomic_write_text(tmp / PEFT_CONFIG, config_json(config))
-        else:
-            written = write_entries(adapter, entries, metadata, Path(dest), progress)
+        written = write_output(layout, dest, force, adapter, entries, metadata, named, adapter, adapter.arch, progress)
     copied = sum(1 for e in entries if _is_copy(adapter, e.piece))
     return ConvertReport(
         source=str(src),
@@ -259,6 +253,28 @@ def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
 
 def _is_copy(adapter: Adapter | None, piece: Piece) -> bool:
     return adapter is not None and piece.key is not None and adapter.source.info(piece.key).dtype == piece.dtype
+
+
+def write_output(
+    layout: Layout,
+    dest: str | os.PathLike,
+    force: bool,
+    adapter: Adapter | None,
+    entries: list[Entry],
+    metadata: dict[str, str],
+    units: dict[str, Unit],
+    origin: Origin,
+    arch: Architecture | HFArchitecture | None,
+    progress: Progress | None,
+) -> int:
+    """The layout's output: one file, or a PEFT dir (weights and adapter_config.json) built beside
+    DEST and renamed into place. Returns the bytes of tensor data written."""
+    if isinstance(layout, PeftLayout):
+        with atomic_directory(dest, force) as tmp:
+            written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
+            atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(units, origin, arch)))
+        return written
+    return write_entries(adapter, entries, metadata, Path(dest), progress)
 
 
 def write_entries(

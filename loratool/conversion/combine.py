@@ -26,11 +26,10 @@ from ..errors import ConversionError
 from ..formats import read_adapter
 from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPE_NAMES, DTYPES
-from ..io.writer import atomic_directory, atomic_write_text
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
 from ..strengths import lora_weights
-from . import PEFT_CONFIG, PEFT_WEIGHTS, Progress, config_json, plan, refuse_lossy_input, write_entries
+from . import Progress, config_json, plan, refuse_lossy_input, write_output
 from .layouts import LAYOUTS, PeftLayout
 from .plan import Load, Piece, Unit
 
@@ -104,12 +103,7 @@ def combine(
         metadata = layout.metadata(combined, first, arch)
         record = {"loras": [str(p) for p in loras], "weights": strengths, "rank": rank}
         metadata[COMBINED_KEY] = config_json(record).strip()
-        if isinstance(layout, PeftLayout):
-            with atomic_directory(dest, force) as tmp:
-                written = write_entries(first, entries, metadata, tmp / PEFT_WEIGHTS, progress)
-                atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(combined, first, arch)))
-        else:
-            written = write_entries(first, entries, metadata, Path(dest), progress)
+        written = write_output(layout, dest, force, first, entries, metadata, combined, first, arch, progress)
     finally:
         for adapter in adapters:
             adapter.close()
@@ -166,7 +160,7 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
             )
     total = sum(p.unit.rank or 0 for p in parts)
     out_rank = total if rank is None else min(rank, total)
-    up_shape, down_shape = _factor_shapes(head.unit, out_rank)
+    up_shape, down_shape = head.unit.factor_shapes(out_rank)
     cut = out_rank < total
     # An exact sum is stored in float32: scaling fp16/bf16 factors by sqrt|c| would round them.
     # A rank cut is an approximation anyway and keeps the inputs' precision.
@@ -249,13 +243,6 @@ def _flat_shape(unit: Unit) -> tuple[int, int]:
     """The update as a matrix: (out, in * kh * kw), whatever the factors' conv or linear form."""
     shape = unit.kind.weight_shape(unit.shapes)
     return shape[0], math.prod(shape[1:])
-
-
-def _factor_shapes(unit: Unit, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    weight = unit.kind.weight_shape(unit.shapes)
-    up = unit.pieces["up"].shape
-    up_shape = (up[0], rank, *up[2:])
-    return up_shape, (rank, *weight[1:])
 
 
 def _common_dtype(dtypes) -> str:

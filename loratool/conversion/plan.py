@@ -64,6 +64,13 @@ class Unit:
     def rank(self) -> int | None:
         return self.kind.rank(self.shapes) or self.declared_rank
 
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(up, down) shapes of a plain LoRA/LoCon of this unit's update at `rank`: up keeps its
+        1x1-conv form, and a kernel (a Tucker core's too) moves into down."""
+        weight = self.kind.weight_shape(self.shapes)
+        up = self.pieces["up"].shape
+        return (up[0], rank, *up[2:]), (rank, *weight[1:])
+
     @property
     def scale(self) -> float:
         return self.kind.scale(self.alpha, self.shapes, self.rslora, self.declared_rank)

@@ -23,29 +23,26 @@ import torch
 
 from ..archs import Architecture, HFArchitecture
 from ..archs.checkpoint import checkpoint_architecture
-from ..conversion import PEFT_CONFIG, PEFT_WEIGHTS, config_json, write_entries
+from ..conversion import write_output
 from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
-from ..conversion.plan import Piece, Unit
+from ..conversion.plan import Unit
 from ..errors import ExtractError
 from ..io.destination import check_destination
-from ..io.safetensors_file import DTYPE_NAMES, DTYPES
 from ..io.source import TensorSource, open_source
-from ..io.writer import atomic_directory, atomic_write_text
 from ..kinds import KINDS
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
-from ..ops.merge import fits
 from ..ops.svd import (
     balanced_factors,
     clamp_quantile,
     dynamic_rank,
     exact_svd,
-    parse_dynamic,
     randomized_svd,
     residual_energy,
     seed_for,
     squared_norm,
 )
+from .factors import rank_rule, stored_piece
 from .targets import Job, Selection, plan_jobs
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
@@ -164,7 +161,9 @@ def extract(
         # Computed in the base's data order (sequential reads); written in name order, so the same
         # checkpoints give the same file however they are sharded.
         units = dict(sorted(units.items()))
-        written = _write(layout, arch, units, origin, Path(dest), force)
+        entries = [e for name, unit in units.items() for e in layout.entries(name, unit, arch)]
+        metadata = layout.metadata(units, origin, arch)
+        written = write_output(layout, dest, force, None, entries, metadata, units, origin, arch, None)
     return ExtractReport(
         base=str(base_path),
         tuned=str(tuned_path),
@@ -189,9 +188,8 @@ def _check_options(
     min_diff: float,
     clamp: float | None,
 ) -> tuple[str, float] | None:
-    if (rank is None) == (dynamic is None):
-        raise ExtractError("give exactly one of --rank R and --dynamic METHOD:VALUE")
-    for flag, value in (("--rank", rank), ("--max-rank", max_rank), ("--conv-rank", conv_rank)):
+    rule = rank_rule(rank, dynamic)
+    for flag, value in (("--max-rank", max_rank), ("--conv-rank", conv_rank)):
         if value is not None and value < 1:
             raise ExtractError(f"{flag} {value}: must be at least 1")
     if max_rank is not None and dynamic is None:
@@ -202,12 +200,7 @@ def _check_options(
         raise ExtractError(f"--min-diff {min_diff:g}: must be zero or positive")
     if clamp is not None and not 0 < clamp <= 1:
         raise ExtractError(f"--clamp-quantile {clamp:g}: must be in (0, 1]")
-    if dynamic is None:
-        return None
-    try:
-        return parse_dynamic(dynamic)
-    except ValueError as exc:
-        raise ExtractError(f"--dynamic {exc}") from None
+    return rule
 
 
 def _regex(pattern: str | None, flag: str) -> re.Pattern | None:
@@ -337,16 +330,10 @@ def _unit(
     alpha: float | None,
     shape: torch.Size,
 ) -> Unit:
-    dtype = DTYPES[job.dtype] if job.dtype in FACTOR_DTYPES else torch.bfloat16
+    dtype = job.dtype if job.dtype in FACTOR_DTYPES else "BF16"
     if len(shape) == 4:  # LoCon: the kernel lives in down, up is a 1x1 conv
         up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
-    factors = {"up": up.cpu(), "down": down.cpu()}
-    for role, t in factors.items():
-        if not fits(t, dtype):
-            raise ExtractError(f"{job.name}: the {role} factor does not fit {DTYPE_NAMES[dtype]}")
-        factors[role] = t.to(dtype)
-    name = DTYPE_NAMES[dtype]
-    pieces = {role: Piece(name, tuple(t.shape), None, lambda t=t: t) for role, t in factors.items()}
+    pieces = {role: stored_piece(job.name, role, t, dtype) for role, t in (("up", up), ("down", down))}
     return Unit(
         targets=job.targets,
         component=job.component,
@@ -397,21 +384,3 @@ def _origin(
         if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             config["task_type"] = "CAUSAL_LM"
     return _Origin(metadata, config)
-
-
-def _write(
-    layout: Layout,
-    arch: Architecture | HFArchitecture,
-    units: dict[str, Unit],
-    origin: _Origin,
-    dest: Path,
-    force: bool,
-) -> int:
-    entries = [e for name, unit in units.items() for e in layout.entries(name, unit, arch)]
-    metadata = layout.metadata(units, origin, arch)
-    if isinstance(layout, PeftLayout):
-        with atomic_directory(dest, force) as tmp:
-            written = write_entries(None, entries, metadata, tmp / PEFT_WEIGHTS, None)
-            atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(units, origin, arch)))
-        return written
-    return write_entries(None, entries, metadata, dest, None)

@@ -20,26 +20,22 @@ import torch
 
 from ..adapter import Adapter
 from ..conversion import (
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
     config_json,
     extra_entries,
     ignored_notes,
     plan,
     refuse_lossy_input,
-    write_entries,
+    write_output,
 )
 from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
-from ..conversion.plan import Load, Piece, Unit, unit_of
+from ..conversion.plan import Load, Unit, unit_of
 from ..errors import ExtractError
 from ..formats import read_adapter
 from ..io.destination import check_destination
-from ..io.safetensors_file import DTYPES
-from ..io.writer import atomic_directory, atomic_write_text
 from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
-from ..ops.merge import fits
-from ..ops.svd import dynamic_rank, parse_dynamic
+from ..ops.svd import dynamic_rank
+from .factors import rank_rule, stored_piece
 
 Progress = Callable[[int, int], None]  # (modules done, modules total)
 RESIZED_KEY = "loratool.resized_from"
@@ -82,14 +78,7 @@ def resize(
 ) -> ResizeReport:
     """Write `lora` at a lower rank: `rank`, or per module by a `dynamic` rule ("fro:0.9",
     "ratio:20", "cumulative:0.9", "eps:1e-3"; never above the module's own rank). Same layout."""
-    if (rank is None) == (dynamic is None):
-        raise ExtractError("give exactly one of --rank R and --dynamic METHOD:VALUE")
-    if rank is not None and rank < 1:
-        raise ExtractError(f"--rank {rank}: must be at least 1")
-    try:
-        rule = parse_dynamic(dynamic) if dynamic is not None else None
-    except ValueError as exc:
-        raise ExtractError(f"--dynamic {exc}") from None
+    rule = rank_rule(rank, dynamic)
     torch_device = resolve_device(device)
     adapter, detection = read_adapter(lora)
     with adapter:
@@ -121,12 +110,7 @@ def resize(
         _update_network_args(metadata, resized)
         method = f"rank {rank}" if rank is not None else str(dynamic)
         metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
-        if isinstance(layout, PeftLayout):
-            with atomic_directory(dest, force) as tmp:
-                written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, None)
-                atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(resized, adapter, adapter.arch)))
-        else:
-            written = write_entries(adapter, entries, metadata, Path(dest), None)
+        written = write_output(layout, dest, force, adapter, entries, metadata, resized, adapter, adapter.arch, None)
     return ResizeReport(str(lora), str(dest), layout.name, method, results, written, notes)
 
 
@@ -152,12 +136,10 @@ def _resize_unit(
     if new_rank >= r:
         return unit, result
     new_up, new_down = core.factors(new_rank)
-    weight = unit.kind.weight_shape(unit.shapes)
-    up_shape = (unit.pieces["up"].shape[0], new_rank, *unit.pieces["up"].shape[2:])
-    down_shape = (new_rank, *weight[1:])
+    up_shape, down_shape = unit.factor_shapes(new_rank)
     pieces = {
-        "up": _piece(name, "up", new_up.reshape(up_shape), unit.pieces["up"].dtype),
-        "down": _piece(name, "down", new_down.reshape(down_shape), unit.pieces["down"].dtype),
+        "up": stored_piece(name, "up", new_up.reshape(up_shape), unit.pieces["up"].dtype),
+        "down": stored_piece(name, "down", new_down.reshape(down_shape), unit.pieces["down"].dtype),
     }
     if "bias" in unit.pieces:  # lora_B.bias is not part of the low-rank product
         pieces["bias"] = unit.pieces["bias"]
@@ -196,11 +178,3 @@ def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]
             "only for kohya files"
         )
     return plan(adapter, layout)
-
-
-def _piece(name: str, role: str, tensor: torch.Tensor, dtype: str) -> Piece:
-    tensor = tensor.float().cpu()
-    if not fits(tensor, DTYPES[dtype]):
-        raise ExtractError(f"{name}: the resized {role} factor does not fit {dtype}")
-    stored = tensor.to(DTYPES[dtype])
-    return Piece(dtype, tuple(stored.shape), None, lambda: stored)
