@@ -33,6 +33,7 @@ class AdapterModule:
     declared_rank: int | None = None  # rank from a config, for kinds whose tensors do not show one
     transposed: bool = False  # the base weight is stored (in, out) relative to the update (fan_in_fan_out, embeddings)
     dora_key: str | None = None  # DoRA magnitude (LyCORIS dora_scale or PEFT lora_magnitude_vector)
+    dora_shape: tuple[int, ...] = ()
     embedding: bool = False  # adapts an embedding table (PEFT lora_embedding_A/B)
     native_rows: bool = False  # named after the single-file module, so its rows follow that layout's order
 

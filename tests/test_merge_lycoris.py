@@ -7,6 +7,7 @@ LyCORIS's own merge path does for LoHa/LoKr) or not at all would show.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,11 @@ EXPECTED_KEYS = {
     "lokr": ("lokr_w1_a", "lokr_w2_a", "lokr_w2"),
     "locon-tucker": ("lora_mid",),
     "mixed": ("lora_down", "hada_w1_a", "diff", "diff_b"),
+    "ia3": ("weight", "on_input"),
+    "glora": ("a1", "a2", "b1", "b2"),
+    "dora": ("dora_scale", "lora_down", "hada_w1_a", "lokr_w1"),
 }
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 CONFIGS = {
     "loha": ("loha", 4, 2.0, 4, 1.0, {}, {}),
     "loha-tucker": ("loha", 4, 3.0, 4, 2.0, {}, {"use_tucker": True}),
@@ -66,15 +71,67 @@ CONFIGS = {
         },
         {},
     ),
+    # IA3 scales output rows, or input columns where trained on the input.
+    "ia3": (
+        "ia3",
+        4,
+        2.0,
+        4,
+        1.0,
+        {
+            f"{ATTN}.attn2.to_k": {"algo": "ia3", "train_on_input": True},
+            "down_blocks.1.resnets.0.conv2": {"algo": "ia3", "train_on_input": True},
+        },
+        {},
+    ),
+    "glora": ("glora", 4, 2.0, 4, 3.0, {}, {}),
+    # DoRA (weight_decompose) on LoCon, LoHa and LoKr, the norm per output row and, where
+    # wd_on_out is off, per input column.
+    "dora": (
+        "locon",
+        4,
+        2.0,
+        4,
+        1.0,
+        {
+            f"{ATTN}.attn1.to_q": {"algo": "loha", "weight_decompose": True},
+            f"{ATTN}.attn2.to_k": {"algo": "lokr", "weight_decompose": True},
+            f"{ATTN}.attn2.to_v": {"algo": "locon", "weight_decompose": True, "wd_on_out": False},
+            "down_blocks.1.resnets.0.conv2": {"algo": "locon", "weight_decompose": True, "wd_on_out": False},
+        },
+        {"dora_wd": True},
+    ),
 }
 
 
-def build(name: str, tmp: Path):
+def save_base(unet: torch.nn.Module, te: torch.nn.Module, tmp: Path, layout: str) -> Path:
+    """The base the LoRA is merged into: an SD1.5 single file, or a diffusers pipeline folder."""
+    if layout == "single-file":
+        base = tmp / "base.safetensors"
+        save_file(base_checkpoint(SD1, {"unet": unet, "text_encoder": te}), str(base))
+        return base
+    base = tmp / "pipeline"
+    unet.save_pretrained(base / "unet")
+    te.text_model.save_pretrained(base / "text_encoder")  # a CLIPTextModel under kohya_clip's extra level
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+    }
+    (base / "model_index.json").write_text(json.dumps(index))
+    return base
+
+
+def all_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_source(path) as source:
+        return {key: source.load(key) for key in source}
+
+
+def build(name: str, tmp: Path, layout: str = "single-file"):
     algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, options = CONFIGS[name]
     torch.manual_seed(0)
     unet, te = sd15_unet(), kohya_clip()
-    base = tmp / "base.safetensors"
-    save_file(base_checkpoint(SD1, {"unet": unet, "text_encoder": te}), str(base))
+    base = save_base(unet, te, tmp, layout)
     network = lycoris_network(algo, dim, alpha, conv_dim, conv_alpha, name_algo_map, (unet, te), **options)
     # Large enough that a Hadamard product of two low-rank products still moves the outputs visibly.
     g = torch.Generator().manual_seed(1)
@@ -99,16 +156,17 @@ def random_input(layer: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
     return torch.randn(3, layer.in_features, generator=g)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("layout", ["single-file", "diffusers"])
+@pytest.mark.parametrize("strength", [1.0, 0.5, -0.7])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength):
-    network, base, lora = build(name, tmp_path)
+def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength, layout):
+    network, base, lora = build(name, tmp_path, layout)
     for module in network.loras:
         module.multiplier = strength
-    out = tmp_path / "merged.safetensors"
+    out = tmp_path / ("merged.safetensors" if layout == "single-file" else "merged")
     report = merge(base, [lora], out, weights=[strength], device="cpu")
     assert report.loras[0].matched == len(network.loras) and not report.loras[0].unmatched
-    merged, original = load_file(str(out)), load_file(str(base))
+    merged, original = all_tensors(out), all_tensors(base)
     g = torch.Generator().manual_seed(2)
     layer_types = set()
     with open_source(out) as source, torch.no_grad():
@@ -161,3 +219,37 @@ def test_peft_loha_and_lokr_merge_like_merge_and_unload(tmp_path, name):
         torch.testing.assert_close(value, theirs[key], rtol=0, atol=1e-6, msg=key)
         changed += not torch.equal(value, base[key])
     assert changed == len(wrapped.peft_config["default"].target_modules) * 2  # every adapted layer moved
+
+
+KIND_OF = {
+    "LoConModule": "lora",
+    "LohaModule": "loha",
+    "LokrModule": "lokr",
+    "FullModule": "full",
+    "IA3Module": "ia3",
+    "GLoRAModule": "glora",
+    "NormModule": "norm",
+}
+NO_RANK = ("FullModule", "IA3Module", "NormModule")  # applied at scale 1, whatever alpha says
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_inspect_names_each_modules_kind_rank_alpha_and_scale_as_lycoris_built_it(tmp_path, name):
+    from loratool import inspect
+
+    network, _, lora = build(name, tmp_path)
+    report = inspect(lora)
+    assert report.architecture == "sd1" and not report.unexplained
+    assert not [f for f in report.findings if f.severity == "error"]
+    ours = {m.name: m for m in report.modules}
+    assert set(ours) == {m.lora_name for m in network.loras}
+    for module in network.loras:
+        got, cls = ours[module.lora_name], type(module).__name__
+        assert got.kind == KIND_OF[cls] + ("+dora" if getattr(module, "wd", False) else ""), module.lora_name
+        full_kron = cls == "LokrModule" and module.use_w1 and module.use_w2
+        if cls in NO_RANK:
+            assert (got.rank, got.alpha, got.scale) == (None, None, 1.0), module.lora_name
+            continue
+        assert got.rank == (None if full_kron else module.lora_dim), module.lora_name
+        assert got.alpha == pytest.approx(float(module.alpha)), module.lora_name
+        assert got.scale == pytest.approx(1.0 if full_kron else module.scale), module.lora_name

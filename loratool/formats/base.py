@@ -103,6 +103,7 @@ def build_modules(
             why = f"{kind.label} module without {', '.join(missing)}"
             orphans.extend(Orphan(k, name, why) for k in by_suffix.values())
             continue
+        keys = kind.refine(keys, source.load)
         infos = {role: source.info(k) for role, k in keys.items()}
         module = AdapterModule(
             name=name,
@@ -111,6 +112,7 @@ def build_modules(
             shapes={role: i.shape for role, i in infos.items()},
             dtypes={role: i.dtype for role, i in infos.items()},
             dora_key=mods.get("dora"),
+            dora_shape=source.info(mods["dora"]).shape if "dora" in mods else (),
         )
         if "alpha" in mods:
             info = source.info(mods["alpha"])

@@ -13,7 +13,7 @@ import json
 from ..adapter import Adapter
 from ..archs import Architecture
 from ..io.source import TensorSource
-from ..kinds import suffix_table
+from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 
 PREFIXES = ("lora_", "lycoris_")
@@ -51,6 +51,7 @@ class KohyaCodec(Codec):
             module, dot, suffix = key.partition(".")
             if dot and module.startswith(PREFIXES) and suffix in known:
                 claim.keys[key] = (module, suffix)
+        claim.keys = without_lone_generics(claim.keys)
         return claim
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:

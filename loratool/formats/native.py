@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..adapter import Adapter
 from ..archs import Architecture, HFArchitecture, architectures
 from ..io.source import TensorSource
-from ..kinds import suffix_table
+from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 
 
@@ -28,6 +28,7 @@ class NativeCodec(Codec):
             split = split_dotted(key, suffixes)
             if split is not None and split[0] in known:
                 claim.keys[key] = split
+        claim.keys = without_lone_generics(claim.keys)
         return claim
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:

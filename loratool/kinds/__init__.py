@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from .base import Kind
 from .full import FullDiff
+from .glora import GLoRA
+from .ia3 import IA3
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
+from .norm import NormDiff
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff())}
+KINDS: dict[str, Kind] = {k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA())}
 
 
 def suffix_table(scheme: str) -> dict[str, tuple[Kind, str]]:
@@ -20,4 +23,16 @@ def suffix_table(scheme: str) -> dict[str, tuple[Kind, str]]:
     return table
 
 
-__all__ = ["KINDS", "Kind", "suffix_table"]
+def without_lone_generics(claimed: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """Claimed keys (key -> (module, suffix)) less those whose suffix is too generic to stand alone
+    (IA3's `weight`) in a module that lacks the companion tensor saying what it is."""
+    companions = {s: c for kind in KINDS.values() for s, c in kind.companions.items()}
+    present = {(module, suffix) for module, suffix in claimed.values()}
+    return {
+        key: (module, suffix)
+        for key, (module, suffix) in claimed.items()
+        if suffix not in companions or (module, companions[suffix]) in present
+    }
+
+
+__all__ = ["KINDS", "Kind", "suffix_table", "without_lone_generics"]

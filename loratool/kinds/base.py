@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 
 Shapes = Mapping[str, tuple[int, ...]]
 Tensors = Mapping[str, torch.Tensor]
+ANY = -1  # a dimension of `weight_shape` the tensors do not fix (IA3 records only the axis it scales)
 
 
 class Kind(ABC):
@@ -23,6 +25,17 @@ class Kind(ABC):
     # Tensor names per naming scheme: "kohya" (kohya/LyCORIS files) and "peft" (PEFT and diffusers files),
     # each a map from the suffix after the module name to the role it plays.
     names: Mapping[str, Mapping[str, str]]
+    # The update depends on the weight it is applied to (IA3 scales it, GLoRA multiplies it), so it
+    # exists only next to a base: `delta` then needs `weight`, and nothing can be precomputed.
+    reads_base: ClassVar[bool] = False
+    # Tensor names too generic to claim on their own (IA3's `weight`): suffix -> the companion
+    # suffix a module must also have (LyCORIS detects IA3 by `on_input` the same way).
+    companions: ClassVar[dict[str, str]] = {}
+
+    def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
+        """The roles once the values of tiny flag tensors are known (IA3's `on_input` decides which
+        axis its vector scales); read with the header so shapes alone say what a module does."""
+        return keys
 
     @abstractmethod
     def missing(self, roles: set[str]) -> list[str]:
@@ -39,11 +52,20 @@ class Kind(ABC):
     @abstractmethod
     def weight_shape(self, shapes: Shapes) -> tuple[int, ...]:
         """Shape of the update as the factors define it: (out, in[, kh, kw]); kernels the factors
-        do not record stay folded into `in`."""
+        do not record stay folded into `in`, and dimensions they do not fix are `ANY`."""
 
     @abstractmethod
-    def delta(self, tensors: Tensors) -> torch.Tensor:
-        """The unscaled update in `weight_shape`, in float32."""
+    def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The unscaled update in `weight_shape`, in float32.
+
+        Kinds that read the base take `weight` (fp32, (rows, in * kh * kw), already restricted to
+        the rows being updated along with `output_rows`) and return the update in that shape.
+        """
+
+    def output_rows(self, tensors: Tensors) -> set[str]:
+        """Roles whose first axis runs over the update's output rows: a kind that reads the base
+        gets them cut to the rows of each base tensor it updates."""
+        return set()
 
     def scale(
         self, alpha: float | None, shapes: Shapes, rslora: bool = False, declared_rank: int | None = None

@@ -16,14 +16,14 @@ class FullDiff(Kind):
     names: ClassVar[dict[str, dict[str, str]]] = {"kohya": {"diff": "diff", "diff_b": "bias"}}
 
     def missing(self, roles: set[str]) -> list[str]:
-        return [] if "diff" in roles else ["diff"]
+        return [] if "diff" in roles else [next(s for s, r in self.names["kohya"].items() if r == "diff")]
 
     def check(self, shapes: Shapes) -> str | None:
         diff, bias = shapes["diff"], shapes.get("bias")
         if len(diff) < 1:
-            return "diff must have at least one dimension"
+            return "the difference must have at least one dimension"
         if bias is not None and bias != diff[:1]:
-            return f"diff_b {list(bias)} does not match the {diff[0]} output rows of diff {list(diff)}"
+            return f"the bias difference {list(bias)} does not match the {diff[0]} rows of {list(diff)}"
         return None
 
     def rank(self, shapes: Shapes) -> None:
@@ -32,5 +32,5 @@ class FullDiff(Kind):
     def weight_shape(self, shapes: Shapes) -> tuple[int, ...]:
         return tuple(shapes["diff"])
 
-    def delta(self, tensors: Tensors) -> torch.Tensor:
+    def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
         return tensors["diff"].float()

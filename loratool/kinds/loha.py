@@ -65,7 +65,7 @@ class LoHa(Kind):
             return (shapes["w1a"][1], shapes["w1b"][1], *shapes["t1"][2:])
         return (shapes["w1a"][0], shapes["w1b"][1])
 
-    def delta(self, tensors: Tensors) -> torch.Tensor:
+    def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
         if "t1" in tensors:
             return _tucker(tensors["t1"], tensors["w1a"], tensors["w1b"]) * _tucker(
                 tensors["t2"], tensors["w2a"], tensors["w2b"]

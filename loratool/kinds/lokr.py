@@ -79,7 +79,7 @@ class LoKr(Kind):
             return _tucker(tensors["t2"], a, b)
         return (a @ b.flatten(1)).reshape(a.shape[0], *b.shape[1:])
 
-    def delta(self, tensors: Tensors) -> torch.Tensor:
+    def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self._factor(tensors, 1), self._factor(tensors, 2)
         if w2.dim() > 2:  # conv: kron over (out, in), broadcast over the kernel
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))

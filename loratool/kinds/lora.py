@@ -63,7 +63,7 @@ class LoRA(Kind):
             down = torch.einsum("ijkl,jr->irkl", mid.float(), down).flatten(1)
         return up, down
 
-    def delta(self, tensors: Tensors) -> torch.Tensor:
+    def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
         up, down = self.low_rank(tensors)
         shapes = {role: tuple(t.shape) for role, t in tensors.items()}
         return (up @ down).reshape(self.weight_shape(shapes))

@@ -29,7 +29,7 @@ from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_update, apply_dora, fits, update_view
 from ..strengths import lora_weights
-from .match import LoraMatch, Patch, open_lora
+from .match import PEFT_MAGNITUDE, LoraMatch, Patch, column_dora, open_lora
 from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -167,12 +167,21 @@ def _summary(m: LoraMatch) -> LoraSummary:
 class _Factors:
     """A module's update on the device, in fp32: `up` (rows, r) and `down` (r, in * kh * kw) for a
     low-rank kind, or the dense update itself as `up` (rows, in * kh * kw) with `down` None (LoHa,
-    LoKr: their products are not low-rank factors)."""
+    LoKr: their products are not low-rank factors). A kind that reads the base keeps its `tensors`
+    instead: its update is computed against each weight it meets."""
 
-    up: torch.Tensor
+    up: torch.Tensor | None
     down: torch.Tensor | None
     bias: torch.Tensor | None
-    magnitude: torch.Tensor | None
+    tensors: dict[str, torch.Tensor] | None
+    dora: _Dora | None
+
+
+@dataclass(frozen=True)
+class _Dora:
+    magnitude: torch.Tensor  # flat, fp32, on the device
+    columns: bool  # per input column (LyCORIS wd_on_out off), else per output row
+    lycoris: bool  # LyCORIS's strength rule and eps (dora_scale), else PEFT's (lora_magnitude_vector)
 
 
 class _Walk:
@@ -314,8 +323,7 @@ class _Walk:
         """The module's up rows (or dense update rows) that land in this patch's block, in the base's
         row order, and down (None for a dense update)."""
         factors = self._factors_of(patch)
-        up = factors.up if patch.up_rows is None else factors.up[patch.up_rows[0] : patch.up_rows[1]]
-        return (swap_halves(up) if patch.swap_halves else up), factors.down
+        return _module_rows(patch, factors.up), factors.down
 
     def _check(self, weight: torch.Tensor, key: str, patches: list[Patch], out: torch.dtype) -> None:
         if not fits(weight, out):
@@ -336,22 +344,30 @@ class _Walk:
             return
         module = patch.module
         factors = self._factors_of(patch)
-        up, _ = self._rows_of(patch)
         if patch.role == "bias":
-            bias = factors.bias if patch.up_rows is None else factors.bias[patch.up_rows[0] : patch.up_rows[1]]
-            bias = swap_halves(bias) if patch.swap_halves else bias
             target = weight if patch.rows is None else weight[patch.rows[0] : patch.rows[1]]
-            target.add_(bias, alpha=strength * module.scale)
-        else:
-            target = update_view(weight, patch.transposed, patch.rows)
-            if factors.magnitude is not None:
-                magnitude = factors.magnitude
-                if patch.up_rows is not None:
-                    magnitude = magnitude[patch.up_rows[0] : patch.up_rows[1]]
-                magnitude = swap_halves(magnitude) if patch.swap_halves else magnitude
-                apply_dora(target, up, factors.down, module.scale, magnitude, strength)
-            else:
-                add_update(target, up, factors.down, strength * module.scale)
+            target.add_(_module_rows(patch, factors.bias), alpha=strength * module.scale)
+            return
+        target = update_view(weight, patch.transposed, patch.rows)
+        dora = factors.dora
+        if dora is None:
+            self._add(target, patch, factors, strength * module.scale)
+            return
+        merged = target.clone()  # V, with the update at full strength: DoRA's strength acts on the rescale
+        self._add(merged, patch, factors, module.scale)
+        magnitude = dora.magnitude if dora.columns else _module_rows(patch, dora.magnitude)
+        apply_dora(target, merged, magnitude, strength, columns=dora.columns, lycoris=dora.lycoris)
+
+    def _add(self, target: torch.Tensor, patch: Patch, factors: _Factors, factor: float) -> None:
+        """target += factor * the module's update for these rows."""
+        kind = patch.module.kind
+        if factors.tensors is None:
+            up, down = self._rows_of(patch)
+            add_update(target, up, down, factor)
+            return
+        rows = kind.output_rows(factors.tensors)
+        tensors = {role: _module_rows(patch, t) if role in rows else t for role, t in factors.tensors.items()}
+        target.add_(kind.delta(tensors, target), alpha=factor)
 
     def _factors_of(self, patch: Patch) -> _Factors:
         module = patch.module
@@ -360,19 +376,25 @@ class _Walk:
             return cached
         adapter = self.matches[patch.lora].adapter
         tensors = adapter.tensors(module)
-        factors = module.kind.low_rank(tensors)
-        up, down = factors if factors is not None else (module.kind.delta(tensors).flatten(1), None)
 
         def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=self.device, dtype=torch.float32).reshape(-1)
 
-        magnitude = on_device(adapter.load(module.dora_key)) if module.dora_key else None
-        factors = _Factors(
-            up.to(self.device),
-            None if down is None else down.to(self.device),
-            on_device(tensors.get("bias")),
-            magnitude,
-        )
+        dora = None
+        if module.dora_key is not None:
+            magnitude = on_device(adapter.load(module.dora_key))
+            dora = _Dora(magnitude, column_dora(module), not module.dora_key.endswith(PEFT_MAGNITUDE))
+        bias = on_device(tensors.get("bias"))
+        if module.kind.reads_base:
+            on = {role: t.to(device=self.device, dtype=torch.float32) for role, t in tensors.items()}
+            factors = _Factors(None, None, bias, on, dora)
+        else:
+            low = module.kind.low_rank(tensors)
+            if low is None:
+                dense = module.kind.delta(tensors)
+                low = (dense.reshape(dense.shape[0], -1), None)
+            up, down = low
+            factors = _Factors(up.to(self.device), None if down is None else down.to(self.device), bias, None, dora)
         self._factors[id(module)] = factors
         return factors
 
@@ -387,8 +409,18 @@ class _Walk:
 
 
 def _row_local(patch: Patch) -> bool:
-    """Whether a patch touches each stored row on its own (no transposed storage, no row norms)."""
-    return patch.role == "weight" and not patch.transposed and patch.module.dora_key is None
+    """Whether a patch adds precomputed rows to each stored row on its own (no transposed storage,
+    no norms, no update computed from the base)."""
+    module = patch.module
+    return patch.role == "weight" and not patch.transposed and module.dora_key is None and not module.kind.reads_base
+
+
+def _module_rows(patch: Patch, rows: torch.Tensor) -> torch.Tensor:
+    """The rows of a tensor indexed by the module's output rows that land in this patch's block,
+    in the base's row order."""
+    if patch.up_rows is not None:
+        rows = rows[patch.up_rows[0] : patch.up_rows[1]]
+    return swap_halves(rows) if patch.swap_halves else rows
 
 
 def _bad_values(t: torch.Tensor, dtype: torch.dtype) -> str:

@@ -20,6 +20,7 @@ from ..formats import read_adapter
 from ..formats.detect import Detection
 from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
+from ..kinds.base import ANY
 
 PEFT_MAGNITUDE = "lora_magnitude_vector"
 
@@ -85,10 +86,6 @@ def _refuse_unmergeable(adapter: Adapter, detection: Detection) -> None:
         if orphan.severity == "error":
             raise MergeError(f"{orphan.module}: {orphan.reason}")
     for module in adapter.modules.values():
-        if module.dora_key is not None and module.kind.name != "lora":
-            raise MergeError(f"{module.name}: merging DoRA on {module.kind.label} is not supported yet (on LoRA it is)")
-        if module.dora_key is not None and not module.dora_key.endswith(PEFT_MAGNITUDE):
-            raise MergeError(f"{module.name}: merging LyCORIS DoRA (dora_scale) is not supported yet (PEFT DoRA is)")
         if module.problem:
             raise MergeError(f"{module.name}: {module.problem}")
 
@@ -135,11 +132,16 @@ def _patches(
             )
         oriented = (stored[1], stored[0]) if transposed else stored
         rows = location.rows[1] - location.rows[0] if location.rows else oriented[0]
+        if len(module.targets) > 1 and column_dora(module):
+            raise MergeError(
+                f"{module.name}: its DoRA magnitude normalizes input columns across {', '.join(module.targets)}, "
+                "which the base stores as separate weights"
+            )
         want = (rows, *oriented[1:])
         got = (rows, *update[1:])
-        if len(got) == 2 and len(want) > 2:  # LoHa/LoKr without a Tucker core fold the kernel into `in`
+        if len(got) == 2 and len(want) > 2 and ANY not in got:  # LoHa/LoKr without Tucker fold the kernel into `in`
             want = (want[0], math.prod(want[1:]))
-        if _squeezed(want) != _squeezed(got):
+        if not _fits(want, got):
             where = location.key + (f" rows {location.rows[0]}:{location.rows[1]}" if location.rows else "")
             raise MergeError(
                 f"{module.name}: its update is {list(_squeezed((update[0], *update[1:])))} but {where} "
@@ -156,9 +158,29 @@ def _patches(
         if "bias" in module.keys:
             patches.append(_bias_patch(patch, base))
         start += rows
-    if start != update[0]:
+    if update[0] != ANY and start != update[0]:
         raise MergeError(f"{module.name}: its update has {update[0]} rows but the base weights it maps to have {start}")
     return patches
+
+
+def column_dora(module: AdapterModule) -> bool:
+    """A LyCORIS DoRA magnitude per input column (wd_on_out off: stored (1, in, 1..)) rather than
+    per output row; PEFT's magnitude is always per output row, whatever its stored shape."""
+    shape = module.dora_shape
+    return (
+        module.dora_key is not None
+        and not module.dora_key.endswith(PEFT_MAGNITUDE)
+        and len(shape) >= 2
+        and shape[0] == 1
+        and math.prod(shape) > 1
+    )
+
+
+def _fits(want: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    """Whether an update of shape `got` fits a base weight of shape `want`; `ANY` matches anything."""
+    if ANY in got:
+        return all(g == ANY or (i < len(want) and want[i] == g) for i, g in enumerate(got))
+    return _squeezed(want) == _squeezed(got)
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -149,6 +149,10 @@ class Checker:
                     f"normal {dtypes} number and lose precision",
                 )
             )
+        if module.kind.reads_base:
+            # IA3 and GLoRA change W as a function of W: with no update of their own there is no
+            # norm, rank or overflow to report from the factors alone.
+            return facts, out + self._fused_alpha(module, tensors)
         scale = module.scale
         low = module.kind.low_rank(tensors)
         dense: torch.Tensor | None = None

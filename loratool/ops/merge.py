@@ -32,17 +32,37 @@ def add_update(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None
 
 
 def apply_dora(
-    target: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float, magnitude: torch.Tensor, strength: float
+    target: torch.Tensor,
+    merged: torch.Tensor,
+    magnitude: torch.Tensor,
+    strength: float,
+    *,
+    columns: bool,
+    lycoris: bool,
 ) -> None:
-    """DoRA as PEFT merges it: V = W + scale * up @ down, W' = magnitude * V / ||V|| per output row.
+    """DoRA on `target` (W, fp32, 2-D), given V = W + scale * delta as `merged`: the direction of V
+    at the trained magnitude, with the norm per output row (per input column when `columns`).
 
-    A strength other than 1 moves W that fraction of the way to W' (0 leaves W, 1 gives PEFT's
-    merge); DoRA rescales rows by the merged norm, so it has no exact "subtract" from files alone.
+    The strength rule follows the file's trainer. LyCORIS (`dora_scale`): g = m / (||V|| + eps),
+    W' = V * (strength * (g - 1) + 1), so strength 0 keeps V. PEFT (`lora_magnitude_vector`, which
+    has no strength of its own): W' = W + strength * (m V / ||V|| - W), ComfyUI's rule, so 0 keeps W.
+    DoRA rescales by the merged norm, so neither has an exact "subtract" from files alone.
     """
-    merged = torch.addmm(target, up, down, alpha=scale)
-    norm = torch.linalg.vector_norm(merged, dim=1)
-    merged.mul_((magnitude.reshape(-1) / norm).unsqueeze(1))
-    if strength == 1.0:
+    if columns:
+        inputs = magnitude.numel()
+        norm = torch.linalg.vector_norm(merged.view(merged.shape[0], inputs, -1), dim=(0, 2))
+    else:
+        norm = torch.linalg.vector_norm(merged, dim=1)
+    if lycoris:
+        norm.add_(torch.finfo(torch.float32).eps)
+    gain = magnitude.reshape(-1) / norm
+    if lycoris:
+        gain.sub_(1).mul_(strength).add_(1)
+    if columns:
+        merged.view(merged.shape[0], inputs, -1).mul_(gain.view(1, -1, 1))
+    else:
+        merged.mul_(gain.unsqueeze(1))
+    if lycoris or strength == 1.0:
         target.copy_(merged)
     else:
         target.lerp_(merged, strength)
