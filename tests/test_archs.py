@@ -144,7 +144,8 @@ def test_clip_l_native_names_match_diffusers_converter(
     converted = convert_ldm_clip_checkpoint(checkpoint, remove_prefix=remove_prefix)
     assert set(converted) == set(expected)
     assert all(converted[k] is v for k, v in expected.items())
-    assert len(expected) == 74  # 12 layers x 6 linears + token and position embeddings
+    assert len(expected) == 99  # 12 layers x (6 linears + 2 LayerNorms) + 2 embeddings + final LayerNorm
+    assert sum(1 for spec in modules_of(a, component) if spec.type == "norm") == 25
 
 
 def _rows_marker(marker: int, rows: int, cols: int = 1) -> torch.Tensor:
@@ -178,9 +179,12 @@ def test_openclip_native_names_and_fused_rows_match_diffusers_converter(name: st
         else:
             checkpoint[prefix + spec.native_weight] = torch.tensor([marker])
             expected[spec.path + ".weight"] = checkpoint[prefix + spec.native_weight]
-            if spec.type == "linear":
+            if spec.type in ("linear", "norm"):
                 checkpoint[prefix + spec.native + ".bias"] = torch.tensor([-marker])
                 expected[spec.path + ".bias"] = checkpoint[prefix + spec.native + ".bias"]
+    norms = {spec.native for spec in modules_of(a, component) if spec.type == "norm"}
+    layers = len([g for g in a.fused.values() if g.component == component])
+    assert norms == {"ln_final"} | {f"transformer.resblocks.{i}.ln_{j}" for i in range(layers) for j in (1, 2)}
     groups = [g for g in a.fused.values() if g.component == component]
     assert groups
     for group in groups:
@@ -224,6 +228,10 @@ def test_flux_native_names_fused_rows_and_swapped_halves_match_diffusers_convert
             continue
         marker += 1
         rows = spec.shape[0]
+        if spec.type == "norm":  # q/k RMSNorms: BFL's `scale`, no bias
+            assert spec.native_weight == spec.native + ".scale"
+            checkpoint[prefix + spec.native_weight] = expected[spec.path + ".weight"] = _rows_marker(marker, rows)[:, 0]
+            continue
         weight = _rows_marker(marker, rows)
         checkpoint[prefix + spec.native_weight] = weight
         checkpoint[prefix + spec.native + ".bias"] = weight[:, 0].clone()
@@ -253,17 +261,11 @@ def test_flux_native_names_fused_rows_and_swapped_halves_match_diffusers_convert
             expected[spec.path + ".weight"] = fused[start : start + rows]
             start += rows
     assert sizes_seen == {(3072, 3072, 3072), (3072, 3072, 3072, 12288)}
-    # Parameters that are not modules (q/k RMSNorm scales) must exist for the converter to run.
-    for i in range(19):
-        for side in ("img", "txt"):
-            for norm in ("query_norm", "key_norm"):
-                checkpoint[f"{prefix}double_blocks.{i}.{side}_attn.norm.{norm}.scale"] = torch.zeros(1)
-    for i in range(38):
-        for norm in ("query_norm", "key_norm"):
-            checkpoint[f"{prefix}single_blocks.{i}.norm.{norm}.scale"] = torch.zeros(1)
+    # The converter needs every q/k RMSNorm scale: the table's norm rows must name all of them.
+    assert sum(1 for spec in modules_of(a, "transformer") if spec.type == "norm") == 19 * 4 + 38 * 2
 
     converted = convert_flux_transformer_checkpoint_to_diffusers(dict(checkpoint))
-    weights = {k: v for k, v in converted.items() if k.endswith(".weight") and ".norm_" not in k}
+    weights = {k: v for k, v in converted.items() if k.endswith(".weight")}
     assert set(weights) == set(expected)
     bad = [k for k, v in expected.items() if not torch.equal(weights[k], v)]
     assert not bad, bad[:5]
@@ -369,6 +371,43 @@ KOHYA_SPOT = [
         "lora_te1_text_model_encoder_layers_0_self_attn_k_proj",
         ("text_encoder.text_model.encoder.layers.0.self_attn.k_proj",),
     ),
+    # Normalization layers (LyCORIS's norm algorithm: `<name>.w_norm` / `.b_norm`).
+    ("sd1", "lora_unet_down_blocks_0_resnets_0_norm1", None),
+    ("sd1", "lora_unet_conv_norm_out", None),
+    ("sd1", "lora_unet_mid_block_attentions_0_transformer_blocks_0_norm3", None),
+    ("sd1", "lora_te_text_model_encoder_layers_0_layer_norm1", None),
+    ("sd1", "lora_te_text_model_final_layer_norm", None),
+    ("sd2", "lora_te_text_model_encoder_layers_22_layer_norm2", None),
+    ("sdxl", "lora_unet_input_blocks_1_0_in_layers_0", ("unet.down_blocks.0.resnets.0.norm1",)),
+    ("sdxl", "lora_unet_output_blocks_8_0_out_layers_0", ("unet.up_blocks.2.resnets.2.norm2",)),
+    ("sdxl", "lora_unet_middle_block_1_norm", ("unet.mid_block.attentions.0.norm",)),
+    (
+        "sdxl",
+        "lora_unet_input_blocks_7_1_transformer_blocks_9_norm2",
+        ("unet.down_blocks.2.attentions.0.transformer_blocks.9.norm2",),
+    ),
+    ("sdxl", "lora_unet_out_0", ("unet.conv_norm_out",)),
+    ("sdxl", "lora_unet_down_blocks_0_resnets_1_norm2", ("unet.down_blocks.0.resnets.1.norm2",)),
+    (
+        "sdxl",
+        "lora_te2_text_model_encoder_layers_31_layer_norm1",
+        ("text_encoder_2.text_model.encoder.layers.31.layer_norm1",),
+    ),
+    ("sdxl", "lora_te2_text_model_final_layer_norm", ("text_encoder_2.text_model.final_layer_norm",)),
+    ("flux1", "lora_unet_double_blocks_0_img_attn_norm_query_norm", ("transformer.transformer_blocks.0.attn.norm_q",)),
+    (
+        "flux1",
+        "lora_unet_double_blocks_18_txt_attn_norm_key_norm",
+        ("transformer.transformer_blocks.18.attn.norm_added_k",),
+    ),
+    ("flux1", "lora_unet_single_blocks_37_norm_key_norm", ("transformer.single_transformer_blocks.37.attn.norm_k",)),
+    (
+        "flux1",
+        "lora_transformer_transformer_blocks_0_attn_norm_added_q",
+        ("transformer.transformer_blocks.0.attn.norm_added_q",),
+    ),
+    ("flux1", "lora_te3_encoder_block_23_layer_1_layer_norm", ("text_encoder_2.encoder.block.23.layer.1.layer_norm",)),
+    ("flux1", "lora_te3_encoder_final_layer_norm", ("text_encoder_2.encoder.final_layer_norm",)),
 ]
 
 
@@ -381,6 +420,112 @@ def test_known_real_kohya_names(name: str, kohya: str, targets: tuple[str, ...] 
         assert kohya_flat(target.split(".", 1)[1]) == kohya.split("_", 2)[2]
     else:
         assert index[kohya] == targets
+
+
+def test_norm_rows() -> None:
+    """Every normalization layer with a learned weight is a row of its own: 1-D, never a default target."""
+    # Independent counts from the block structure: 2 GroupNorms per ResNet, a GroupNorm per attention,
+    # 3 LayerNorms per transformer block, conv_norm_out; CLIP 2 per layer + final; T5 2 per block + final.
+    expected = {
+        "sd1": {"unet": 22 * 2 + 16 + 16 * 3 + 1, "text_encoder": 12 * 2 + 1},
+        "sd2": {"unet": 22 * 2 + 16 + 16 * 3 + 1, "text_encoder": 23 * 2 + 1},
+        "sdxl": {"unet": 17 * 2 + 11 + 70 * 3 + 1, "text_encoder": 12 * 2 + 1, "text_encoder_2": 32 * 2 + 1},
+        # Flux: only the q/k RMSNorms carry weights (its LayerNorms are modulated, without affine).
+        "flux1": {"transformer": 19 * 4 + 38 * 2, "text_encoder": 12 * 2 + 1, "text_encoder_2": 24 * 2 + 1},
+    }
+    for name in ARCHS:
+        a = arch(name)
+        norms = [m for m in a.modules.values() if m.type == "norm"]
+        counts = {c: sum(1 for m in norms if m.component == c) for c in a.components}
+        assert counts == expected[name], name
+        assert all(m.target == "norm" and len(m.shape) == 1 and m.native and m.fused is None for m in norms)
+        assert all(m.type == "norm" for m in a.modules.values() if m.target == "norm")
+    sd1 = arch("sd1")
+    assert sd1.modules["unet.down_blocks.1.resnets.0.norm1"].shape == (320,)
+    assert sd1.modules["unet.down_blocks.1.resnets.0.norm2"].shape == (640,)
+    flux = arch("flux1")
+    assert flux.modules["transformer.transformer_blocks.0.attn.norm_q"].shape == (128,)
+    assert not any(".norm1.norm" in m or m.startswith("transformer.norm_out.norm") for m in flux.modules)
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "native"),
+    [
+        ("sd1", "unet.down_blocks.0.resnets.0.norm1", "model.diffusion_model.input_blocks.1.0.in_layers.0.weight"),
+        ("sd1", "unet.up_blocks.3.resnets.2.norm2", "model.diffusion_model.output_blocks.11.0.out_layers.0.weight"),
+        ("sd1", "unet.conv_norm_out", "model.diffusion_model.out.0.weight"),
+        ("sd1", "unet.mid_block.attentions.0.norm", "model.diffusion_model.middle_block.1.norm.weight"),
+        (
+            "sd1",
+            "unet.up_blocks.1.attentions.2.transformer_blocks.0.norm1",
+            "model.diffusion_model.output_blocks.5.1.transformer_blocks.0.norm1.weight",
+        ),
+        (
+            "sd1",
+            "text_encoder.text_model.final_layer_norm",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+        ),
+        ("sd2", "text_encoder.text_model.final_layer_norm", "cond_stage_model.model.ln_final.weight"),
+        (
+            "sd2",
+            "text_encoder.text_model.encoder.layers.3.layer_norm1",
+            "cond_stage_model.model.transformer.resblocks.3.ln_1.weight",
+        ),
+        (
+            "sdxl",
+            "text_encoder_2.text_model.encoder.layers.3.layer_norm2",
+            "conditioner.embedders.1.model.transformer.resblocks.3.ln_2.weight",
+        ),
+        (
+            "flux1",
+            "transformer.transformer_blocks.2.attn.norm_added_q",
+            "double_blocks.2.txt_attn.norm.query_norm.scale",
+        ),
+        ("flux1", "transformer.single_transformer_blocks.5.attn.norm_k", "single_blocks.5.norm.key_norm.scale"),
+        ("flux1", "text_encoder_2.encoder.block.0.layer.0.layer_norm", "encoder.block.0.layer.0.layer_norm.weight"),
+    ],
+)
+def test_locate_norm_weights(name: str, target: str, native: str) -> None:
+    a = arch(name)
+    never = lambda k: pytest.fail(f"no shape needed for {k}")  # noqa: E731
+    assert locate(a, (target,), {native}, never) == [Location(native)]
+    assert locate(a, (target,), {target + ".weight"}, never) == [Location(target + ".weight")]
+    assert a.native_index[a.components[a.modules[target].component].lora_prefixes[0] + a.modules[target].native] == (
+        target,
+    )
+
+
+def test_checkpoint_weights_leave_norms_out(tmp_path) -> None:
+    """Extract (checkpoint_weights) and base detection (checkpoint_architecture) see only what a LoRA
+    factors: a single file with every SD1 weight, norms included, gives the same list as without them."""
+    from safetensors.torch import save_file
+
+    from loratool.archs.checkpoint import checkpoint_architecture, checkpoint_weights
+    from loratool.io.source import open_source
+
+    a = arch("sd1")
+    ndim = {"linear": 2, "conv": 4, "embedding": 2, "norm": 1}
+    tensors = {}
+    for spec in a.modules.values():
+        prefix = a.components[spec.component].file_prefixes[0]
+        tensors[prefix + spec.native_weight] = torch.zeros((1,) * ndim[spec.type])
+    save_file(tensors, tmp_path / "sd1.safetensors")
+    with open_source(tmp_path / "sd1.safetensors") as source:
+        assert checkpoint_architecture(source).name == "sd1"
+        weights = checkpoint_weights(a, source)
+    assert {w.name for w in weights} == {m.name for m in a.modules.values() if m.type != "norm"}
+    assert "norm" not in {w.type for w in weights} | {w.target for w in weights}
+
+
+def test_detect_norm_only_names() -> None:
+    """A file of norm modules alone still names its architecture (SD1 and SD2 tie on the UNet, as always)."""
+    names = [arch("sdxl").kohya_name(m.name) for m in arch("sdxl").modules.values() if m.type == "norm"]
+    assert detect(names, "kohya", {}).arch.name == "sdxl"
+    flux = [arch("flux1").kohya_name(m.name) for m in arch("flux1").modules.values() if m.type == "norm"]
+    assert detect(flux, "kohya", {}).arch.name == "flux1"
+    sd1 = [arch("sd1").kohya_name(m.name) for m in arch("sd1").modules.values() if m.type == "norm"]
+    found = detect(sd1, "kohya", {})
+    assert found.arch.name == "sd1" and set(found.resolved) == set(sd1)
 
 
 def test_kohya_names_of_other_architectures_do_not_resolve() -> None:
@@ -577,13 +722,16 @@ def test_path_index_matches_module_names_of_tiny_reference_models() -> None:
     from transformers import CLIPTextModelWithProjection
 
     def linear_paths(model) -> list[str]:
-        return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        return [
+            n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or gen._is_norm(m)
+        ]
 
     with torch.device("meta"):
         unet = sd15_unet()
         clip = clip_text_model()
         clip2 = CLIPTextModelWithProjection(clip_config())
     sd1 = arch("sd1").path_index
+    assert any(p.endswith(".norm1") for p in linear_paths(unet)) and any("layer_norm" in p for p in linear_paths(clip))
     assert [p for p in linear_paths(unet) if "unet." + p not in sd1] == []
     assert [p for p in linear_paths(clip) if "text_encoder." + p not in sd1] == []
     sdxl = arch("sdxl").path_index

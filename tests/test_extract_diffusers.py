@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -227,8 +228,10 @@ def fingerprint(t: torch.Tensor) -> tuple:
 
 def sgm_paths(pair: Pair) -> dict[str, str]:
     """diffusers UNet key -> the single-file (LDM / sgm) module path holding the same tensor."""
-    index = {fingerprint(v): k for k, v in load_file(str(pair.base)).items() if k.startswith(UNET_PREFIX)}
-    unet = pair.views["base"]["unet"]
+    base = {k: v for k, v in load_file(str(pair.base)).items() if k.startswith(UNET_PREFIX)}
+    shared = Counter(fingerprint(v) for v in base.values())  # freshly initialized norms: all ones or zeros
+    index = {fingerprint(v): k for k, v in base.items()}
+    unet = {k: w for k, w in pair.views["base"]["unet"].items() if shared[fingerprint(w)] == 1}
     out = {key: index[fingerprint(w)].removeprefix(UNET_PREFIX).removesuffix(".weight") for key, w in unet.items()}
     assert len(set(out.values())) == len(out)
     return out

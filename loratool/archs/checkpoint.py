@@ -19,6 +19,7 @@ from .hf import COMMON_LEAVES, EMBEDDING_LEAVES, HFArchitecture, detect_hf
 from .locate import Location, locate
 from .table import Architecture
 
+# The module types a LoRA factors (B @ A); norm rows of the tables (1-D weights) are left out.
 TYPE_NDIM = {"linear": 2, "conv": 4, "embedding": 2}
 
 
@@ -68,6 +69,8 @@ def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource
 def _table_weights(arch: Architecture, source: TensorSource) -> list[Weight]:
     out = []
     for spec in arch.modules.values():
+        if spec.type not in TYPE_NDIM:  # norms: nothing to factor, and not counted to pick the table
+            continue
         located = locate(arch, (spec.name,), source, lambda key: source.info(key).shape)
         if located is not None:
             out.append(Weight(spec.name, spec.type, spec.target, located[0]))

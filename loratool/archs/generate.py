@@ -4,9 +4,11 @@
 
 Each architecture's models are built on the meta device from their published configs (no weights,
 no downloads) with diffusers and transformers, and every Linear, Conv and Embedding module becomes
-one table row. The row also records the module's name in the original single-file layout (LDM/sgm,
-OpenCLIP, BFL), which this script derives from the block structure; `tests/test_archs.py` checks
-those names against diffusers' own single-file converters. diffusers and transformers are needed
+one table row, as does every normalization layer with a learned weight (LayerNorm, GroupNorm,
+RMSNorm, T5's LayerNorm: type and target "norm", which LyCORIS's norm algorithm trains). The row
+also records the module's name in the original single-file layout (LDM/sgm, OpenCLIP, BFL), which
+this script derives from the block structure; `tests/test_archs.py` checks those names against
+diffusers' own single-file converters. diffusers and transformers are needed
 only here and in tests, never at run time.
 """
 
@@ -89,6 +91,19 @@ FLUX_DEV = dict(
 Row = dict[str, object]
 
 
+def _is_norm(mod: object) -> bool:
+    """A normalization layer with a learned per-channel weight: LayerNorm (elementwise_affine),
+    GroupNorm (affine), RMSNorm (torch's or diffusers') and T5's LayerNorm. Norms without a weight
+    (Flux's modulated LayerNorms) have nothing to train and are left out."""
+    import torch.nn as nn
+
+    norm_class = isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) or type(mod).__name__.endswith(
+        ("RMSNorm", "LayerNorm", "GroupNorm")
+    )
+    weight = getattr(mod, "weight", None)
+    return norm_class and isinstance(weight, nn.Parameter) and weight.dim() == 1
+
+
 def _modules(model: object) -> Iterator[tuple[str, str, list[int]]]:
     import torch.nn as nn
 
@@ -99,17 +114,22 @@ def _modules(model: object) -> Iterator[tuple[str, str, list[int]]]:
             yield name, "conv", list(mod.weight.shape)
         elif isinstance(mod, nn.Embedding):
             yield name, "embedding", [mod.num_embeddings, mod.embedding_dim]
+        elif _is_norm(mod):
+            yield name, "norm", list(mod.weight.shape)
 
 
 # -- UNet: diffusers path -> LDM/sgm path --------------------------------------------------------------
 RESNET_PARTS = {
+    "norm1": "in_layers.0",
     "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
     "conv2": "out_layers.3",
     "time_emb_proj": "emb_layers.1",
     "conv_shortcut": "skip_connection",
 }
 UNET_TOP = {
     "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
     "conv_out": "out.2",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
@@ -153,13 +173,21 @@ def unet_target(path: str) -> str:
 
 
 # -- text encoders ------------------------------------------------------------------------------------
-OPENCLIP_PARTS = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPENCLIP_PARTS = {
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+}
 
 
 def openclip_native(path: str) -> dict:
     """OpenCLIP names; q/k/v are row slices of one fused `in_proj_weight`."""
     if path == "text_model.embeddings.token_embedding":
         return {"native": "token_embedding"}
+    if path == "text_model.final_layer_norm":
+        return {"native": "ln_final"}
     if path == "text_projection":  # OpenCLIP stores the projection as a bare (in, out) parameter
         return {"native": "text_projection", "weight": "text_projection", "transposed": True}
     m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", path)
@@ -196,6 +224,14 @@ FLUX_DOUBLE_FUSED = {
     "attn.add_v_proj": ("txt_attn.qkv", 2),
 }
 FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+# q/k RMSNorms: BFL keeps them in a QKNorm module and calls their weight `scale`.
+FLUX_DOUBLE_NORMS = {
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+FLUX_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
 FLUX_SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}
 FLUX_TOP = {
     "x_embedder": "img_in",
@@ -221,14 +257,22 @@ def flux_native(path: str) -> dict:
         if rest in FLUX_DOUBLE_FUSED:
             name, part = FLUX_DOUBLE_FUSED[rest]
             return {"fused": f"double_blocks.{i}.{name}", "part": part}
+        if rest in FLUX_DOUBLE_NORMS:
+            return _bfl_norm(f"double_blocks.{i}.{FLUX_DOUBLE_NORMS[rest]}")
         return {"native": f"double_blocks.{i}.{FLUX_DOUBLE[rest]}"}
     m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", path)
     if m:
         i, rest = m.group(1), m.group(2)
         if rest in FLUX_SINGLE_FUSED:
             return {"fused": f"single_blocks.{i}.linear1", "part": FLUX_SINGLE_FUSED[rest]}
+        if rest in FLUX_SINGLE_NORMS:
+            return _bfl_norm(f"single_blocks.{i}.{FLUX_SINGLE_NORMS[rest]}")
         return {"native": f"single_blocks.{i}.{FLUX_SINGLE[rest]}"}
     raise KeyError(f"no BFL name rule for Flux module {path}")
+
+
+def _bfl_norm(native: str) -> dict:
+    return {"native": native, "weight": native + ".scale"}
 
 
 def flux_target(path: str) -> str:
@@ -256,7 +300,13 @@ def component(
     for path, kind, shape in _modules(model):
         if add_level and not path.startswith(add_level) and path != "text_projection":
             path = add_level + path
-        row: Row = {"name": f"{name}.{path}", "type": kind, "shape": shape, "target": target(path)}
+        # Norms are never a default target: LyCORIS's norm algorithm trains them, plain LoRA does not.
+        row: Row = {
+            "name": f"{name}.{path}",
+            "type": kind,
+            "shape": shape,
+            "target": "norm" if kind == "norm" else target(path),
+        }
         extra = native(path)
         if not extra:
             continue

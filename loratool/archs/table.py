@@ -1,5 +1,8 @@
 """Architecture tables: every module of a model family and its name in every layout.
 
+Modules are the Linear, Conv and Embedding layers LoRA adapts and the normalization layers with a
+learned weight (type "norm") that LyCORIS can train; all resolve by name the same way.
+
 A table is data generated from the reference implementations (see `generate.py`). Here it becomes
 lookups: any name a LoRA file may use for a module (kohya, diffusers/PEFT path, single-file path
 with the prefixes ComfyUI and BFL use) maps to a tuple of canonical module names. A tuple longer
@@ -17,6 +20,7 @@ from pathlib import Path
 TABLES = Path(__file__).with_name("tables")
 
 Targets = tuple[str, ...]
+MODULE_TYPES = ("linear", "conv", "embedding", "norm")
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,12 @@ class Component:
 class ModuleSpec:
     name: str  # canonical: "<component>.<diffusers or HF path>"
     component: str
-    type: str  # linear | conv | embedding
-    shape: tuple[int, ...]  # full-size weight shape, informational: narrow test models differ
-    target: str  # default | conv | extra: which modules trainers adapt by default
+    type: str  # linear | conv | embedding | norm (LayerNorm/GroupNorm/RMSNorm with a learned weight)
+    shape: tuple[int, ...]  # full-size weight shape ([C] for a norm), informational: narrow test models differ
+    target: str  # default | conv | extra | norm: which modules trainers adapt by default (norm: LyCORIS's
+    # norm algorithm only, which adds `w_norm`/`b_norm` to the norm's weight and bias)
     native: str | None = None  # module path in the single-file layout (None: lives in a fused weight)
-    weight: str | None = None  # parameter key when it is not native + ".weight"
+    weight: str | None = None  # parameter key when it is not native + ".weight" (BFL norms: ".scale")
     transposed: bool = False  # single-file parameter stored as (in, out)
     rows: str | None = None  # "swap_halves": single-file rows are the diffusers halves swapped
     fused: str | None = None  # fused group this module is a row block of
@@ -108,6 +113,8 @@ class Architecture:
         }
         modules = {}
         for m in data["modules"]:
+            if m["type"] not in MODULE_TYPES:
+                raise ValueError(f"{path}: {m['name']} has unknown module type {m['type']!r}")
             component = m["name"].split(".", 1)[0]
             modules[m["name"]] = ModuleSpec(
                 name=m["name"],
