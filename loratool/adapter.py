@@ -7,6 +7,7 @@ header to hold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from .archs import Architecture, HFArchitecture, Targets
 from .io.source import TensorSource
 from .kinds import Kind
+
+PEFT_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA tensor; LyCORIS calls it dora_scale
 
 
 @dataclass
@@ -42,6 +45,19 @@ class AdapterModule:
         """Why the factor shapes cannot belong together (None when they can); nothing numeric
         is computed for a module with a problem."""
         return self.kind.check(self.shapes)
+
+    @property
+    def dora_columns(self) -> bool:
+        """A LyCORIS DoRA magnitude per input column (wd_on_out off: stored (1, in, 1..)) rather
+        than per output row; PEFT's magnitude is per output row whatever its stored shape."""
+        shape = self.dora_shape
+        return (
+            self.dora_key is not None
+            and not self.dora_key.endswith(PEFT_MAGNITUDE)
+            and len(shape) >= 2
+            and shape[0] == 1
+            and math.prod(shape) > 1
+        )
 
     @property
     def rank(self) -> int | None:

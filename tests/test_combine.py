@@ -142,7 +142,7 @@ def test_refusals(tmp_path):
     out = tmp_path / "combined.safetensors"
     with pytest.raises(ConversionError, match="different models"):
         combine([KOHYA, FLUX_KOHYA], out)
-    with pytest.raises(ConversionError, match="not supported"):
+    with pytest.raises(ConversionError, match="do not add up"):
         combine([FIXTURES / "lycoris_loha.safetensors", FIXTURES / "lycoris_loha.safetensors"], out)
     with pytest.raises(ConversionError, match="1 weight"):
         combine([KOHYA, DIFFUSERS], out, weights=[1.0])

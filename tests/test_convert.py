@@ -55,7 +55,7 @@ def g(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.T
 @pytest.mark.parametrize(
     ("fixture", "to", "words"),
     [
-        ("lycoris_loha.safetensors", "peft", ("LoHa", "lora_te_")),
+        ("lycoris_loha.safetensors", "peft", ("text_encoder, unet",)),  # one model per PEFT dir
         ("lycoris_loha.safetensors", "diffusers", ("LoHa",)),
         ("lycoris_lokr.safetensors", "diffusers", ("LoKr",)),
         ("kohya_sd15.safetensors", "peft", ("text_encoder, unet",)),

@@ -38,6 +38,7 @@ EXPECTED_KEYS = {
     "ia3": ("weight", "on_input"),
     "glora": ("a1", "a2", "b1", "b2"),
     "dora": ("dora_scale", "lora_down", "hada_w1_a", "lokr_w1"),
+    "norm": ("w_norm", "b_norm", "lora_down"),
 }
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 CONFIGS = {
@@ -101,6 +102,8 @@ CONFIGS = {
         },
         {"dora_wd": True},
     ),
+    # LayerNorm and GroupNorm layers as norm diffs, beside LoCon modules.
+    "norm": ("locon", 4, 2.0, 4, 1.0, {}, {"train_norm": True}),
 }
 
 
@@ -145,12 +148,20 @@ def build(name: str, tmp: Path, layout: str = "single-file"):
 
 def plain_output(layer: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
     """The layer's op with these parameters (a LyCORIS full module takes the weight off its layer)."""
+    if isinstance(layer, torch.nn.LayerNorm):
+        return torch.nn.functional.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    if isinstance(layer, torch.nn.GroupNorm):
+        return torch.nn.functional.group_norm(x, layer.num_groups, weight, bias, layer.eps)
     if isinstance(layer, torch.nn.Conv2d):
         return layer._conv_forward(x, weight.reshape(layer.out_channels, -1, *layer.kernel_size), bias)
     return torch.nn.functional.linear(x, weight.reshape(layer.out_features, layer.in_features), bias)
 
 
 def random_input(layer: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+    if isinstance(layer, torch.nn.LayerNorm):
+        return torch.randn(3, *layer.normalized_shape, generator=g)
+    if isinstance(layer, torch.nn.GroupNorm):
+        return torch.randn(2, layer.num_channels, 8, 8, generator=g)
     if isinstance(layer, torch.nn.Conv2d):
         return torch.randn(2, layer.in_channels, 8, 8, generator=g)
     return torch.randn(3, layer.in_features, generator=g)
@@ -185,7 +196,8 @@ def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength, l
     saved = load_file(str(lora))
     for part in EXPECTED_KEYS[name]:
         assert any(f".{part}." in k or k.endswith(f".{part}") for k in saved), f"no {part} in the {name} file"
-    assert {"Conv2d", "Linear"} == layer_types
+    assert {"Conv2d", "Linear"} <= layer_types
+    assert name != "norm" or {"LayerNorm", "GroupNorm"} <= layer_types
 
 
 PEFT_CONFIGS = {
@@ -253,3 +265,23 @@ def test_inspect_names_each_modules_kind_rank_alpha_and_scale_as_lycoris_built_i
         assert got.rank == (None if full_kron else module.lora_dim), module.lora_name
         assert got.alpha == pytest.approx(float(module.alpha)), module.lora_name
         assert got.scale == pytest.approx(1.0 if full_kron else module.scale), module.lora_name
+
+
+@pytest.mark.parametrize(("name", "kind"), [("mixed", "full"), ("ia3", "ia3"), ("glora", "glora"), ("norm", "norm")])
+def test_combine_and_resize_refuse_kinds_that_are_not_low_rank_products(tmp_path, name, kind):
+    """combine stacks low-rank factors and resize truncates them: neither exists for these kinds,
+    so both refuse in one line naming a module of that kind, and write nothing."""
+    from loratool import combine, inspect, resize
+    from loratool.errors import ConversionError, ExtractError
+
+    _, _, lora = build(name, tmp_path)
+    named = {m.name for m in inspect(lora).modules if m.kind == kind}
+    for call, error in (
+        (lambda out: combine([lora, lora], out), ConversionError),
+        (lambda out: resize(lora, out, rank=1), ExtractError),
+    ):
+        out = tmp_path / "out.safetensors"
+        with pytest.raises(error) as caught:
+            call(out)
+        assert str(caught.value).split(":")[0] in named and "\n" not in str(caught.value)
+        assert not out.exists()

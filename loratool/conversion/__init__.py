@@ -163,8 +163,10 @@ def plan(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
         why = layout.why_not(unit)
         if why:
             raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
+        unit = layout.prepare(unit, load)
         named[name] = _row_order(arch, layout, unit, load)
         notes.extend(unit.notes)
+    layout.check_together(named, arch)
     return named, notes
 
 

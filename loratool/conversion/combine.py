@@ -128,7 +128,10 @@ def _default_layout(adapter: Adapter) -> str:
 def _refuse_uncombinable(adapter: Adapter) -> None:
     for module in adapter.modules.values():
         if module.kind.name != "lora":
-            raise ConversionError(f"{module.name}: combining {module.kind.label} modules is not supported (LoRA is)")
+            raise ConversionError(
+                f"{module.name}: combine stacks LoRA factors, and {module.kind.label} updates do not add up to "
+                f"one {module.kind.label} module; merge it into the base instead"
+            )
         if module.dora_key is not None:
             raise ConversionError(
                 f"{module.name}: DoRA rescales by the merged weight's norm, so its updates do not add; "

@@ -11,22 +11,24 @@ cannot hold.
 from __future__ import annotations
 
 import json
-import math
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy
 import torch
 
 from ..archs import Architecture, HFArchitecture, Targets, kohya_flat
+from ..errors import ConversionError
 from ..formats.diffusers import METADATA_KEY
 from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
 from ..formats.peft import WRAPPER
 from ..io.safetensors_file import DTYPES
-from ..kinds import Kind
+from ..kinds import KINDS, Kind
+from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_config
 from .plan import Piece, Unit
 
 # kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
@@ -83,6 +85,14 @@ class Layout(ABC):
         """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
         return False
 
+    def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
+        """The unit as this layout stores it, when its rules need the numbers moved (same update)."""
+        return unit
+
+    def check_together(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> None:
+        """Refuse (ConversionError naming a module) what the units cannot be as one output."""
+        return None
+
 
 def carried_metadata(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:
     """The source's own metadata (training record, modelspec), without keys a layout owns, and
@@ -101,11 +111,6 @@ def factor_pieces(kind: Kind, pieces: dict[str, Piece], scheme: str, embedding_n
     if embedding_names:
         names.update(EMBEDDING_NAMES)
     return {names[role]: piece for role, piece in pieces.items() if role in names}
-
-
-def _dora_rows_only(unit: Unit) -> bool:
-    dora = unit.pieces.get("dora")
-    return dora is None or math.prod(dora.shape) == unit.pieces["up"].shape[0]
 
 
 def _reshaped(piece: Piece, shape: tuple[int, ...]) -> Piece:
@@ -154,11 +159,29 @@ class KohyaLayout(Layout):
     def why_not(self, unit: Unit) -> str | None:
         if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
-        if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0:
-            return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies two full LoKr factors at scale 1"
+        if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:
+            return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies {unit.kind.label} at scale 1"
         if unit.embedding and "dora" in unit.pieces:
             return "DoRA on an embedding has no kohya/LyCORIS form"
         return None
+
+    def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
+        """Two whole LoKr factors: PEFT scales them by alpha / r, LyCORIS applies them at scale 1,
+        so the scale moves into w1 (the same product, rounded once in w1's dtype)."""
+        if unit.kind.rank(unit.shapes) is not None or unit.scale == 1.0 or "w1" not in unit.pieces:
+            return unit
+        w1, scale = unit.pieces["w1"], unit.scale
+        dtype = DTYPES[w1.dtype]
+        scaled = Piece.made(w1, w1.shape, lambda: (load(w1).double() * scale).to(dtype))
+        note = f"{unit.origin}: scale {scale:g} of its two whole LoKr factors moved into lokr_w1 (LyCORIS applies 1)"
+        return replace(
+            unit,
+            pieces={**unit.pieces, "w1": scaled},
+            alpha=None,
+            declared_rank=None,
+            alpha_key=None,
+            notes=[*unit.notes, note],
+        )
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
         factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
@@ -168,7 +191,8 @@ class KohyaLayout(Layout):
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, alpha)))
         dora = unit.pieces.get("dora")
         if dora is not None:
-            if _dora_rows_only(unit):  # LyCORIS keeps the per-row magnitude as (out, 1[, 1, 1])
+            if not unit.dora_columns and "down" in unit.pieces:  # PEFT's (out,) or (1, out, 1, 1)
+                # LyCORIS keeps the per-row magnitude as (out, 1[, 1, 1])
                 dora = _reshaped(dora, (unit.pieces["up"].shape[0], *[1] * (len(unit.pieces["down"].shape) - 1)))
             out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
         return out
@@ -199,17 +223,23 @@ class PeftKeyed(Layout):
     """diffusers files and PEFT dirs: PEFT's tensor names, alphas in a LoraConfig."""
 
     scheme = "peft"
+    kinds: tuple[str, ...] = ("lora",)  # adapter kinds this layout has tensor names for
 
     def why_not(self, unit: Unit) -> str | None:
-        if unit.kind.name != "lora":
-            return f"{unit.kind.label} is not a LoRA; PEFT LoRA and diffusers files hold LoRA only (use --to kohya)"
+        if unit.kind.name not in self.kinds:
+            held = ", ".join(KINDS[k].label for k in self.kinds)
+            return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only (use --to kohya)"
         if "mid" in unit.pieces:
             return "PEFT has no Tucker core (lora_mid); use --to kohya"
-        if "dora" in unit.pieces and not _dora_rows_only(unit):
+        if "dora" in unit.pieces and unit.kind.name != "lora":
+            return f"PEFT's {unit.kind.label} has no DoRA; use --to kohya"
+        if "dora" in unit.pieces and unit.dora_columns:
             return "its DoRA magnitude is per input column; PEFT's is per output row"
         return None
 
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+        if unit.kind.name != "lora":  # PEFT's LoHa/LoKr tensors have LyCORIS's names and shapes
+            return [Entry(f"{name}.{s}", p) for s, p in factor_pieces(unit.kind, unit.pieces, "peft", False).items()]
         pieces = {**unit.pieces, **_fit_to_module(unit, arch)}
         factors = factor_pieces(unit.kind, pieces, "peft", unit.embedding)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
@@ -321,6 +351,35 @@ class DiffusersLayout(PeftKeyed):
 class PeftLayout(PeftKeyed):
     name = "peft"
     single_component = True
+    kinds = ("lora", "loha", "lokr")
+
+    def check_together(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> None:
+        kinds = {u.kind.name: u for u in units.values()}
+        if len(kinds) > 1:
+            first, second = list(kinds.values())[:2]
+            raise ConversionError(
+                f"{second.origin}: {second.kind.label}, while {first.origin} is {first.kind.label}; a PEFT "
+                "adapter holds one adapter type (use --to kohya for a mixed file)"
+            )
+        if units and next(iter(units.values())).kind.name != "lora":
+            self._lycoris_fields(units, arch)
+
+    def _lycoris_fields(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> dict:
+        levels = self._levels(units, arch)
+        pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+        kernels = {}
+        if isinstance(arch, Architecture):
+            kernels = {path: tuple(arch.modules[u.targets[0]].shape[2:]) for path, u in pairs}
+        kind = pairs[0][1].kind.name
+        fields = lycoris_config(kind, pairs, {p: pattern_for(p, levels) for p, _ in pairs}, kernels)
+        fields["target_modules"] = sorted({short_path(p, levels) for p, _ in pairs})
+        return fields
+
+    @staticmethod
+    def _levels(units: dict[str, Unit], arch: Architecture | HFArchitecture) -> tuple[str, ...]:
+        if isinstance(arch, Architecture):
+            return arch.components[next(iter(units.values())).component].optional_levels
+        return ()
 
     def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
         return True
@@ -336,19 +395,28 @@ class PeftLayout(PeftKeyed):
         return {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
 
     def config(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict:
-        levels: tuple[str, ...] = ()
-        if isinstance(arch, Architecture):
-            levels = arch.components[next(iter(units.values())).component].optional_levels
+        levels = self._levels(units, arch)
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
         # A PEFT source's own config (or the one an LLM kohya file carries); a diffusers file's
         # per-component configs are not a PEFT dir's.
         base = adapter.config if adapter.format == "peft" or isinstance(arch, HFArchitecture) else None
-        config = lora_config(pairs, levels, base)
-        config["peft_type"] = "LORA"
-        config.setdefault("bias", "none")
+        kind = pairs[0][1].kind.name
+        peft_type = PEFT_TYPES.get(kind, "LORA")
+        if (base or {}).get("peft_type", "LORA") != peft_type:
+            base = None  # another adapter type's fields would not be this config's
+        if kind == "lora":
+            config = lora_config(pairs, levels, base)
+            config.setdefault("bias", "none")
+            config.setdefault("fan_in_fan_out", any(u.transposed and not u.embedding for u in units.values()))
+        else:
+            config = {k: v for k, v in (base or {}).items() if k not in (*LYCORIS_FIELDS, *LOKR_FIELDS)}
+            fields = self._lycoris_fields(units, arch)
+            if config.get("target_modules"):
+                fields.pop("target_modules")
+            config.update(fields)
+        config["peft_type"] = peft_type
         config.setdefault("task_type", None)
         config.setdefault("base_model_name_or_path", None)
-        config.setdefault("fan_in_fan_out", any(u.transposed and not u.embedding for u in units.values()))
         config.setdefault("inference_mode", True)
         return config
 

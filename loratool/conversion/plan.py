@@ -53,6 +53,7 @@ class Unit:
     embedding: bool = False
     transposed: bool = False
     native_rows: bool = False  # factor rows follow the single-file order (Flux final modulation)
+    dora_columns: bool = False  # the DoRA magnitude is per input column (LyCORIS wd_on_out off)
     origin: str = ""  # source module(s), for messages
     notes: list[str] = field(default_factory=list)
 
@@ -116,6 +117,7 @@ def unit_of(module: AdapterModule, adapter: Adapter) -> Unit:
         embedding=module.embedding,
         transposed=module.transposed,
         native_rows=module.native_rows,
+        dora_columns=module.dora_columns,
         origin=module.name,
     )
 

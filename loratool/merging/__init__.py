@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter import PEFT_MAGNITUDE
 from ..errors import MergeError, OutputError
 from ..io.destination import check_destination, same_or_inside
 from ..io.safetensors_file import DTYPES
@@ -29,7 +30,7 @@ from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_update, apply_dora, fits, update_view
 from ..strengths import lora_weights
-from .match import PEFT_MAGNITUDE, LoraMatch, Patch, column_dora, open_lora
+from .match import LoraMatch, Patch, open_lora
 from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -383,7 +384,7 @@ class _Walk:
         dora = None
         if module.dora_key is not None:
             magnitude = on_device(adapter.load(module.dora_key))
-            dora = _Dora(magnitude, column_dora(module), not module.dora_key.endswith(PEFT_MAGNITUDE))
+            dora = _Dora(magnitude, module.dora_columns, not module.dora_key.endswith(PEFT_MAGNITUDE))
         bias = on_device(tensors.get("bias"))
         if module.kind.reads_base:
             on = {role: t.to(device=self.device, dtype=torch.float32) for role, t in tensors.items()}

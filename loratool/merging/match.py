@@ -22,8 +22,6 @@ from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
 from ..kinds.base import ANY
 
-PEFT_MAGNITUDE = "lora_magnitude_vector"
-
 
 @dataclass(frozen=True)
 class Patch:
@@ -132,7 +130,7 @@ def _patches(
             )
         oriented = (stored[1], stored[0]) if transposed else stored
         rows = location.rows[1] - location.rows[0] if location.rows else oriented[0]
-        if len(module.targets) > 1 and column_dora(module):
+        if len(module.targets) > 1 and module.dora_columns:
             raise MergeError(
                 f"{module.name}: its DoRA magnitude normalizes input columns across {', '.join(module.targets)}, "
                 "which the base stores as separate weights"
@@ -161,19 +159,6 @@ def _patches(
     if update[0] != ANY and start != update[0]:
         raise MergeError(f"{module.name}: its update has {update[0]} rows but the base weights it maps to have {start}")
     return patches
-
-
-def column_dora(module: AdapterModule) -> bool:
-    """A LyCORIS DoRA magnitude per input column (wd_on_out off: stored (1, in, 1..)) rather than
-    per output row; PEFT's magnitude is always per output row, whatever its stored shape."""
-    shape = module.dora_shape
-    return (
-        module.dora_key is not None
-        and not module.dora_key.endswith(PEFT_MAGNITUDE)
-        and len(shape) >= 2
-        and shape[0] == 1
-        and math.prod(shape) > 1
-    )
 
 
 def _fits(want: tuple[int, ...], got: tuple[int, ...]) -> bool:
