@@ -150,9 +150,10 @@ def plan(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
     if isinstance(arch, Architecture):
         components = sorted({u.component for u in units})
         if layout.single_component and len(components) > 1:
+            other = "diffusers" if all(u.kind.name == "lora" for u in units) else "kohya"
             raise ConversionError(
                 f"{adapter.source.path}: a PEFT adapter dir wraps one model, and this LoRA adapts "
-                f"{', '.join(components)}; use --to diffusers for a multi-model file"
+                f"{', '.join(components)}; use --to {other} for a multi-model file"
             )
         units = _regroup(arch, units, layout, load, notes)
     named: dict[str, Unit] = {}

@@ -186,9 +186,10 @@ class KohyaLayout(Layout):
     def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
         factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
-        alpha = unit.alpha_for(False) if unit.kind.rank(unit.shapes) is not None else None
-        if alpha is not None:
-            out.append(Entry(f"{name}.alpha", alpha_piece(unit, alpha)))
+        if unit.kind.rank(unit.shapes) is not None:
+            out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha_for(False))))
+        elif unit.kind.stores_alpha:  # applied at scale 1 whatever it says, but LyCORIS reads one
+            out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha if unit.alpha is not None else 1.0)))
         dora = unit.pieces.get("dora")
         if dora is not None:
             if not unit.dora_columns and "down" in unit.pieces:  # PEFT's (out,) or (1, out, 1, 1)

@@ -99,7 +99,8 @@ def _effective_conv(units: list[tuple[str, Unit]], core: str) -> bool:
         return False
     for _, unit in units:
         weight = unit.kind.weight_shape(unit.shapes)
-        if core not in unit.pieces and len(weight) > 2 and any(k > 1 for k in weight[2:]):
+        whole_w2 = "w2" in unit.pieces  # a whole LoKr w2 never gets a core
+        if core not in unit.pieces and not whole_w2 and len(weight) > 2 and any(k > 1 for k in weight[2:]):
             raise ConversionError(
                 f"{unit.origin}: a conv without a Tucker core, while {with_core[0][1].origin} has one; "
                 "PEFT builds cores for all convs of an adapter or for none"
@@ -113,6 +114,7 @@ def _lokr_settings(
     """(decompose_factor, decompose_both, r per path) that rebuild every LoKr module."""
     modules = [_kron(path, unit, kernels.get(path, ())) for path, unit in units]
     factors = [-1, *sorted({n for m in modules for n in (*m.out_split, *m.in_split)})]
+    conflict: str | None = None
     for factor in factors:
         split_ok = all(
             factorization(math.prod(m.out_split), factor) == m.out_split
@@ -125,6 +127,9 @@ def _lokr_settings(
             ranks = {m.path: _kron_rank(m, decompose_both) for m in modules}
             if all(r is not None for r in ranks.values()):
                 return factor, decompose_both, ranks
+        conflict = conflict or _conflict(modules)
+    if conflict is not None:
+        raise ConversionError(conflict)
     for m in modules:
         if all(
             factorization(math.prod(m.out_split), f) != m.out_split
@@ -135,11 +140,20 @@ def _lokr_settings(
                 f"{m.origin}: its Kronecker split {m.out_split[0]}x{m.out_split[1]} (out) by "
                 f"{m.in_split[0]}x{m.in_split[1]} (in) is not one PEFT's decompose_factor produces"
             )
-    raise ConversionError(
-        f"{modules[0].origin} and the other LoKr modules: no one decompose_factor, decompose_both and "
-        "rank per module make PEFT build their factors as stored (factored where PEFT keeps them whole, or "
-        "the reverse)"
-    )
+    raise ConversionError(f"{modules[0].origin}: no decompose_factor makes PEFT split every LoKr module as stored")
+
+
+def _conflict(modules: list[_Kron]) -> str:
+    """Why no decompose_both and rank rebuild these modules, naming the ones at odds."""
+    off = [m for m in modules if _kron_rank(m, False) is None]
+    on = [m for m in modules if _kron_rank(m, True) is None]
+    neither = [m for m in off if m in on]
+    if neither:
+        return (
+            f"{neither[0].origin}: its factors are factored where PEFT keeps them whole at its rank, or the "
+            "reverse, under any decompose_both"
+        )
+    return f"{off[0].origin} needs decompose_both on and {on[0].origin} needs it off; PEFT has one setting per adapter"
 
 
 def lycoris_config(

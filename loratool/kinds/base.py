@@ -28,6 +28,9 @@ class Kind(ABC):
     # The update depends on the weight it is applied to (IA3 scales it, GLoRA multiplies it), so it
     # exists only next to a base: `delta` then needs `weight`, and nothing can be precomputed.
     reads_base: ClassVar[bool] = False
+    # Whether kohya/LyCORIS files give the module an `alpha` tensor, even when the kind ignores it
+    # (LyCORIS writes one for two whole LoKr factors, and its loader needs it).
+    stores_alpha: ClassVar[bool] = True
     # Tensor names too generic to claim on their own (IA3's `weight`): suffix -> the companion
     # suffix a module must also have (LyCORIS detects IA3 by `on_input` the same way).
     companions: ClassVar[dict[str, str]] = {}

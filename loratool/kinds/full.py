@@ -14,6 +14,7 @@ class FullDiff(Kind):
     name = "full"
     label = "full diff"
     names: ClassVar[dict[str, dict[str, str]]] = {"kohya": {"diff": "diff", "diff_b": "bias"}}
+    stores_alpha = False
 
     def missing(self, roles: set[str]) -> list[str]:
         return [] if "diff" in roles else [next(s for s, r in self.names["kohya"].items() if r == "diff")]

@@ -22,6 +22,7 @@ class IA3(Kind):
     label = "IA3"
     names: ClassVar[dict[str, dict[str, str]]] = {"kohya": {"weight": "vector", "on_input": "on_input"}}
     reads_base = True
+    stores_alpha = False
     companions: ClassVar[dict[str, str]] = {"weight": "on_input"}  # a bare `.weight` is any checkpoint's
 
     def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:

@@ -83,4 +83,4 @@ class LoKr(Kind):
         w1, w2 = self._factor(tensors, 1), self._factor(tensors, 2)
         if w2.dim() > 2:  # conv: kron over (out, in), broadcast over the kernel
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        return torch.kron(w1, w2)
+        return torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs: an einsum result may not allow it
