@@ -25,6 +25,7 @@ from .errors import InputError
 from .formats import Detection, read_adapter
 from .io.safetensors_file import SafetensorsFile, tensor_from_bytes
 from .io.source import TensorSource, open_source
+from .kinds.base import ANY
 from .ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -74,7 +75,7 @@ class ModuleReport:
     alpha_source: str
     scale: float | None
     dtype: str
-    shape: list[int]
+    shape: list[int | None]  # None: a size the tensors do not fix (IA3's unscaled axis)
     parameters: int
     dw_norm: float | None = None
     numerical_rank: int | None = None
@@ -173,7 +174,7 @@ def _module_report(adapter: Adapter, module: AdapterModule, facts: ModuleFacts) 
         alpha_source=module.alpha_source,
         scale=module.scale if ok else None,
         dtype="/".join(sorted(set(module.dtypes.values()))),
-        shape=list(module.weight_shape) if ok else [],
+        shape=[None if n == ANY else n for n in module.weight_shape] if ok else [],
         parameters=module.parameters,
         dw_norm=facts.dw_norm,
         numerical_rank=facts.numerical_rank,
@@ -257,7 +258,8 @@ def _hash_findings(file: SafetensorsFile, metadata: dict[str, str], data_sha: st
 def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base_params: int | None) -> dict:
     modules = report.modules
     trainable = sum(m.parameters for m in modules)
-    targeted = base_params if base_params is not None else sum(math.prod(m.shape) for m in modules if m.shape)
+    known = [m.shape for m in modules if m.shape and None not in m.shape]  # IA3 does not fix both sizes
+    targeted = base_params if base_params is not None else sum(math.prod(shape) for shape in known)
     return {
         "format": {
             "name": report.format,

@@ -29,7 +29,6 @@ from .conversion.combine import CombineReport
 from .extraction import ExtractReport
 from .extraction.resize import ResizeReport
 from .inspection import InspectReport
-from .kinds.base import ANY
 from .merging import MergeReport
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -161,7 +160,7 @@ def _modules_table(report: InspectReport) -> Table:
             "-" if m.alpha is None else f"{m.alpha:g}",
             "-" if m.scale is None else f"{m.scale:.4g}",
             m.dtype,
-            "x".join("?" if n == ANY else str(n) for n in m.shape),
+            "x".join("?" if n is None else str(n) for n in m.shape),
             "-" if m.dw_norm is None else f"{m.dw_norm:.3g}",
         )
     return table

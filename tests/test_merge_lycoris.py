@@ -261,6 +261,11 @@ def test_inspect_names_each_modules_kind_rank_alpha_and_scale_as_lycoris_built_i
         full_kron = cls == "LokrModule" and module.use_w1 and module.use_w2
         if cls in NO_RANK:
             assert (got.rank, got.alpha, got.scale) == (None, None, 1.0), module.lora_name
+            if cls == "IA3Module":  # only the scaled axis is known
+                layer = module.org_module[0]
+                width = layer.weight.shape[1 if module.train_input else 0]
+                axis = 1 if module.train_input else 0
+                assert got.shape[axis] == width and got.shape[1 - axis] is None, (module.lora_name, got.shape)
             continue
         assert got.rank == (None if full_kron else module.lora_dim), module.lora_name
         assert got.alpha == pytest.approx(float(module.alpha)), module.lora_name
