@@ -57,6 +57,18 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--force, --json and --quiet, taken the same way by every command that writes an output."""
+    options = (
+        click.option("--force", is_flag=True, help="Replace DEST if it exists."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loratool")
 def main() -> None:
@@ -101,9 +113,7 @@ def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool
     help="Output file, or dir for peft.",
 )
 @click.option("--arch", type=click.Choice(list(architectures())), help="Architecture, when names cannot tell.")
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 @_one_line_errors
 def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json: bool, quiet: bool) -> None:
     """Rewrite a LoRA in another key layout, losslessly.
@@ -138,9 +148,7 @@ def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json
 )
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches; skip LoRA modules the base lacks.")
 @click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 @_one_line_errors
 def merge(
     base: str,
@@ -196,9 +204,7 @@ def merge(
 )
 @click.option("--rank", type=int, help="Best rank-R approximation per module instead of the exact sum.")
 @click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Output layout (default: the first LoRA's).")
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 @_one_line_errors
 def combine(
     loras: tuple[str, ...],
@@ -255,10 +261,8 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.option("--exclude", help="Regex on module names: leave these out.")
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the randomized one.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 @_one_line_errors
 def extract(
     base: str,
@@ -324,10 +328,8 @@ def extract(
 @click.option("--rank", type=int, help="New rank of every module (modules at or below it are copied).")
 @click.option("--dynamic", help=DYNAMIC_HELP)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
-@click.option("--force", is_flag=True, help="Replace DEST if it exists.")
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 @_one_line_errors
 def resize(
     lora: str,

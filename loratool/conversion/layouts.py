@@ -28,7 +28,7 @@ from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
 from ..formats.peft import WRAPPER
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS, Kind
-from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_config
+from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_structure
 from .plan import Piece, Unit
 
 # kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
@@ -294,23 +294,36 @@ def _number(value: float) -> int | float:
     return float(str(single)) if float(single) == value else float(value)
 
 
+def rank_alpha_fields(
+    ranks: dict[str, int], alphas: dict[str, float], levels: tuple[str, ...], alpha_field: str
+) -> dict:
+    """`r` and alpha (under `alpha_field`) as the most common values, and a `^`-anchored full-path
+    pattern for every module that differs, from per-path ranks and alphas."""
+    numbers = {path: _number(a) for path, a in alphas.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(numbers.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        alpha_field: alpha,
+        "rank_pattern": {pattern_for(p, levels): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {pattern_for(p, levels): v for p, v in numbers.items() if v != alpha},
+    }
+
+
 def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: dict | None) -> dict:
     """A LoraConfig dict under which PEFT rebuilds every unit with its own rank and scale.
 
-    `units` pairs each unit with its module path inside the model PEFT wraps. The most common rank
-    and alpha become `r` and `lora_alpha`; every other module gets a `^`-anchored full-path pattern.
+    `units` pairs each unit with its module path inside the model PEFT wraps.
     """
     rslora = all(u.rslora for _, u in units)
-    ranks = {path: u.rank for path, u in units}
-    alphas = {path: _number(u.alpha_for(rslora)) for path, u in units}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    lora_alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {k: v for k, v in (base or {}).items() if k not in MATH_FIELDS}
     config.update(
-        r=r,
-        lora_alpha=lora_alpha,
-        rank_pattern={pattern_for(p, levels): v for p, v in ranks.items() if v != r},
-        alpha_pattern={pattern_for(p, levels): v for p, v in alphas.items() if v != lora_alpha},
+        rank_alpha_fields(
+            {path: u.rank for path, u in units},
+            {path: u.alpha_for(rslora) for path, u in units},
+            levels,
+            "lora_alpha",
+        ),
         use_rslora=rslora,
         use_dora=any("dora" in u.pieces for _, u in units),
         lora_bias=any("bias" in u.pieces for _, u in units),
@@ -371,8 +384,11 @@ class PeftLayout(PeftKeyed):
         kernels = {}
         if isinstance(arch, Architecture):
             kernels = {path: tuple(arch.modules[u.targets[0]].shape[2:]) for path, u in pairs}
-        kind = pairs[0][1].kind.name
-        fields = lycoris_config(kind, pairs, {p: pattern_for(p, levels) for p, _ in pairs}, kernels)
+        fields, ranks = lycoris_structure(pairs[0][1].kind.name, pairs, kernels)
+        # The source's own alpha where PEFT keeps its rank; alpha = scale * r where the rank is chosen
+        # here (two whole LoKr factors have none).
+        alphas = {p: u.alpha_for(False) if ranks[p] == u.rank else u.scale * ranks[p] for p, u in pairs}
+        fields.update(rank_alpha_fields(ranks, alphas, levels, "alpha"))
         fields["target_modules"] = sorted({short_path(p, levels) for p, _ in pairs})
         return fields
 

@@ -11,7 +11,6 @@ no setting can rebuild is named.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import ConversionError
@@ -156,35 +155,19 @@ def _conflict(modules: list[_Kron]) -> str:
     return f"{off[0].origin} needs decompose_both on and {on[0].origin} needs it off; PEFT has one setting per adapter"
 
 
-def lycoris_config(
-    kind: str, units: list[tuple[str, Unit]], patterns: dict[str, str], kernels: dict[str, tuple[int, ...]]
-) -> dict:
-    """The LoHaConfig/LoKrConfig fields (r, alpha, patterns, structure switches) under which PEFT
-    rebuilds each unit with its own shapes and scale. `patterns` maps each path to its anchored
-    pattern, `kernels` each conv's kernel size. Raises ConversionError naming a module PEFT
-    cannot rebuild."""
+def lycoris_structure(
+    kind: str, units: list[tuple[str, Unit]], kernels: dict[str, tuple[int, ...]]
+) -> tuple[dict, dict[str, int]]:
+    """The LoHaConfig/LoKrConfig structure switches under which PEFT rebuilds each unit with its
+    own shapes, and the `r` each unit needs (`kernels`: each conv's kernel size). Raises
+    ConversionError naming a module PEFT cannot rebuild."""
     core = "t1" if kind == "loha" else "t2"
-    config: dict = {"use_effective_conv2d": _effective_conv(units, core)}
+    fields: dict = {"use_effective_conv2d": _effective_conv(units, core)}
     if kind == "lokr":
         factor, decompose_both, ranks = _lokr_settings(units, kernels)
-        config.update(decompose_factor=factor, decompose_both=decompose_both)
-    else:
-        for _, unit in units:
-            if unit.shapes["w1b"][0] != unit.shapes["w2b"][0]:
-                raise ConversionError(f"{unit.origin}: its two Hadamard factors have different ranks; PEFT uses one")
-        ranks = {path: unit.rank for path, unit in units}
-    alphas = {path: _number(unit.scale * ranks[path]) for path, unit in units}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config.update(
-        r=r,
-        alpha=alpha,
-        rank_pattern={patterns[p]: v for p, v in ranks.items() if v != r},
-        alpha_pattern={patterns[p]: v for p, v in alphas.items() if v != alpha},
-    )
-    return config
-
-
-def _number(value: float) -> int | float:
-    rounded = round(value)
-    return rounded if abs(value - rounded) <= 1e-9 * max(1.0, abs(value)) else value
+        fields.update(decompose_factor=factor, decompose_both=decompose_both)
+        return fields, ranks
+    for _, unit in units:
+        if unit.shapes["w1b"][0] != unit.shapes["w2b"][0]:
+            raise ConversionError(f"{unit.origin}: its two Hadamard factors have different ranks; PEFT uses one")
+    return fields, {path: unit.rank for path, unit in units}
