@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Architecture, HFArchitecture, Targets
+from .errors import InputError
 from .io.source import TensorSource
 from .kinds import Kind
 
 PEFT_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA tensor; LyCORIS calls it dora_scale
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 @dataclass
@@ -41,10 +43,31 @@ class AdapterModule:
     native_rows: bool = False  # named after the single-file module, so its rows follow that layout's order
 
     @property
-    def problem(self) -> str | None:
-        """Why the factor shapes cannot belong together (None when they can); nothing numeric
-        is computed for a module with a problem."""
+    def shape_problem(self) -> str | None:
+        """Why the factor shapes cannot belong together (None when they can)."""
         return self.kind.check(self.shapes)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the module cannot be what it claims (None when it can), from the header and config
+        alone: factors that do not fit together, empty or non-float factors, a config rank the
+        factors do not have (PEFT refuses to load those), a non-finite alpha. Nothing numeric is
+        computed for a module with a problem, and no command writes one."""
+        if self.shape_problem:
+            return self.shape_problem
+        for role, dtype in self.dtypes.items():
+            if role in self.kind.flag_roles:
+                continue
+            if dtype not in FLOAT_DTYPES:
+                return f"{role} is stored as {dtype}; adapter factors must be floating point"
+            if 0 in self.shapes[role]:
+                return f"{role} is empty (shape {list(self.shapes[role])})"
+        shown = self.kind.rank(self.shapes)
+        if self.declared_rank is not None and shown is not None and shown != self.declared_rank:
+            return f"the adapter config gives r={self.declared_rank} but the factors have rank {shown}"
+        if self.alpha is not None and not math.isfinite(self.alpha):
+            return f"alpha is {self.alpha}"
+        return None
 
     @property
     def dora_columns(self) -> bool:
@@ -115,10 +138,14 @@ class Adapter:
     arch_tied: list[str] = field(default_factory=list)  # architectures the module names fit equally well
 
     def load(self, key: str) -> torch.Tensor:
-        return self.source.load(key)
+        """A tensor of the adapter, refused when it holds NaN or inf: every command that writes
+        would only spread the damage (inspect reads the raw bytes and reports it instead)."""
+        tensor = self.source.load(key)
+        refuse_non_finite(tensor, self.source.path, key)
+        return tensor
 
     def tensors(self, module: AdapterModule) -> dict[str, torch.Tensor]:
-        return {role: self.source.load(key) for role, key in module.keys.items()}
+        return {role: self.load(key) for role, key in module.keys.items()}
 
     def close(self) -> None:
         self.source.close()
@@ -128,3 +155,15 @@ class Adapter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    wide = tensor if tensor.element_size() > 1 else tensor.float()  # no isfinite for fp8 on every build
+    return bool(torch.isfinite(wide).all())
+
+
+def refuse_non_finite(tensor: torch.Tensor, path: object, key: str) -> None:
+    if not all_finite(tensor):
+        raise InputError(f"{path}: tensor {key!r} holds NaN or inf values; the file is damaged (inspect it)")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ from .archs import architectures
 from .conversion import convert as convert_file
 from .conversion.combine import combine as combine_files
 from .conversion.layouts import LAYOUTS
-from .errors import EXIT_UNUSABLE, FindingsError, LoratoolError
+from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNUSABLE, FindingsError, LoratoolError
 from .extraction import DEFAULT_MAX_RANK
 from .extraction import extract as extract_files
 from .extraction.resize import resize as resize_file
@@ -37,16 +39,36 @@ from .report import (
 from .sizes import parse_size
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that every open writer drops its temporary file."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Every failure becomes one line on stderr and a documented exit code, never a traceback."""
+    """Every failure becomes one line on stderr and a documented exit code, never a traceback.
+
+    Ctrl-C and SIGTERM unwind like errors, so writers remove their temporary files and DEST is
+    left as it was (SIGKILL cannot be caught: DEST is still untouched, a temporary file may stay).
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
         except LoratoolError as exc:
             error_line(exc.message)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except _Terminated:
+            error_line("terminated (SIGTERM)")
+            sys.exit(EXIT_TERMINATED)
         except MemoryError:
             error_line("out of memory")
             sys.exit(EXIT_UNUSABLE)
@@ -69,6 +91,13 @@ def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+ALLOW_PICKLE = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read pickle checkpoints (.ckpt/.pt/.pth/.bin), tensors only: torch.load(weights_only=True).",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loratool")
 def main() -> None:
@@ -82,8 +111,11 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit 1 when any error-level finding is reported.")
 @click.option("--keys", is_flag=True, help="List every module (always present in --json).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@ALLOW_PICKLE
 @_one_line_errors
-def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool, quiet: bool) -> None:
+def inspect(
+    path: str, base: str | None, as_json: bool, strict: bool, keys: bool, quiet: bool, allow_pickle: bool
+) -> None:
     """Describe a LoRA file or PEFT adapter dir and report problems in it.
 
     \b
@@ -92,7 +124,7 @@ def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool
       loratool inspect adapter_dir/ --base model_dir/ --json --strict
     """
     with progress_bar("inspecting", enabled=not quiet) as progress:
-        report = inspect_file(path, base=base, progress=progress)
+        report = inspect_file(path, base=base, progress=progress, allow_pickle=allow_pickle)
     if as_json:
         print_json(report.to_json())
     else:
@@ -114,8 +146,11 @@ def inspect(path: str, base: str | None, as_json: bool, strict: bool, keys: bool
 )
 @click.option("--arch", type=click.Choice(list(architectures())), help="Architecture, when names cannot tell.")
 @_output_options
+@ALLOW_PICKLE
 @_one_line_errors
-def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json: bool, quiet: bool) -> None:
+def convert(
+    src: str, to: str, dest: str, arch: str | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool
+) -> None:
     """Rewrite a LoRA in another key layout, losslessly.
 
     Refuses (exit 2, naming the module) anything the target cannot hold.
@@ -126,7 +161,7 @@ def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json
       loratool convert adapter_dir/ --to kohya -o adapter.safetensors
     """
     with progress_bar("converting", enabled=not quiet) as progress:
-        report = convert_file(src, to, dest, arch=arch, force=force, progress=progress)
+        report = convert_file(src, to, dest, arch=arch, force=force, progress=progress, allow_pickle=allow_pickle)
     if as_json:
         print_json(report.to_json())
     else:
@@ -149,6 +184,7 @@ def convert(src: str, to: str, dest: str, arch: str | None, force: bool, as_json
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches; skip LoRA modules the base lacks.")
 @click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
 @_output_options
+@ALLOW_PICKLE
 @_one_line_errors
 def merge(
     base: str,
@@ -162,6 +198,7 @@ def merge(
     force: bool,
     as_json: bool,
     quiet: bool,
+    allow_pickle: bool,
 ) -> None:
     """Bake LoRAs into a base checkpoint: W' = W + weight * (alpha/r) * B @ A.
 
@@ -187,6 +224,7 @@ def merge(
             shard_size=size,
             force=force,
             progress=progress,
+            allow_pickle=allow_pickle,
         )
     if as_json:
         print_json(report.to_json())
@@ -205,6 +243,7 @@ def merge(
 @click.option("--rank", type=int, help="Best rank-R approximation per module instead of the exact sum.")
 @click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Output layout (default: the first LoRA's).")
 @_output_options
+@ALLOW_PICKLE
 @_one_line_errors
 def combine(
     loras: tuple[str, ...],
@@ -215,6 +254,7 @@ def combine(
     force: bool,
     as_json: bool,
     quiet: bool,
+    allow_pickle: bool,
 ) -> None:
     """Combine LoRAs of one model into one LoRA: update = sum of weight * update.
 
@@ -228,7 +268,14 @@ def combine(
     """
     with progress_bar("combining", enabled=not quiet) as progress:
         report = combine_files(
-            list(loras), dest, weights=list(weights), rank=rank, to=to, force=force, progress=progress
+            list(loras),
+            dest,
+            weights=list(weights),
+            rank=rank,
+            to=to,
+            force=force,
+            progress=progress,
+            allow_pickle=allow_pickle,
         )
     if as_json:
         print_json(report.to_json())
@@ -263,6 +310,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
 @_output_options
+@ALLOW_PICKLE
 @_one_line_errors
 def extract(
     base: str,
@@ -284,6 +332,7 @@ def extract(
     show_modules: bool,
     as_json: bool,
     quiet: bool,
+    allow_pickle: bool,
 ) -> None:
     """Extract a LoRA from a fine-tuned checkpoint: truncated SVD of TUNED - BASE per module.
 
@@ -313,6 +362,7 @@ def extract(
             device=device,
             force=force,
             progress=progress,
+            allow_pickle=allow_pickle,
         )
     if as_json:
         print_json(report.to_json())
@@ -330,6 +380,7 @@ def extract(
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
 @_output_options
+@ALLOW_PICKLE
 @_one_line_errors
 def resize(
     lora: str,
@@ -341,6 +392,7 @@ def resize(
     show_modules: bool,
     as_json: bool,
     quiet: bool,
+    allow_pickle: bool,
 ) -> None:
     """Cut a LoRA to a lower rank: the optimal truncation per module, same layout and scale.
 
@@ -350,7 +402,16 @@ def resize(
       loratool resize adapter_dir/ --dynamic fro:0.95 -o adapter_small/
     """
     with progress_bar("resizing", enabled=not quiet, unit="modules") as progress:
-        report = resize_file(lora, dest, rank=rank, dynamic=dynamic, device=device, force=force, progress=progress)
+        report = resize_file(
+            lora,
+            dest,
+            rank=rank,
+            dynamic=dynamic,
+            device=device,
+            force=force,
+            progress=progress,
+            allow_pickle=allow_pickle,
+        )
     if as_json:
         print_json(report.to_json())
     else:

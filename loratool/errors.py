@@ -8,6 +8,8 @@ from __future__ import annotations
 
 EXIT_FINDINGS = 1
 EXIT_UNUSABLE = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
 
 
 class LoratoolError(Exception):

@@ -132,8 +132,8 @@ def compact_targets(targets: tuple[str, ...]) -> str:
 class BaseWeights:
     """Looks up the base weights a module updates, loading only those tensors."""
 
-    def __init__(self, path: str | os.PathLike, adapter: Adapter) -> None:
-        self.source: TensorSource = open_source(path)
+    def __init__(self, path: str | os.PathLike, adapter: Adapter, allow_pickle: bool = False) -> None:
+        self.source: TensorSource = open_source(path, allow_pickle)
         self.arch = adapter.arch
         if isinstance(self.arch, HFArchitecture) and self.source.config:
             self.arch = detect_hf([], config=self.source.config) or self.arch
@@ -318,16 +318,19 @@ def _metadata_summary(adapter: Adapter) -> dict[str, object]:
 
 
 def inspect(
-    path: str | os.PathLike, base: str | os.PathLike | None = None, progress: Progress | None = None
+    path: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    allow_pickle: bool = False,
 ) -> InspectReport:
     """Read a LoRA file or PEFT adapter dir, check it, and describe it."""
-    adapter, detection = read_adapter(path)
+    adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
     base_weights: BaseWeights | None = None
     try:
         if base is not None:
             if Path(base).resolve() == Path(path).resolve():
                 raise InputError(f"{base}: the base is the adapter itself")
-            base_weights = BaseWeights(base, adapter)
+            base_weights = BaseWeights(base, adapter, allow_pickle)
             adapter.arch = base_weights.arch
         checker = Checker(adapter)
         facts, module_findings, data_sha = _data_pass(adapter, checker, base_weights, progress)

@@ -128,7 +128,7 @@ def test_metadata_records_the_inputs(tmp_path):
     out = tmp_path / "combined.safetensors"
     combine([KOHYA, DIFFUSERS], out, weights=[1.0, 0.5], to="kohya")
     record = json.loads(SafetensorsFile(out).metadata[COMBINED_KEY])
-    assert record == {"loras": [str(KOHYA), str(DIFFUSERS)], "weights": [1.0, 0.5], "rank": None}
+    assert record == {"loras": [KOHYA.name, DIFFUSERS.name], "weights": [1.0, 0.5], "rank": None}
 
 
 def test_default_layout_is_the_first_loras(tmp_path):

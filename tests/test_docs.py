@@ -39,9 +39,29 @@ def test_every_doc_linked_from_readme_exists():
         "docs/formats.md",
         "docs/architecture.md",
         "docs/benchmarks.md",
+        "docs/kinds.md",
+        "docs/errors.md",
     ):
         assert f"({link})" in readme
         assert (ROOT / link).is_file()
+
+
+def test_errors_doc_lists_every_exit_code_and_error_family():
+    from loratool import errors
+
+    doc = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    assert codes == {1, 2, 130, 143}
+    for code in {0, *codes}:
+        assert f"\n| {code} |" in doc, code
+    families = {errors.LoratoolError}
+    while True:
+        more = {sub for cls in families for sub in cls.__subclasses__()} - families
+        if not more:
+            break
+        families |= more
+    for cls in families - {errors.LoratoolError}:
+        assert f"(`{cls.__name__}`, exit {cls.exit_code})" in doc, cls.__name__
 
 
 def run_benchmark(script: str, tmp_path) -> str:

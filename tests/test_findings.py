@@ -163,6 +163,7 @@ def test_codes_and_default_severities() -> None:
         "unknown-key": "warning",
         "orphan-tensor": "error",
         "shape-mismatch": "error",
+        "broken-module": "error",
         "dtype-mixed": "warning",
         "metadata-mismatch": "warning",
         "hash-mismatch": "warning",
@@ -218,6 +219,27 @@ def test_nan_inf_alpha(tmp_path: Path) -> None:
     # Implied by the defect: the module's alpha (inf) is not the header's ss_network_alpha (2).
     assert triples(report) == [("metadata-mismatch", "warning", None), ("nan-inf", "error", Q)]
     assert "alpha" in the_finding(report, "nan-inf").message
+
+
+@pytest.mark.parametrize(
+    ("why", "plant"),
+    [
+        ("floating point", lambda sd: sd.update({f"{Q}.lora_up.weight": sd[f"{Q}.lora_up.weight"].to(torch.int32)})),
+        (
+            "is empty",
+            lambda sd: sd.update(
+                {
+                    f"{Q}.lora_up.weight": sd[f"{Q}.lora_up.weight"][:, :0].contiguous(),
+                    f"{Q}.lora_down.weight": sd[f"{Q}.lora_down.weight"][:0].contiguous(),
+                }
+            ),
+        ),
+    ],
+)
+def test_broken_module(tmp_path: Path, why, plant) -> None:
+    report = loratool.inspect(make_sd1(tmp_path, plant))
+    assert ("broken-module", "error", Q) in triples(report)
+    assert why in the_finding(report, "broken-module").message
 
 
 def test_fp16_overflow_of_the_update_alone(tmp_path: Path) -> None:

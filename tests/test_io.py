@@ -435,12 +435,13 @@ def test_peft_directory_with_broken_config(tmp_path: Path, config: str) -> None:
     assert_one_line_naming(exc, d / "adapter_config.json")
 
 
-def test_peft_directory_without_config_is_a_plain_weights_directory(tmp_path: Path) -> None:
+def test_peft_directory_without_config_is_refused(tmp_path: Path) -> None:
+    """Reading it as a bare state dict would assume alpha = rank: the silent alpha loss we exist to prevent."""
     d = peft_dir(tmp_path, None)
-    with open_source(d) as src:
-        assert src.container != "peft"
-        assert src.config is None
-        assert src.keys() == ["base_model.model.x.lora_A.weight"]
+    with pytest.raises(InputError) as exc:
+        open_source(d)
+    assert_one_line_naming(exc, d)
+    assert "adapter_config.json" in str(exc.value)
 
 
 def test_peft_directory_without_weights(tmp_path: Path) -> None:

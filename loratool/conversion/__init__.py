@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapter import Adapter
+from ..adapter import Adapter, refuse_non_finite
 from ..archs import Architecture, HFArchitecture, hint_matches
 from ..errors import ConversionError
 from ..formats import read_adapter
 from ..formats.detect import Detection
 from ..io.destination import check_destination
-from ..io.safetensors_file import DTYPES
+from ..io.safetensors_file import DTYPES, tensor_from_bytes
+from ..io.source import PEFT_CONFIG, PEFT_WEIGHTS
 from ..io.writer import (
     HASH_KEY,
     LEGACY_HASH_KEY,
@@ -35,8 +36,6 @@ from .layouts import LAYOUTS, Entry, Layout, Origin, PeftLayout
 from .plan import Load, Piece, Unit, fuse_group, split, unit_of
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -64,6 +63,7 @@ def convert(
     *,
     arch: str | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> ConvertReport:
     """Write a LoRA in another layout (`kohya`, `diffusers` or `peft`) with every module's update unchanged.
@@ -73,13 +73,13 @@ def convert(
     """
     layout = LAYOUTS[to]
     check_destination([Path(src)], Path(dest), force, directory=isinstance(layout, PeftLayout))
-    adapter, detection = read_adapter(src, arch)
+    adapter, detection = read_adapter(src, arch, allow_pickle)
     with adapter:
         refuse_lossy_input(adapter, detection)
         named, notes = plan(adapter, layout)
         notes += ignored_notes(adapter)
         if adapter.arch_tied and arch is None:
-            _check_ambiguity(src, adapter, layout, named)
+            _check_ambiguity(src, adapter, layout, named, allow_pickle)
         entries = [e for name, unit in named.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)
         metadata = layout.metadata(named, adapter, adapter.arch)
@@ -216,13 +216,15 @@ def _row_order(arch: Architecture | HFArchitecture, layout: Layout, unit: Unit, 
     return replace(unit, pieces=pieces, native_rows=native, notes=[*unit.notes, f"{unit.origin}: row halves swapped"])
 
 
-def _check_ambiguity(src: str | os.PathLike, adapter: Adapter, layout: Layout, named: dict[str, Unit]) -> None:
+def _check_ambiguity(
+    src: str | os.PathLike, adapter: Adapter, layout: Layout, named: dict[str, Unit], allow_pickle: bool
+) -> None:
     """Names that fit several architectures are fine when every reading converts the same way."""
     mine = _signature(layout, adapter, named)
     for other in adapter.arch_tied:
         if other == adapter.arch.name:
             continue
-        alt, _ = read_adapter(src, other)
+        alt, _ = read_adapter(src, other, allow_pickle)
         with alt:
             try:
                 alt_named, _ = plan(alt, layout)
@@ -299,7 +301,9 @@ def write_entries(
             piece = entry.piece
             if _is_copy(adapter, piece):
                 ref = adapter.source.ref(piece.key)
-                writer.write_raw(spec.name, ref.file.read_bytes(ref.name), spec.dtype, spec.shape)
+                raw = ref.file.read_bytes(ref.name)
+                refuse_non_finite(tensor_from_bytes(raw, ref.info), adapter.source.path, piece.key)
+                writer.write_raw(spec.name, raw, spec.dtype, spec.shape)
             else:
                 tensor = load(piece).to(DTYPES[spec.dtype]).reshape(spec.shape).contiguous()
                 writer.write(spec.name, tensor)

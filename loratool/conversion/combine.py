@@ -69,6 +69,7 @@ def combine(
     rank: int | None = None,
     to: str | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> CombineReport:
     """Write one LoRA whose update is the weighted sum of the inputs' updates.
@@ -82,7 +83,7 @@ def combine(
     adapters: list[Adapter] = []
     try:
         for path in loras:
-            adapter, detection = read_adapter(path)
+            adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
             adapters.append(adapter)
             refuse_lossy_input(adapter, detection)
             _refuse_uncombinable(adapter)
@@ -101,7 +102,8 @@ def combine(
         first = adapters[0]
         entries = [e for name, unit in combined.items() for e in layout.entries(name, unit, arch)]
         metadata = layout.metadata(combined, first, arch)
-        record = {"loras": [str(p) for p in loras], "weights": strengths, "rank": rank}
+        # File names only: where the author keeps them is nobody else's business (and not reproducible).
+        record = {"loras": [Path(p).name for p in loras], "weights": strengths, "rank": rank}
         metadata[COMBINED_KEY] = config_json(record).strip()
         written = write_output(layout, dest, force, first, entries, metadata, combined, first, arch, progress)
     finally:

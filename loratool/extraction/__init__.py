@@ -112,6 +112,7 @@ def extract(
     device: str = "auto",
     seed: int = 0,
     force: bool = False,
+    allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Write a LoRA whose update approximates `tuned - base`, module by module.
@@ -129,7 +130,7 @@ def extract(
     )
     torch_device = resolve_device(device)
     base_path, tuned_path = Path(base), Path(tuned)
-    with open_source(base_path) as base_src, open_source(tuned_path) as tuned_src:
+    with open_source(base_path, allow_pickle) as base_src, open_source(tuned_path, allow_pickle) as tuned_src:
         arch = checkpoint_architecture(base_src)
         tuned_arch = checkpoint_architecture(tuned_src)
         if tuned_arch.name != arch.name:

@@ -74,13 +74,14 @@ def resize(
     dynamic: str | None = None,
     device: str = "auto",
     force: bool = False,
+    allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> ResizeReport:
     """Write `lora` at a lower rank: `rank`, or per module by a `dynamic` rule ("fro:0.9",
     "ratio:20", "cumulative:0.9", "eps:1e-3"; never above the module's own rank). Same layout."""
     rule = rank_rule(rank, dynamic)
     torch_device = resolve_device(device)
-    adapter, detection = read_adapter(lora)
+    adapter, detection = read_adapter(lora, allow_pickle=allow_pickle)
     with adapter:
         refuse_lossy_input(adapter, detection)
         layout = LAYOUTS[adapter.format if adapter.format in LAYOUTS else "kohya"]

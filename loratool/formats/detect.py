@@ -65,9 +65,12 @@ def detect_format(source: TensorSource) -> Detection:
     )
 
 
-def read_adapter(path: str | os.PathLike, arch: str | None = None) -> tuple[Adapter, Detection]:
-    """Open, detect and read a LoRA file or PEFT adapter directory (on `arch` when given)."""
-    source = open_source(path)
+def read_adapter(
+    path: str | os.PathLike, arch: str | None = None, allow_pickle: bool = False
+) -> tuple[Adapter, Detection]:
+    """Open, detect and read a LoRA file or PEFT adapter directory (on `arch` when given); pickle
+    files only with `allow_pickle`, and then only their tensors."""
+    source = open_source(path, allow_pickle)
     try:
         detection = detect_format(source)
         adapter = detection.codec.read(source, detection.claim, arch)

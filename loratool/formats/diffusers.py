@@ -14,7 +14,7 @@ from ..archs import architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
-from .peft_config import pattern_value
+from .peft_config import checked_config, pattern_value
 
 METADATA_KEY = "lora_adapter_metadata"
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
@@ -43,7 +43,7 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
             configs.setdefault(head, {})[field] = value
         else:
             configs.setdefault("", {})[key] = value
-    return configs
+    return {name: checked_config(config, f"{METADATA_KEY} in the header") for name, config in configs.items()}
 
 
 class DiffusersCodec(Codec):

@@ -9,11 +9,11 @@ from __future__ import annotations
 from ..adapter import Adapter
 from ..archs import ArchDetection, detect
 from ..errors import FormatError
-from ..io.source import TensorSource
+from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 from .diffusers import component_configs, diffusers_components
-from .peft_config import pattern_value
+from .peft_config import checked_config, pattern_value
 
 WRAPPER = "base_model.model."
 PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
@@ -29,7 +29,7 @@ class PeftCodec(Codec):
 
     def _config(self, source: TensorSource) -> dict | None:
         if source.container == "peft":
-            return source.config or {}
+            return checked_config(source.config or {}, source.path.parent / PEFT_CONFIG)
         configs = component_configs(source.metadata)
         return (configs or {}).get("")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .pickle_file import PICKLE_SUFFIXES, pickle_as_safetensors, pickle_refusal
 from .safetensors_file import SafetensorsFile, TensorInfo
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 DIFFUSERS_INDEX = "model_index.json"
@@ -57,6 +58,7 @@ class TensorSource:
         self._refs = refs
         self.files = files
         self.config = config
+        self.scratch: list[Path] = []  # temporary dirs of pickles copied to safetensors, removed on close
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -91,6 +93,8 @@ class TensorSource:
     def close(self) -> None:
         for f in self.files:
             f.close()
+        for directory in self.scratch:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def __enter__(self) -> TensorSource:
         return self
@@ -99,26 +103,67 @@ class TensorSource:
         self.close()
 
 
-def open_source(path: str | os.PathLike) -> TensorSource:
-    """Open whatever the user pointed at; raise `InputError` with the reason when it is unusable."""
+def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> TensorSource:
+    """Open whatever the user pointed at; raise `InputError` with the reason when it is unusable.
+
+    Pickle checkpoints are refused unless `allow_pickle`; then only their tensors are read.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory")
-    if p.is_dir():
-        return _open_dir(p)
-    if p.name.endswith(".index.json"):
-        return _open_sharded(p, config=_read_json(p.parent / HF_CONFIG) if (p.parent / HF_CONFIG).is_file() else None)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        raise InputError(
-            f"{p}: pickle checkpoints can run code when loaded and are refused; "
-            "convert it to .safetensors first (for example with safetensors.torch.save_file)"
-        )
-    return _single(p, "file")
+    opener = _Opener(allow_pickle)
+    try:
+        if p.is_dir():
+            source = opener.directory(p)
+        elif p.name.endswith(".index.json"):
+            config = _read_json(p.parent / HF_CONFIG) if (p.parent / HF_CONFIG).is_file() else None
+            source = opener.sharded(p, config)
+        else:
+            source = opener.single(p, "file")
+    except BaseException:
+        opener.discard()
+        raise
+    source.scratch = opener.scratch
+    return source
 
 
-def _single(p: Path, container: str, config: dict | None = None) -> TensorSource:
-    f = SafetensorsFile(p)
-    return TensorSource(p, container, {k: TensorRef(f, k) for k in f}, [f], config)
+class _Opener:
+    """Opens the files of one source, copying pickles to temporary safetensors when allowed."""
+
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.scratch: list[Path] = []
+
+    def discard(self) -> None:
+        for directory in self.scratch:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def file(self, p: Path) -> SafetensorsFile:
+        if p.suffix.lower() not in PICKLE_SUFFIXES:
+            return SafetensorsFile(p)
+        if not self.allow_pickle:
+            raise pickle_refusal(p)
+        copy, directory = pickle_as_safetensors(p)
+        self.scratch.append(directory)
+        return SafetensorsFile(copy)
+
+    def single(self, p: Path, container: str, config: dict | None = None) -> TensorSource:
+        f = self.file(p)
+        return TensorSource(p, container, {k: TensorRef(f, k) for k in f}, [f], config)
+
+    def weights(self, d: Path) -> Path | None:
+        found = weights_in(d)
+        if found is None:
+            found = weights_in(d, PICKLE_WEIGHT_NAMES)
+            if found is not None and not self.allow_pickle:
+                raise pickle_refusal(found)
+        return found
+
+    def directory(self, p: Path) -> TensorSource:
+        return _open_dir(p, self)
+
+    def sharded(self, index_path: Path, config: dict | None) -> TensorSource:
+        return _open_sharded(index_path, config, self)
 
 
 def _read_json(p: Path) -> dict:
@@ -133,24 +178,29 @@ def _read_json(p: Path) -> dict:
     return data
 
 
-def _open_dir(p: Path) -> TensorSource:
+def _open_dir(p: Path, opener: _Opener) -> TensorSource:
     if (p / PEFT_CONFIG).exists():
         config = _read_json(p / PEFT_CONFIG)
         weights = p / PEFT_WEIGHTS
         if not weights.is_file():
-            if (p / "adapter_model.bin").exists():
-                raise InputError(f"{p}: only adapter_model.bin (pickle) is present; save the adapter with safetensors")
-            raise InputError(f"{p}: PEFT adapter directory without {PEFT_WEIGHTS}")
-        return _single(weights, "peft", config)
+            weights = p / PEFT_PICKLE
+            if not weights.is_file():
+                raise InputError(f"{p}: PEFT adapter directory without {PEFT_WEIGHTS}")
+        return opener.single(weights, "peft", config)
     if (p / DIFFUSERS_INDEX).exists():
-        return _open_diffusers(p)
+        return _open_diffusers(p, opener)
+    if (p / PEFT_WEIGHTS).is_file():
+        raise InputError(
+            f"{p}: PEFT adapter directory without {PEFT_CONFIG}; its rank and alpha are recorded there "
+            "(save_pretrained writes both files)"
+        )
     config = _read_json(p / HF_CONFIG) if (p / HF_CONFIG).is_file() else None
-    weights = weights_in(p)
+    weights = opener.weights(p)
     if weights is None:
         raise InputError(f"{p}: no .safetensors weights or index in this directory")
     if weights.name.endswith(".index.json"):
-        return _open_sharded(weights, config)
-    return _single(weights, "file", config)
+        return _open_sharded(weights, config, opener)
+    return opener.single(weights, "file", config)
 
 
 DEFAULT_WEIGHT_NAMES = (
@@ -161,11 +211,20 @@ DEFAULT_WEIGHT_NAMES = (
 )
 
 
-def weights_in(d: Path) -> Path | None:
-    """The one weights file (or shard index) of a model directory; default names win over variants."""
+# The pickle files save_pretrained wrote before safetensors; read only with --allow-pickle.
+PEFT_PICKLE = "adapter_model.bin"
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin", "pytorch_lora_weights.bin", PEFT_PICKLE)
+
+
+def weights_in(d: Path, names: tuple[str, ...] = DEFAULT_WEIGHT_NAMES) -> Path | None:
+    """The one weights file (or shard index) of a model directory; default names win over variants.
+
+    `names` are the default file names (safetensors ones unless told); their suffix is the one searched.
+    """
+    suffix = Path(names[0]).suffix
     for candidates, defaults in (
-        (sorted(d.glob("*.safetensors.index.json")), tuple(n + ".index.json" for n in DEFAULT_WEIGHT_NAMES)),
-        (sorted(d.glob("*.safetensors")), DEFAULT_WEIGHT_NAMES),
+        (sorted(d.glob(f"*{suffix}.index.json")), tuple(n + ".index.json" for n in names)),
+        (sorted(d.glob(f"*{suffix}")), names),
     ):
         if len(candidates) == 1:
             return candidates[0]
@@ -178,7 +237,7 @@ def weights_in(d: Path) -> Path | None:
     return None
 
 
-def _open_sharded(index_path: Path, config: dict | None) -> TensorSource:
+def _open_sharded(index_path: Path, config: dict | None, opener: _Opener) -> TensorSource:
     index = _read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
@@ -193,7 +252,7 @@ def _open_sharded(index_path: Path, config: dict | None) -> TensorSource:
                 raise InputError(f"{index_path}: shard name {shard!r} points outside the index's directory")
             if not shard_path.is_file():
                 raise InputError(f"{index_path}: names shard {shard}, which does not exist")
-            files[shard] = SafetensorsFile(shard_path)
+            files[shard] = opener.file(shard_path)
         refs: dict[str, TensorRef] = {}
         for shard, f in files.items():
             for key in f:
@@ -209,7 +268,7 @@ def _open_sharded(index_path: Path, config: dict | None) -> TensorSource:
     return TensorSource(index_path, "sharded", refs, list(files.values()), config)
 
 
-def _open_diffusers(p: Path) -> TensorSource:
+def _open_diffusers(p: Path, opener: _Opener) -> TensorSource:
     """A pipeline folder; keys become `<component>.<key>`, the names diffusers-format LoRAs use."""
     model_index = _read_json(p / DIFFUSERS_INDEX)
     refs: dict[str, TensorRef] = {}
@@ -219,14 +278,18 @@ def _open_diffusers(p: Path) -> TensorSource:
             if component.startswith("_") or not isinstance(spec, list):
                 continue
             sub = p / component
-            weights = weights_in(sub) if sub.is_dir() else None
+            weights = opener.weights(sub) if sub.is_dir() else None
             if weights is None:
                 if spec and spec[0] is not None and _is_weighted_component(spec):
                     raise InputError(
                         f"{p}: component {component!r} listed in {DIFFUSERS_INDEX} has no safetensors weights"
                     )
                 continue
-            part = _open_sharded(weights, None) if weights.name.endswith(".index.json") else _single(weights, "file")
+            part = (
+                _open_sharded(weights, None, opener)
+                if weights.name.endswith(".index.json")
+                else opener.single(weights, "file")
+            )
             files.extend(part.files)
             for key in part:
                 refs[f"{component}.{key}"] = part.ref(key)

@@ -34,6 +34,8 @@ class Kind(ABC):
     # Tensor names too generic to claim on their own (IA3's `weight`): suffix -> the companion
     # suffix a module must also have (LyCORIS detects IA3 by `on_input` the same way).
     companions: ClassVar[dict[str, str]] = {}
+    # Roles that hold a setting rather than weights (IA3's `on_input`): any dtype, never a factor.
+    flag_roles: ClassVar[tuple[str, ...]] = ()
 
     def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
         """The roles once the values of tiny flag tensors are known (IA3's `on_input` decides which

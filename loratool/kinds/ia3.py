@@ -24,6 +24,7 @@ class IA3(Kind):
     reads_base = True
     stores_alpha = False
     companions: ClassVar[dict[str, str]] = {"weight": "on_input"}  # a bare `.weight` is any checkpoint's
+    flag_roles: ClassVar[tuple[str, ...]] = ("on_input",)
 
     def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
         if "vector" not in keys or "on_input" not in keys:

@@ -81,6 +81,7 @@ def merge(
     allow_unmatched: bool = False,
     shard_size: int | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Write `base` with each LoRA merged in at its weight (default 1.0; negative subtracts).
@@ -95,12 +96,17 @@ def merge(
     if dtype not in DTYPE_CHOICES:
         raise MergeError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_CHOICES)}")
     torch_device = resolve_device(device)
-    with open_source(base_path) as source, ExitStack() as stack:
+    with open_source(base_path, allow_pickle) as source, ExitStack() as stack:
+        if source.scratch and base_path.is_dir():
+            raise MergeError(
+                f"{base}: a model directory with pickle weights cannot be mirrored; "
+                "save it with safetensors (save_pretrained(..., safe_serialization=True)) and merge that"
+            )
         plan = plan_output(source, base_path, shard_size, DTYPE_CHOICES[dtype])
         _check_dest(base_path, [Path(p) for p in loras], dest_path, plan, force)
         matches = []
         for i, (path, strength) in enumerate(zip(loras, strengths, strict=True)):
-            found = open_lora(path, i, strength, source)
+            found = open_lora(path, i, strength, source, allow_pickle)
             stack.callback(found.adapter.close)
             matches.append(found)
         _check_unmatched(matches, source, allow_unmatched)

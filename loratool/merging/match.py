@@ -51,16 +51,18 @@ class LoraMatch:
     notes: list[str] = field(default_factory=list)
 
 
-def open_lora(path: str | os.PathLike, lora: int, strength: float, base: TensorSource) -> LoraMatch:
+def open_lora(
+    path: str | os.PathLike, lora: int, strength: float, base: TensorSource, allow_pickle: bool = False
+) -> LoraMatch:
     """Read a LoRA and match it to `base`; names several architectures share are settled by the base."""
-    adapter, detection = read_adapter(path)
+    adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
     try:
         _refuse_unmergeable(adapter, detection)
         best = match(adapter, lora, strength, base)
         for other in adapter.arch_tied:
             if adapter.arch is None or other == adapter.arch.name:
                 continue
-            alt, _ = read_adapter(path, other)
+            alt, _ = read_adapter(path, other, allow_pickle)
             candidate = match(alt, lora, strength, base)
             if len(candidate.matched) > len(best.matched):
                 best.adapter.close()

@@ -40,6 +40,7 @@ CODES: dict[str, str] = {
     "unknown-key": "warning",
     "orphan-tensor": "error",
     "shape-mismatch": "error",
+    "broken-module": "error",
     "dtype-mixed": "warning",
     "metadata-mismatch": "warning",
     "hash-mismatch": "warning",
@@ -129,8 +130,12 @@ class Checker:
         facts = ModuleFacts()
         out: list[Finding] = []
         name = module.name
-        if module.problem:
-            return facts, [finding("shape-mismatch", name, f"factors do not fit together: {module.problem}")]
+        if module.shape_problem:
+            message = f"factors do not fit together: {module.shape_problem}"
+            return facts, [finding("shape-mismatch", name, message)]
+        alpha_bad = module.alpha is not None and not math.isfinite(module.alpha)  # nan-inf below says so
+        if module.problem and not alpha_bad:
+            return facts, [finding("broken-module", name, module.problem)]
         measured = {role: _tensor_facts(t) for role, t in tensors.items()}
         bad = [role for role, (_, finite, _) in measured.items() if not finite]
         if module.alpha is not None and not math.isfinite(module.alpha):
@@ -371,7 +376,7 @@ class Checker:
         # kohya and LyCORIS give linear layers and 1x1 convs the network dim/alpha; conv_dim and conv_alpha
         # apply to larger kernels only. A module without a rank (LoKr with two full factors) has no
         # meaningful alpha either: LyCORIS stores alpha = dim there and uses scale 1.
-        ranked = [m for m in self.adapter.modules.values() if not m.problem and m.rank is not None]
+        ranked = [m for m in self.adapter.modules.values() if not m.shape_problem and m.rank is not None]
         linear = [m for m in ranked if not self._uses_conv_dim(m)]
         conv = [m for m in ranked if self._uses_conv_dim(m)]
         try:
