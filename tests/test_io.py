@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import struct
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -1043,3 +1044,48 @@ def test_property_writer_round_trip(specs, names, metadata, record_hash) -> None
     for k, v in tensors.items():
         assert_same(loaded[k], v)
         assert_same(mine[k], v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# atomic_directory
+# ---------------------------------------------------------------------------------------------------
+def _fill(directory: Path, text: str) -> None:
+    (directory / "weights.safetensors").write_text(text)
+    (directory / "config.json").write_text(text)
+
+
+@pytest.mark.parametrize("swap", ["exchange", "move-aside"])
+def test_atomic_directory_replaces_an_existing_directory(tmp_path: Path, monkeypatch, swap) -> None:
+    if swap == "move-aside":
+        monkeypatch.setattr(writer_module, "_exchange", lambda a, b: False)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    _fill(dest, "old")
+    with writer_module.atomic_directory(dest, replace_existing=True) as tmp:
+        _fill(tmp, "new")
+        assert (dest / "config.json").read_text() == "old"  # nothing changes before the block ends
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {"weights.safetensors": "new", "config.json": "new"}
+    assert files_in(tmp_path) == ["out"]
+
+
+def test_atomic_directory_swaps_in_one_step_on_linux(tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux-only")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    assert writer_module._exchange(a, b)
+    assert ((a / "x").read_text(), (b / "x").read_text()) == ("b", "a")
+
+
+def test_atomic_directory_failure_keeps_the_old_directory(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    _fill(dest, "old")
+    with pytest.raises(RuntimeError), writer_module.atomic_directory(dest, replace_existing=True) as tmp:
+        _fill(tmp, "new")
+        raise RuntimeError("mid-write")
+    assert (dest / "config.json").read_text() == "old"
+    assert files_in(tmp_path) == ["out"]

@@ -9,6 +9,7 @@ a crash or an error leaves either the previous file or nothing, never a half-wri
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -410,6 +411,10 @@ def atomic_directory(path: str | os.PathLike, replace_existing: bool) -> Iterato
         if path.exists() or path.is_symlink():
             if not replace_existing:
                 raise OutputError(f"{path}: exists (use --force to replace it)")
+            if _exchange(tmp, path):  # one atomic step: no moment without a DEST, even under SIGKILL
+                _fsync_dir(path.parent)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")) / "old"
             os.replace(path, old)
         os.replace(tmp, path)
@@ -419,3 +424,18 @@ def atomic_directory(path: str | os.PathLike, replace_existing: bool) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
