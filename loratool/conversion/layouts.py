@@ -25,7 +25,7 @@ from ..archs import Architecture, HFArchitecture, Targets, kohya_flat
 from ..errors import ConversionError
 from ..formats.diffusers import METADATA_KEY
 from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
-from ..formats.peft import WRAPPER
+from ..formats.peft import COMPONENT_KEY, WRAPPER
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS, Kind
 from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_structure
@@ -97,7 +97,7 @@ class Layout(ABC):
 def carried_metadata(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:
     """The source's own metadata (training record, modelspec), without keys a layout owns, and
     kohya's network dim/alpha fields, when present, recomputed from the modules as written."""
-    owned = (METADATA_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY)
+    owned = (METADATA_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY, COMPONENT_KEY)
     kept = {k: v for k, v in metadata.items() if k not in owned}
     if "ss_network_dim" in kept:
         kept["ss_network_dim"] = _one_or_dynamic([u.rank for u in units.values()])
@@ -285,21 +285,22 @@ def short_path(path: str, optional_levels: tuple[str, ...] = ()) -> str:
     return path
 
 
-def _number(value: float) -> int | float:
-    """A config number: integers as such, and a value that is exactly a float32 (an alpha read from
-    an F32 tensor) as its shortest decimal, so 0.1 stays 0.1 rather than 0.10000000149011612."""
+def config_alpha(value: float, unit: Unit) -> int | float:
+    """An alpha as a config number: integers as such; the alpha of an F32 tensor, unchanged, as its
+    shortest float32 decimal (0.1 rather than 0.10000000149011612: what the trainer wrote); any
+    other value (a config's own number, a computed one) exactly, so its scale does not move."""
     if float(value).is_integer():
         return int(value)
-    single = numpy.float32(value)
-    return float(str(single)) if float(single) == value else float(value)
+    if unit.alpha_dtype == "F32" and value == unit.alpha:
+        return float(str(numpy.float32(value)))
+    return float(value)
 
 
 def rank_alpha_fields(
-    ranks: dict[str, int], alphas: dict[str, float], levels: tuple[str, ...], alpha_field: str
+    ranks: dict[str, int], numbers: dict[str, int | float], levels: tuple[str, ...], alpha_field: str
 ) -> dict:
     """`r` and alpha (under `alpha_field`) as the most common values, and a `^`-anchored full-path
-    pattern for every module that differs, from per-path ranks and alphas."""
-    numbers = {path: _number(a) for path, a in alphas.items()}
+    pattern for every module that differs, from per-path ranks and alphas (as `config_alpha` writes them)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(numbers.values()).most_common(1)[0][0]
     return {
@@ -320,7 +321,7 @@ def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: di
     config.update(
         rank_alpha_fields(
             {path: u.rank for path, u in units},
-            {path: u.alpha_for(rslora) for path, u in units},
+            {path: config_alpha(u.alpha_for(rslora), u) for path, u in units},
             levels,
             "lora_alpha",
         ),
@@ -387,7 +388,9 @@ class PeftLayout(PeftKeyed):
         fields, ranks = lycoris_structure(pairs[0][1].kind.name, pairs, kernels)
         # The source's own alpha where PEFT keeps its rank; alpha = scale * r where the rank is chosen
         # here (two whole LoKr factors have none).
-        alphas = {p: u.alpha_for(False) if ranks[p] == u.rank else u.scale * ranks[p] for p, u in pairs}
+        alphas = {
+            p: config_alpha(u.alpha_for(False) if ranks[p] == u.rank else u.scale * ranks[p], u) for p, u in pairs
+        }
         fields.update(rank_alpha_fields(ranks, alphas, levels, "alpha"))
         fields["target_modules"] = sorted({short_path(p, levels) for p, _ in pairs})
         return fields
@@ -409,7 +412,10 @@ class PeftLayout(PeftKeyed):
         return WRAPPER + arch.modules[targets[0]].path
 
     def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
-        return {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
+        metadata = {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
+        if isinstance(arch, Architecture):
+            metadata[COMPONENT_KEY] = next(iter(units.values())).component
+        return metadata
 
     def config(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict:
         levels = self._levels(units, arch)

@@ -7,11 +7,20 @@ Keys are `base_model.model.<module path>.<tensor>`; rank and alpha come from the
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..archs import ArchDetection, detect
+from ..archs import ArchDetection, Architecture, architectures, detect, hint_matches
 from ..errors import FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
-from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .base import (
+    MODIFIERS,
+    Claim,
+    Codec,
+    build_modules,
+    implied_shape_of,
+    place_on_architecture,
+    split_dotted,
+    suffixes_longest_first,
+)
 from .diffusers import component_configs, diffusers_components
 from .peft_config import checked_config, pattern_value
 
@@ -19,6 +28,9 @@ WRAPPER = "base_model.model."
 PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 ALPHA_FIELD = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
+# The pipeline component a PEFT dir of a diffusion model adapts. PEFT records none, and a text
+# encoder's module paths fit a bare transformers model (and SDXL's two encoders) equally well.
+COMPONENT_KEY = "loratool.component"
 
 
 class PeftCodec(Codec):
@@ -99,19 +111,32 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     """An LLM adapter names modules by their model path; an adapter on one diffusers component
     (a UNet, a Flux transformer) names them by the path inside that component."""
     metadata = source.metadata
-    if arch is None:
+    components = diffusers_components()
+    named = metadata.get(COMPONENT_KEY)
+    if named in components:
+        return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{named}.{m}", only=arch)
+    hinted = any(hint_matches(a, metadata) for a in architectures().values())
+    if arch is None and not hinted:  # a diffusion model's name in the metadata rules out a bare LLM
         found = place_on_architecture(
             modules, "diffusers", metadata, hf_name_hint=config.get("base_model_name_or_path") or None
         )
         if found.arch is not None:
             return found
-    names = list(modules)
-    scores = []
-    for component in sorted(diffusers_components()):
-        found = detect([f"{component}.{n}" for n in names], "diffusers", metadata, only=arch)
-        scores.append((len(found.resolved), component))
-    count, component = max(scores)
-    if count == 0:
+    implied = implied_shape_of(modules)
+    best: tuple[int, int, str | None] = (0, 0, None)
+    for component in sorted(components):  # ties keep the first (text_encoder before text_encoder_2)
+        found = detect([f"{component}.{n}" for n in modules], "diffusers", metadata, only=arch)
+        if not isinstance(found.arch, Architecture):
+            continue  # no table knows the names (detect fell back to a transformers family)
+        fits = sum(
+            1
+            for name, targets in found.resolved.items()
+            if implied(name[len(component) + 1 :]) == found.arch.modules[targets[0]].shape
+        )
+        if (len(found.resolved), fits) > best[:2]:
+            best = (len(found.resolved), fits, component)
+    component = best[2]
+    if component is None:
         return place_on_architecture(modules, "diffusers", metadata, only=arch)
     return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{component}.{m}", only=arch)
 
