@@ -284,10 +284,15 @@ def difference(a: bytes, b: bytes) -> str:
 
 
 def assert_identical(first: dict[str, bytes], second: dict[str, bytes], what: str) -> None:
-    assert first, f"{what}: nothing was written"
-    assert list(first) == list(second), f"{what}: other files: {list(first)} vs {list(second)}"
+    # Plain raises, not asserts: pytest's explanation of two unequal multi-MB byte strings (a
+    # character diff of their reprs) can run for many minutes; `difference` says where instead.
+    if not first:
+        raise AssertionError(f"{what}: nothing was written")
+    if list(first) != list(second):
+        raise AssertionError(f"{what}: other files: {list(first)} vs {list(second)}")
     for name, data in first.items():
-        assert data == second[name], f"{what}: {name or 'the file'} differs: {difference(data, second[name])}"
+        if data != second[name]:
+            raise AssertionError(f"{what}: {name or 'the file'} differs: {difference(data, second[name])}")
 
 
 def assert_no_path_leak(outputs: dict[str, bytes], dest: Path) -> None:
@@ -383,7 +388,9 @@ def test_runs_in_other_processes_match(inputs, in_process, tmp_path):
         for name, case in CASES.items():
             dests[name] = dest_for(tmp_path / f"hashseed-{seed}" / name, seed - 1, case)
             batch.append([*case.args(inputs), "-o", str(dests[name])])
-        env = {**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # The same thread count as this process: "run twice" means on the same machine and settings
+        # (torch's float sums may group differently with another number of threads).
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": str(torch.get_num_threads())}
         command = [sys.executable, "-c", SUBPROCESS_SCRIPT, json.dumps(batch)]
         proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
