@@ -43,7 +43,7 @@ class _Terminated(BaseException):
     """SIGTERM, raised where the process is so that every open writer drops its temporary file."""
 
 
-def _terminate(signum: int, frame: object) -> None:
+def _terminate(_signum: int, _frame: object) -> None:
     raise _Terminated
 
 
