@@ -14,11 +14,11 @@ import torch
 
 from .archs import Architecture, HFArchitecture, Targets
 from .errors import InputError
+from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
 from .kinds import Kind
 
 PEFT_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA tensor; LyCORIS calls it dora_scale
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 @dataclass

@@ -42,6 +42,7 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset(name for name, dtype in DTYPES.items() if dtype.is_floating_point)
 
 
 def dtype_size(dtype: str) -> int:

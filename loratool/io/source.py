@@ -114,10 +114,10 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> TensorSo
     opener = _Opener(allow_pickle)
     try:
         if p.is_dir():
-            source = opener.directory(p)
+            source = _open_dir(p, opener)
         elif p.name.endswith(".index.json"):
             config = _read_json(p.parent / HF_CONFIG) if (p.parent / HF_CONFIG).is_file() else None
-            source = opener.sharded(p, config)
+            source = _open_sharded(p, config, opener)
         else:
             source = opener.single(p, "file")
     except BaseException:
@@ -158,12 +158,6 @@ class _Opener:
             if found is not None and not self.allow_pickle:
                 raise pickle_refusal(found)
         return found
-
-    def directory(self, p: Path) -> TensorSource:
-        return _open_dir(p, self)
-
-    def sharded(self, index_path: Path, config: dict | None) -> TensorSource:
-        return _open_sharded(index_path, config, self)
 
 
 def _read_json(p: Path) -> dict:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, MergeError
-from ..io.safetensors_file import SafetensorsFile
+from ..io.safetensors_file import FLOAT_DTYPES, SafetensorsFile
 from ..io.source import TensorSource, weights_in
 from ..io.writer import TensorSpec, shard_plan
 
 INDEX_SUFFIX = ".safetensors.index.json"
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 # Weights in another format or variant would be stale copies of the unmerged base in the output.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 
