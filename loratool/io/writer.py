@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -101,13 +102,24 @@ def _copy_in_kernel(src_fd: int, dst, offset: int, size: int, start: int) -> boo
     return True
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _temp_file_next_to(path: Path) -> tuple[int, Path]:
+    """A private temporary file; it gets the permissions a plain open() would have given DEST
+    (mkstemp's 0600 would leave a merged model unreadable to a UI running as another user)."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except FileNotFoundError:
         raise OutputError(f"{path.parent}: output directory does not exist") from None
     except OSError as exc:
         raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~_umask())
     return fd, Path(tmp)
 
 
@@ -375,11 +387,16 @@ class ShardedWriter:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """A small file written beside `path` and renamed over it: readers see the old or the new one."""
     path = Path(path)
     fd, tmp = _temp_file_next_to(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -406,6 +423,7 @@ def atomic_directory(path: str | os.PathLike, replace_existing: bool) -> Iterato
     except OSError as exc:
         raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for files: DEST gets mkdir's permissions
         yield tmp
         old = None
         if path.exists() or path.is_symlink():
