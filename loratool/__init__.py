@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import combine, convert, extract, inspect, load_adapter, merge, resize
+from .api import *  # noqa: F403 - the public API is api.__all__
+from .api import __all__ as _api
 
-__all__ = ["__version__", "combine", "convert", "extract", "inspect", "load_adapter", "merge", "resize"]
+__all__ = ["__version__", *_api]

@@ -1,21 +1,26 @@
 """The Python API users script against; the CLI is a thin shell over these functions.
 
-`convert`, `merge`, `combine`, `extract` and `resize` are the implementations themselves, re-exported here.
+`convert`, `merge`, `combine`, `extract` and `resize` are the implementations themselves, re-exported
+here with the report types they return, so `import loratool` is all a script needs. docs/api.md
+documents each one; every long-running call takes `progress=`, a callback given a `Step`.
 """
 
 from __future__ import annotations
 
 import os
 
-from .adapter import Adapter
-from .conversion import convert
-from .conversion.combine import combine
-from .extraction import extract
-from .extraction.resize import resize
+from .adapter import Adapter, AdapterModule
+from .conversion import ConvertReport, convert
+from .conversion.combine import CombineReport, combine
+from .errors import LoratoolError
+from .extraction import ExtractReport, extract
+from .extraction.resize import ResizeReport, resize
 from .formats import read_adapter
-from .inspection import InspectReport, Progress
+from .inspection import InspectReport, ModuleReport
 from .inspection import inspect as _inspect
-from .merging import merge
+from .merging import MergeReport, merge
+from .ops.checks import Finding
+from .progress import Progress, Step
 
 
 def inspect(
@@ -38,4 +43,25 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     return adapter
 
 
-__all__ = ["combine", "convert", "extract", "inspect", "load_adapter", "merge", "resize"]
+__all__ = [
+    "Adapter",
+    "AdapterModule",
+    "CombineReport",
+    "ConvertReport",
+    "ExtractReport",
+    "Finding",
+    "InspectReport",
+    "LoratoolError",
+    "MergeReport",
+    "ModuleReport",
+    "Progress",
+    "ResizeReport",
+    "Step",
+    "combine",
+    "convert",
+    "extract",
+    "inspect",
+    "load_adapter",
+    "merge",
+    "resize",
+]

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, api
 from .archs import architectures
-from .conversion import convert as convert_file
-from .conversion.combine import combine as combine_files
 from .conversion.layouts import LAYOUTS
-from .errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNUSABLE, FindingsError, LoratoolError
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_UNUSABLE,
+    FindingsError,
+    LoratoolError,
+    OutputError,
+)
 from .extraction import DEFAULT_MAX_RANK
-from .extraction import extract as extract_files
-from .extraction.resize import resize as resize_file
-from .inspection import inspect as inspect_file
+from .io.destination import check_destination
 from .merging import DTYPE_CHOICES
-from .merging import merge as merge_files
 from .ops.device import DEVICE_CHOICES
 from .report import (
     error_line,
@@ -63,6 +68,11 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except LoratoolError as exc:
             error_line(exc.message)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            # `loratool ... | head`: the reader has what it wanted. Say nothing (there is no one to
+            # say it to) and let the interpreter's final flush go to /dev/null, not to a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
             error_line("interrupted")
             sys.exit(EXIT_INTERRUPTED)
@@ -91,6 +101,28 @@ def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _plot_option(what: str) -> Callable[..., Any]:
+    return click.option(
+        "--plot", type=click.Path(path_type=str), help=f"Draw {what} to this PNG (needs loratool[plot])."
+    )
+
+
+def _save_plot(kind: str, report: Any, plot: str) -> None:
+    from .plot import extract_figure, inspect_figure, save_png
+
+    save_png(inspect_figure(report) if kind == "inspect" else extract_figure(report), plot)
+
+
+def _check_plot(plot: str, inputs: list[str | None], force: bool) -> None:
+    """Refuse a --plot path before any work: matplotlib missing, not a .png, or not writable."""
+    from .plot import require_matplotlib
+
+    require_matplotlib()
+    if Path(plot).suffix.lower() != ".png":
+        raise OutputError(f"{plot}: --plot writes a PNG; give a path ending in .png")
+    check_destination([Path(p) for p in inputs if p is not None], Path(plot), force, directory=False)
+
+
 ALLOW_PICKLE = click.option(
     "--allow-pickle",
     is_flag=True,
@@ -111,10 +143,20 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit 1 when any error-level finding is reported.")
 @click.option("--keys", is_flag=True, help="List every module (always present in --json).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_plot_option("per-block ‖ΔW‖ and each module's singular values")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @ALLOW_PICKLE
 @_one_line_errors
 def inspect(
-    path: str, base: str | None, as_json: bool, strict: bool, keys: bool, quiet: bool, allow_pickle: bool
+    path: str,
+    base: str | None,
+    as_json: bool,
+    strict: bool,
+    keys: bool,
+    quiet: bool,
+    plot: str | None,
+    force: bool,
+    allow_pickle: bool,
 ) -> None:
     """Describe a LoRA file or PEFT adapter dir and report problems in it.
 
@@ -122,9 +164,14 @@ def inspect(
     Example:
       loratool inspect my_lora.safetensors --keys
       loratool inspect adapter_dir/ --base model_dir/ --json --strict
+      loratool inspect my_lora.safetensors --plot my_lora.png
     """
+    if plot is not None:
+        _check_plot(plot, [path, base], force)
     with progress_bar("inspecting", enabled=not quiet) as progress:
-        report = inspect_file(path, base=base, progress=progress, allow_pickle=allow_pickle)
+        report = api.inspect(path, base=base, progress=progress, allow_pickle=allow_pickle)
+    if plot is not None:
+        _save_plot("inspect", report, plot)
     if as_json:
         print_json(report.to_json())
     else:
@@ -161,7 +208,7 @@ def convert(
       loratool convert adapter_dir/ --to kohya -o adapter.safetensors
     """
     with progress_bar("converting", enabled=not quiet) as progress:
-        report = convert_file(src, to, dest, arch=arch, force=force, progress=progress, allow_pickle=allow_pickle)
+        report = api.convert(src, to, dest, arch=arch, force=force, progress=progress, allow_pickle=allow_pickle)
     if as_json:
         print_json(report.to_json())
     else:
@@ -213,7 +260,7 @@ def merge(
     """
     size = parse_size(shard_size) if shard_size is not None else None
     with progress_bar("merging", enabled=not quiet) as progress:
-        report = merge_files(
+        report = api.merge(
             base,
             list(loras),
             dest,
@@ -267,7 +314,7 @@ def combine(
       loratool combine a.safetensors b.safetensors --rank 32 --to diffusers -o ab_r32.safetensors
     """
     with progress_bar("combining", enabled=not quiet) as progress:
-        report = combine_files(
+        report = api.combine(
             list(loras),
             dest,
             weights=list(weights),
@@ -309,6 +356,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the randomized one.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
+@_plot_option("the retained energy and rank of every module")
 @_output_options
 @ALLOW_PICKLE
 @_one_line_errors
@@ -330,6 +378,7 @@ def extract(
     device: str,
     force: bool,
     show_modules: bool,
+    plot: str | None,
     as_json: bool,
     quiet: bool,
     allow_pickle: bool,
@@ -342,9 +391,14 @@ def extract(
     Example:
       loratool extract sd15.safetensors sd15_tuned.safetensors --rank 32 -o tuned_r32.safetensors
       loratool extract llama_dir/ llama_tuned_dir/ --dynamic fro:0.9 --max-rank 64 -o adapter_dir/
+      loratool extract sd15.safetensors sd15_tuned.safetensors --rank 16 -o r16.safetensors --plot r16.png
     """
-    with progress_bar("extracting", enabled=not quiet, unit="modules") as progress:
-        report = extract_files(
+    if plot is not None:
+        if Path(plot).resolve() == Path(dest).resolve():
+            raise OutputError(f"{plot}: --plot and -o name the same path")
+        _check_plot(plot, [base, tuned], force)
+    with progress_bar("extracting", enabled=not quiet) as progress:
+        report = api.extract(
             base,
             tuned,
             dest,
@@ -364,6 +418,8 @@ def extract(
             progress=progress,
             allow_pickle=allow_pickle,
         )
+    if plot is not None:
+        _save_plot("extract", report, plot)
     if as_json:
         print_json(report.to_json())
     else:
@@ -401,8 +457,8 @@ def resize(
       loratool resize big_r128.safetensors --rank 32 -o small_r32.safetensors
       loratool resize adapter_dir/ --dynamic fro:0.95 -o adapter_small/
     """
-    with progress_bar("resizing", enabled=not quiet, unit="modules") as progress:
-        report = resize_file(
+    with progress_bar("resizing", enabled=not quiet) as progress:
+        report = api.resize(
             lora,
             dest,
             rank=rank,

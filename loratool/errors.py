@@ -10,6 +10,7 @@ EXIT_FINDINGS = 1
 EXIT_UNUSABLE = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 EXIT_TERMINATED = 143  # SIGTERM (128 + 15)
+EXIT_BROKEN_PIPE = 141  # stdout's reader went away (`| head`), as for any tool killed by SIGPIPE
 
 
 class LoratoolError(Exception):
@@ -49,6 +50,10 @@ class MergeError(LoratoolError):
 class ExtractError(LoratoolError):
     """A LoRA cannot be extracted or resized as asked: the checkpoints differ in more than values,
     or the adapter holds what the command cannot reduce."""
+
+
+class MissingDependencyError(LoratoolError):
+    """An option needs an optional package that is not installed (e.g. --plot needs matplotlib)."""
 
 
 class FindingsError(LoratoolError):

@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +18,16 @@ import torch
 
 from .adapter import Adapter, AdapterModule
 from .archs import Architecture, HFArchitecture
+from .archs.checkpoint import checkpoint_architecture
 from .archs.hf import detect_hf
 from .archs.locate import locate
-from .errors import InputError
+from .errors import InputError, LoratoolError
 from .formats import Detection, read_adapter
 from .io.safetensors_file import SafetensorsFile, tensor_from_bytes
 from .io.source import TensorSource, open_source
 from .kinds.base import ANY
 from .ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+from .progress import Progress, Tally
 
 METADATA_SUMMARY_KEYS = (
     "ss_network_module",
@@ -79,6 +78,7 @@ class ModuleReport:
     parameters: int
     dw_norm: float | None = None
     numerical_rank: int | None = None
+    singular_values: list[float] | None = None  # of the update, largest first (LoRA-type modules)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -135,8 +135,22 @@ class BaseWeights:
     def __init__(self, path: str | os.PathLike, adapter: Adapter, allow_pickle: bool = False) -> None:
         self.source: TensorSource = open_source(path, allow_pickle)
         self.arch = adapter.arch
+        self.other_arch: Architecture | None = None  # the base is a different model than the LoRA's
         if isinstance(self.arch, HFArchitecture) and self.source.config:
             self.arch = detect_hf([], config=self.source.config) or self.arch
+        elif isinstance(self.arch, Architecture):
+            self.other_arch = self._other_model(self.arch)
+
+    def _other_model(self, arch: Architecture) -> Architecture | None:
+        """The base's own architecture when it is another model with other module names (SD1 and
+        SD2 share every name, so only shapes, checked per module, tell those apart)."""
+        try:
+            found = checkpoint_architecture(self.source)
+        except LoratoolError:
+            return None
+        if isinstance(found, Architecture) and set(found.modules) != set(arch.modules):
+            return found
+        return None
 
     def pieces(self, module: AdapterModule) -> list[BasePiece] | None:
         if self.arch is None or not module.targets:
@@ -178,6 +192,7 @@ def _module_report(adapter: Adapter, module: AdapterModule, facts: ModuleFacts) 
         parameters=module.parameters,
         dw_norm=facts.dw_norm,
         numerical_rank=facts.numerical_rank,
+        singular_values=facts.singular_values,
     )
 
 
@@ -196,11 +211,11 @@ def _data_pass(
     facts: dict[str, ModuleFacts] = {}
     findings: list[Finding] = []
     sha = hashlib.sha256()
-    done, total = 0, file.file_size - file.data_start
-    for key in file:
+    keys = list(file)
+    tally = Tally(progress, len(keys), file.file_size - file.data_start)
+    for key in keys:
         raw = file.read_bytes(key)
         sha.update(raw)
-        done += len(raw)
         if key in owner:
             name, role = owner[key]
             module = adapter.modules[name]
@@ -210,8 +225,7 @@ def _data_pass(
                 del pending[name]
                 facts[name], module_findings = _check_module(module, tensors, checker, base)
                 findings += module_findings
-        if progress is not None:
-            progress(done, total)
+        tally.advance(len(raw))
     return facts, findings, sha.hexdigest()
 
 
@@ -336,6 +350,13 @@ def inspect(
         facts, module_findings, data_sha = _data_pass(adapter, checker, base_weights, progress)
         findings = checker.file(detection.unexplained, have_base=base_weights is not None)
         findings += module_findings + _hash_findings(adapter.source.files[0], adapter.metadata, data_sha)
+        if base_weights is not None and base_weights.other_arch is not None and adapter.arch is not None:
+            theirs = base_weights.other_arch
+            message = (
+                f"this LoRA is for {adapter.arch.title} but the base is {theirs.title}: no UI can apply it "
+                "(ComfyUI reports its keys as 'lora key not loaded'); use a LoRA trained for this model"
+            )
+            findings.append(finding("base-mismatch", None, message))
         order = {name: i for i, name in enumerate(adapter.modules)}
         findings.sort(key=lambda f: ({"error": 0, "warning": 1, "info": 2}[f.severity], order.get(f.module or "", -1)))
         arch = adapter.arch

@@ -15,10 +15,8 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    MofNCompleteColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -30,13 +28,21 @@ from .extraction import ExtractReport
 from .extraction.resize import ResizeReport
 from .inspection import InspectReport
 from .merging import MergeReport
+from .progress import Progress as ProgressCallback
+from .progress import Step
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 MAX_LISTED_FINDINGS = 12
 
 
+class _StdoutConsole(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich would exit 1 (our "findings" code); the CLI's handler gives the SIGPIPE code."""
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, soft_wrap=False)
+    return _StdoutConsole(file=sys.stdout, soft_wrap=False)
 
 
 def error_line(message: str, stream: TextIO | None = None) -> None:
@@ -60,23 +66,29 @@ def _finite_json(value: object) -> object:
 
 
 @contextmanager
-def progress_bar(description: str, enabled: bool, unit: str = "bytes") -> Iterator[object]:
-    """A progress bar on stderr counting bytes (or modules, with `unit="modules"`); yields a
-    `(done, total)` callback, or None when disabled."""
+def progress_bar(description: str, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A bar on stderr: items done of total (tensors, or modules), bytes, bytes/s and time left.
+
+    Yields the callback to give the command, or None when disabled or when stderr is not a
+    terminal (a log file gets no control sequences).
+    """
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    counts = (
-        (DownloadColumn(), TransferSpeedColumn())
-        if unit == "bytes"
-        else (MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[items]}"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as progress:
-        task = progress.add_task(description, total=None)
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task(description, total=None, items="")
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+        def update(step: Step) -> None:
+            items = f"{step.done}/{step.total} {step.unit}"
+            bar.update(task, completed=step.bytes_done, total=step.bytes_total, items=items)
 
         yield update
 

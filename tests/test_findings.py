@@ -163,6 +163,7 @@ def test_codes_and_default_severities() -> None:
         "unknown-key": "warning",
         "orphan-tensor": "error",
         "shape-mismatch": "error",
+        "base-mismatch": "error",
         "broken-module": "error",
         "dtype-mixed": "warning",
         "metadata-mismatch": "warning",

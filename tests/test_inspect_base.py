@@ -13,42 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import clip_config, clip_text_model, flux_transformer, sd15_unet, sdxl_unet
+from tiny_models import clip_config, clip_text_model, flux_transformer, sd15_unet, sdxl_unet, single_file
 from transformers import CLIPTextModelWithProjection
 
 import loratool
 from loratool.archs import get_architecture
-from loratool.archs.table import Architecture
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-
-
-def single_file(arch: Architecture, models: dict[str, torch.nn.Module], dtype=torch.float32) -> dict:
-    """{single-file key: tensor} for every table module the tiny models have."""
-    weights = {comp: {k: v.detach().to(dtype) for k, v in m.state_dict().items()} for comp, m in models.items()}
-
-    def weight(canonical: str) -> torch.Tensor | None:
-        spec = arch.modules[canonical]
-        own = weights[spec.component]
-        for path in (spec.path, spec.path.removeprefix("text_model.")):  # transformers 5 drops text_model.
-            if path + ".weight" in own:
-                return own[path + ".weight"]
-        return None
-
-    out = {}
-    for spec in arch.modules.values():
-        if spec.component not in models or spec.native is None:
-            continue
-        w = weight(spec.name)
-        if w is not None:
-            w = w.T if spec.transposed else w
-            out[arch.components[spec.component].file_prefixes[0] + spec.native_weight] = w.contiguous()
-    for group in arch.fused.values():
-        if group.component in models:
-            parts = [weight(p) for p in group.parts]
-            if all(p is not None for p in parts):
-                out[arch.components[group.component].file_prefixes[0] + group.weight] = torch.cat(parts)
-    return out
 
 
 def bases(tmp_path: Path) -> dict[str, Path]:
@@ -153,3 +124,24 @@ def test_fused_weight_with_rows_that_do_not_add_up_is_a_shape_mismatch(tmp_path)
     report = loratool.inspect(FIXTURES / "kohya_flux.safetensors", base=base)
     codes = {f.code for f in report.findings if f.module == "lora_unet_double_blocks_0_img_attn_qkv"}
     assert "shape-mismatch" in codes
+
+
+@pytest.mark.parametrize(
+    ("fixture", "base", "mismatch"),
+    [
+        ("kohya_sdxl.safetensors", "sd1", "Stable Diffusion XL"),
+        ("kohya_sd15.safetensors", "sdxl", "Stable Diffusion 1"),
+        ("kohya_flux.safetensors", "sdxl", "Flux.1"),
+        ("kohya_sd15.safetensors", "sd1", None),
+        ("kohya_sdxl.safetensors", "sdxl", None),
+    ],
+)
+def test_a_base_of_another_model_is_named_as_the_cause(base_files, fixture, base, mismatch):
+    report = loratool.inspect(FIXTURES / fixture, base=base_files[base])
+    found = [f for f in report.findings if f.code == "base-mismatch"]
+    if mismatch is None:
+        assert found == []
+        return
+    assert len(found) == 1 and found[0].severity == "error"
+    assert found[0].message.startswith(f"this LoRA is for {mismatch}")
+    assert report.findings[0].code == "base-mismatch"  # the cause comes before its consequences

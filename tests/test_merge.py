@@ -335,8 +335,7 @@ def test_dest_inside_the_directory_of_an_index_file_base_is_refused(tmp_path):
 def test_dora_on_a_fused_module_splits_its_magnitude_over_a_diffusers_folder(tmp_path):
     """A fused qkv DoRA module merged into separate to_q/to_k/to_v weights equals the same merge
     into the fused single-file weight: DoRA's norm is per output row, so the rows split cleanly."""
-    from test_inspect_base import single_file
-    from tiny_models import flux_transformer
+    from tiny_models import flux_transformer, single_file
 
     torch.manual_seed(0)
     model = flux_transformer()

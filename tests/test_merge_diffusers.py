@@ -36,8 +36,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_inspect_base import single_file
-from tiny_models import clip_config, clip_text_model, flux_transformer, sd15_unet, sdxl_unet
+from tiny_models import clip_config, clip_text_model, flux_transformer, sd15_unet, sdxl_unet, single_file
 from torch import nn
 
 import loratool

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,10 +31,9 @@ from ..io.writer import (
     encode_header,
 )
 from ..ops.fuse import swap_halves
+from ..progress import Progress, Tally
 from .layouts import LAYOUTS, Entry, Layout, Origin, PeftLayout
 from .plan import Load, Piece, Unit, fuse_group, split, unit_of
-
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 @dataclass
@@ -294,7 +292,7 @@ def write_entries(
         metadata = {k: v for k, v in metadata.items() if k != LEGACY_HASH_KEY}
         legacy = False
     total = sum(s.nbytes for s in specs)
-    done = 0
+    tally = Tally(progress, len(specs), total)
     load = Load(adapter)
     with SafetensorsWriter(path, specs, metadata, record_hash=record_hash, record_legacy_hash=legacy) as writer:
         for entry, spec in zip(entries, specs, strict=True):
@@ -307,7 +305,5 @@ def write_entries(
             else:
                 tensor = load(piece).to(DTYPES[spec.dtype]).reshape(spec.shape).contiguous()
                 writer.write(spec.name, tensor)
-            done += spec.nbytes
-            if progress is not None:
-                progress(done, total)
+            tally.advance(spec.nbytes)
     return total

@@ -28,8 +28,9 @@ from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPE_NAMES, DTYPES
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
+from ..progress import Progress
 from ..strengths import lora_weights
-from . import Progress, config_json, plan, refuse_lossy_input, write_output
+from . import config_json, plan, refuse_lossy_input, write_output
 from .layouts import LAYOUTS, PeftLayout
 from .plan import Load, Piece, Unit
 

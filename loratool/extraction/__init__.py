@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 
 from ..archs import Architecture, HFArchitecture
 from ..archs.checkpoint import checkpoint_architecture
+from ..archs.locate import Location
 from ..conversion import write_output
 from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
 from ..conversion.plan import Unit
@@ -42,10 +43,10 @@ from ..ops.svd import (
     seed_for,
     squared_norm,
 )
+from ..progress import Progress, Tally
 from .factors import rank_rule, stored_piece
 from .targets import Job, Selection, plan_jobs
 
-Progress = Callable[[int, int], None]  # (modules done, modules total)
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64
 KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux"}  # sd-scripts' network module per model
@@ -60,6 +61,8 @@ class ModuleResult:
     retained: float  # share of ||D||_F^2 kept
     relative_error: float  # ||D - D_r||_F / ||D||_F
     change: float  # ||D||_F / ||W_base||_F
+    component: str | None = None  # unet, te1, transformer, model, ...
+    target: str | None = None  # the first canonical module it updates
 
 
 @dataclass
@@ -142,16 +145,18 @@ def extract(
         units: dict[str, Unit] = {}
         results: list[ModuleResult] = []
         skipped: list[ModuleResult] = []
-        for i, (job, w_base, w_tuned) in enumerate(_read_ahead(jobs, base_src, tuned_src, torch_device)):
+        tally = Tally(progress, len(jobs), _job_bytes(jobs, base_src, tuned_src), unit="modules")
+        for job, w_base, w_tuned in _read_ahead(jobs, base_src, tuned_src, torch_device):
             unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed)
+            result.component = _component_name(arch, job.component)
+            result.target = job.targets[0]
             del w_base, w_tuned
             if unit is None:
                 skipped.append(result)
             else:
                 units[job.name] = unit
                 results.append(result)
-            if progress is not None:
-                progress(i + 1, len(jobs))
+            tally.advance(_located_bytes(job.base, base_src) + _located_bytes(job.tuned, tuned_src))
         if not units:
             raise ExtractError(
                 f"{tuned_path}: no module differs from the base by more than --min-diff {min_diff:g}; "
@@ -222,6 +227,20 @@ def _check_components(layout: Layout, jobs: list[Job]) -> None:
         )
 
 
+def _located_bytes(locations: tuple[Location, ...], source: TensorSource) -> int:
+    """Bytes of the stored weights (or their row blocks) a job reads from one checkpoint."""
+    total = 0
+    for location in locations:
+        info = source.info(location.key)
+        rows = location.rows
+        total += info.nbytes if rows is None else info.nbytes * (rows[1] - rows[0]) // max(info.shape[0], 1)
+    return total
+
+
+def _job_bytes(jobs: list[Job], base: TensorSource, tuned: TensorSource) -> int:
+    return sum(_located_bytes(job.base, base) + _located_bytes(job.tuned, tuned) for job in jobs)
+
+
 def _read_ahead(
     jobs: list[Job], base: TensorSource, tuned: TensorSource, device: torch.device
 ) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
@@ -277,6 +296,12 @@ class _Reader:
         t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
         self.last[which] = (key, t)
         return t
+
+
+def _component_name(arch: Architecture | HFArchitecture, component: str | None) -> str | None:
+    if isinstance(arch, HFArchitecture):
+        return "model"
+    return arch.components[component].short if component is not None else None
 
 
 def _extract_one(

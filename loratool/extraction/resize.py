@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,12 +31,13 @@ from ..conversion.plan import Load, Unit, unit_of
 from ..errors import ExtractError
 from ..formats import read_adapter
 from ..io.destination import check_destination
+from ..io.safetensors_file import dtype_size
 from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank
+from ..progress import Progress, Tally
 from .factors import rank_rule, stored_piece
 
-Progress = Callable[[int, int], None]  # (modules done, modules total)
 RESIZED_KEY = "loratool.resized_from"
 
 
@@ -100,11 +100,11 @@ def resize(
         load = Load(adapter)
         results = []
         resized: dict[str, Unit] = {}
-        for i, (name, unit) in enumerate(named.items()):
+        tally = Tally(progress, len(named), sum(_unit_bytes(unit) for unit in named.values()), unit="modules")
+        for name, unit in named.items():
             resized[name], result = _resize_unit(name, unit, load, rank, rule, torch_device)
             results.append(result)
-            if progress is not None:
-                progress(i + 1, len(named))
+            tally.advance(_unit_bytes(unit))
         entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)  # PEFT's saved full weights (modules_to_save) go along
         metadata = layout.metadata(resized, adapter, adapter.arch)
@@ -113,6 +113,10 @@ def resize(
         metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
         written = write_output(layout, dest, force, adapter, entries, metadata, resized, adapter, adapter.arch, None)
     return ResizeReport(str(lora), str(dest), layout.name, method, results, written, notes)
+
+
+def _unit_bytes(unit: Unit) -> int:
+    return sum(math.prod(p.shape) * dtype_size(p.dtype) for p in unit.pieces.values())
 
 
 def _resize_unit(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -29,11 +29,11 @@ from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWri
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_update, apply_dora, fits, update_view
+from ..progress import Progress, Tally
 from ..strengths import lora_weights
 from .match import LoraMatch, Patch, open_lora
 from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
-Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 ROW_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per block of rows: stays in cache on common CPUs
 
@@ -127,7 +127,7 @@ def merge(
         tensors_updated=walk.updated,
         tensors_copied=walk.copied,
         tensors_cast=walk.cast,
-        bytes_written=walk.done,
+        bytes_written=walk.tally.bytes_done,
         files_written=walk.files,
         skipped=plan.skipped,
     )
@@ -205,7 +205,6 @@ class _Walk:
         self.matches = matches
         self.device = device
         self.out_dtype = out_dtype
-        self.progress = progress
         self.patches: dict[str, list[Patch]] = {}
         for m in matches:
             for p in m.patches:
@@ -214,9 +213,10 @@ class _Walk:
         # merged into a diffusers folder touch several tensors).
         self._uses = Counter(id(p.module) for ps in self.patches.values() for p in ps if p.module is not None)
         self._factors: dict[int, _Factors] = {}
-        self.updated = self.copied = self.cast = self.done = self.files = 0
+        self.updated = self.copied = self.cast = self.files = 0
         self._out: torch.Tensor | None = None
-        self.total = sum(self._spec(e).nbytes for wset in plan.sets for f in wset.files for e in f.entries)
+        specs = [self._spec(e) for wset in plan.sets for f in wset.files for e in f.entries]
+        self.tally = Tally(progress, len(specs), sum(s.nbytes for s in specs))
 
     def _spec(self, entry: Entry) -> TensorSpec:
         info = entry.file.info(entry.name)
@@ -266,9 +266,7 @@ class _Walk:
                 else:
                     writer.write(spec.name, self._cast(entry.key, entry.file.load(entry.name), DTYPES[spec.dtype]))
                     self.cast += 1
-                self.done += spec.nbytes
-                if self.progress is not None:
-                    self.progress(self.done, self.total)
+                self.tally.advance(spec.nbytes)
 
     def _read_ahead(self, reader: ThreadPoolExecutor, entries: list[Entry]) -> Iterator[Future[torch.Tensor]]:
         """The updated tensors, in order, each read into one of two reused buffers while the

@@ -40,6 +40,7 @@ CODES: dict[str, str] = {
     "unknown-key": "warning",
     "orphan-tensor": "error",
     "shape-mismatch": "error",
+    "base-mismatch": "error",
     "broken-module": "error",
     "dtype-mixed": "warning",
     "metadata-mismatch": "warning",
@@ -69,6 +70,7 @@ class ModuleFacts:
 
     dw_norm: float | None = None  # ||scale * delta||_F
     numerical_rank: int | None = None
+    singular_values: list[float] | None = None  # of scale * delta, largest first (low-rank kinds)
     base_parameters: int | None = None  # size of the base weights it updates, when a base was given
 
 
@@ -166,6 +168,7 @@ class Checker:
             svals = core_singular_values(up, down)
             facts.dw_norm = abs(scale) * float(svals.norm())
             facts.numerical_rank = numerical_rank(svals, (up.shape[0], down.shape[1]))
+            facts.singular_values = [float(f"{abs(scale) * float(v):.6g}") for v in svals]
             rank = module.rank
             if facts.dw_norm > 0 and rank is not None and facts.numerical_rank < rank:
                 out.append(

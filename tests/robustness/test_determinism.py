@@ -44,8 +44,7 @@ from loratool.cli import main
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
-from test_inspect_base import single_file
-from tiny_models import clip_text_model, flux_transformer, sd15_unet
+from tiny_models import clip_text_model, flux_transformer, sd15_unet, single_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 pytestmark = pytest.mark.usefixtures("sketch_every_module")
