@@ -630,3 +630,21 @@ def test_inspect_with_base_fits_80_columns(narrow_runs, valid, keys):
     run = narrow_runs["base", keys].result()
     assert_fits_80_columns(run)
     assert any(line.split()[:1] == ["base"] for line in run.stdout.splitlines())
+
+
+# -- a reader that stops early ----------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [(), ("--json",)])
+def test_stdout_closed_early_exits_141_without_a_word(extra):
+    """`loratool inspect x --keys | head -1`: once the reader has gone, no traceback and no
+    "unexpected BrokenPipeError", just SIGPIPE's exit code."""
+    process = subprocess.Popen(
+        [str(EXECUTABLE), "inspect", str(FIXTURES / "kohya_sdxl.safetensors"), "--keys", *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(COLUMNS="80"),
+    )
+    process.stdout.close()  # before anything is printed: the first write fails
+    stderr = process.stderr.read()
+    assert process.wait(timeout=TIMEOUT) == 141
+    assert stderr == b""

@@ -1089,3 +1089,17 @@ def test_atomic_directory_failure_keeps_the_old_directory(tmp_path: Path) -> Non
         raise RuntimeError("mid-write")
     assert (dest / "config.json").read_text() == "old"
     assert files_in(tmp_path) == ["out"]
+
+
+def test_outputs_get_the_umask_permissions_not_mkstemps(tmp_path):
+    """A merged model that only its writer can read is no use to a UI running as another user."""
+    import loratool
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    loratool.convert(fixtures / "kohya_sd15.safetensors", "diffusers", tmp_path / "file.safetensors")
+    loratool.convert(fixtures / "peft_llama", "peft", tmp_path / "adapter_dir")
+    assert (tmp_path / "file.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "adapter_dir").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "adapter_dir" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
