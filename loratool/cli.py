@@ -29,6 +29,7 @@ from .extraction import DEFAULT_MAX_RANK
 from .io.destination import check_destination
 from .merging import DTYPE_CHOICES
 from .ops.device import DEVICE_CHOICES
+from .plot import require_matplotlib, save_plot
 from .report import (
     error_line,
     print_json,
@@ -107,16 +108,8 @@ def _plot_option(what: str) -> Callable[..., Any]:
     )
 
 
-def _save_plot(kind: str, report: Any, plot: str) -> None:
-    from .plot import extract_figure, inspect_figure, save_png
-
-    save_png(inspect_figure(report) if kind == "inspect" else extract_figure(report), plot)
-
-
 def _check_plot(plot: str, inputs: list[str | None], force: bool) -> None:
     """Refuse a --plot path before any work: matplotlib missing, not a .png, or not writable."""
-    from .plot import require_matplotlib
-
     require_matplotlib()
     if Path(plot).suffix.lower() != ".png":
         raise OutputError(f"{plot}: --plot writes a PNG; give a path ending in .png")
@@ -171,7 +164,7 @@ def inspect(
     with progress_bar("inspecting", enabled=not quiet) as progress:
         report = api.inspect(path, base=base, progress=progress, allow_pickle=allow_pickle)
     if plot is not None:
-        _save_plot("inspect", report, plot)
+        save_plot(report, plot)
     if as_json:
         print_json(report.to_json())
     else:
@@ -419,7 +412,7 @@ def extract(
             allow_pickle=allow_pickle,
         )
     if plot is not None:
-        _save_plot("extract", report, plot)
+        save_plot(report, plot)
     if as_json:
         print_json(report.to_json())
     else:

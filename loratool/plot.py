@@ -18,39 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .archs.blocks import block_of, component_position, model_position
 from .errors import MissingDependencyError
 from .extraction import ExtractReport
-from .extraction import ModuleResult as ExtractedModule
 from .inspection import InspectReport, ModuleReport
 from .io.writer import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# A path part that numbers the model's blocks, and its label on the plot's axis. The first such part
-# in a module's path names its block: unet.down_blocks.1.attentions.0... is in "down1".
-BLOCK_CONTAINERS = {
-    "down_blocks": "down",
-    "up_blocks": "up",
-    "single_transformer_blocks": "single",
-    "transformer_blocks": "block",
-    "layers": "layer",
-    "layer": "layer",
-    "block": "block",
-    "blocks": "block",
-    "h": "block",
-}
-BLOCK_SINGLES = {"mid_block": "mid"}  # a block that has no number
-# Where a kind of block sits in the model, so bars run input to output: down, mid, up; Flux's
-# double-stream blocks before its single-stream ones.
-BLOCK_ORDER = {
-    "down_blocks": 0,
-    "mid_block": 1,
-    "up_blocks": 2,
-    "transformer_blocks": 0,
-    "single_transformer_blocks": 1,
-}
-COMPONENT_ORDER = ("te", "te1", "te2", "t5", "unet", "transformer", "model")
 COMPONENT_COLORS = {
     "te": "#4c72b0",
     "te1": "#4c72b0",
@@ -61,7 +37,6 @@ COMPONENT_COLORS = {
     "model": "#55a868",
 }
 OTHER_COLOR = "#8c8c8c"
-OTHER_BLOCK = "other"  # modules outside any numbered block (conv_in, time_embedding, lm_head, ...)
 MAX_SPECTRA = 400  # lines in the spectrum panel; the largest updates are drawn when there are more
 DPI = 110
 
@@ -81,39 +56,21 @@ def require_matplotlib() -> None:
         raise MissingDependencyError('--plot needs matplotlib: pip install "loratool[plot]"')
 
 
-def block_of(path: str) -> tuple[int, int, str]:
-    """(order of the block kind, block number, label) for a module's dotted path."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if part in BLOCK_SINGLES:
-            return BLOCK_ORDER.get(part, 0), 0, BLOCK_SINGLES[part]
-        if part in BLOCK_CONTAINERS and i + 1 < len(parts) and parts[i + 1].isdigit():
-            number = int(parts[i + 1])
-            return BLOCK_ORDER.get(part, 0), number, f"{BLOCK_CONTAINERS[part]}{number}"
-    return math.inf, 0, OTHER_BLOCK  # type: ignore[return-value]  # after every block
-
-
-def _model_order(m: ExtractedModule) -> tuple:
-    return (_component_rank(m.component or "unknown"), *block_of(m.target or m.name)[:2])
-
-
-def _component_rank(component: str) -> tuple[int, str]:
-    return (COMPONENT_ORDER.index(component) if component in COMPONENT_ORDER else len(COMPONENT_ORDER), component)
-
-
 def block_norms(modules: Iterable[ModuleReport]) -> list[Block]:
     """Per component and block, the combined size of the update, in model order."""
-    squares: dict[tuple[str, float, int, str], tuple[float, int]] = {}
+    squares: dict[tuple[str, str], tuple[float, int]] = {}
+    position: dict[tuple[str, str], tuple] = {}
     for m in modules:
         if m.dw_norm is None:
             continue  # IA3/GLoRA scale the base weights: no update of their own to measure
         component = m.component or "unknown"
-        order, number, label = block_of(m.targets[0] if m.targets else m.name)
-        key = (component, order, number, label)
+        path = m.targets[0] if m.targets else m.name
+        key = (component, block_of(path)[2])
+        position.setdefault(key, model_position(component, path))
         total, count = squares.get(key, (0.0, 0))
         squares[key] = (total + m.dw_norm**2, count + 1)
-    ordered = sorted(squares.items(), key=lambda kv: (_component_rank(kv[0][0]), kv[0][1], kv[0][2]))
-    return [Block(c, label, math.sqrt(total), n) for (c, _, _, label), (total, n) in ordered]
+    ordered = sorted(squares.items(), key=lambda kv: position[kv[0]])
+    return [Block(c, label, math.sqrt(total), n) for (c, label), (total, n) in ordered]
 
 
 def _color(component: str | None) -> str:
@@ -131,7 +88,7 @@ def _new_figure(width: float, height: float, rows: int) -> tuple[Figure, list]:
 def _legend(axis, components: Iterable[str | None]) -> None:
     from matplotlib.patches import Patch
 
-    seen = sorted(set(components), key=lambda c: _component_rank(c or "unknown"))
+    seen = sorted(set(components), key=component_position)
     handles = [Patch(color=_color(c), label=c or "unknown") for c in seen]
     axis.legend(handles=handles, loc="upper right", fontsize="small", frameon=False)
 
@@ -185,7 +142,7 @@ def extract_figure(report: ExtractReport) -> Figure:
     rank each module got."""
     figure, (energy, ranks) = _new_figure(12, 7, 2)
     figure.suptitle(f"{Path(report.dest).name}: extracted at {report.method} from {Path(report.tuned).name}")
-    modules = sorted(report.modules, key=_model_order)
+    modules = sorted(report.modules, key=lambda m: model_position(m.component, m.target or m.name))
     x = list(range(len(modules)))
     colors = [_color(m.component) for m in modules]
     energy.bar(x, [m.retained for m in modules], width=1.0, color=colors)
@@ -214,6 +171,12 @@ def _block_ticks(axis, names: list[str]) -> None:
             labels.append(label)
             last = label
     axis.set_xticks(ticks, labels, rotation=90, fontsize="x-small")
+
+
+def save_plot(report: InspectReport | ExtractReport, path: str | os.PathLike) -> Path:
+    """The picture a command's `--plot` asks for: inspect's or extract's."""
+    figure = inspect_figure(report) if isinstance(report, InspectReport) else extract_figure(report)
+    return save_png(figure, path)
 
 
 def save_png(figure: Figure, path: str | os.PathLike) -> Path:

@@ -17,8 +17,9 @@ from matplotlib.image import imread
 from safetensors.torch import load_file
 
 import loratool
+from loratool.archs.blocks import block_of
 from loratool.cli import main
-from loratool.plot import COMPONENT_COLORS, block_norms, block_of
+from loratool.plot import COMPONENT_COLORS, block_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"

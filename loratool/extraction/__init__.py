@@ -145,8 +145,11 @@ def extract(
         units: dict[str, Unit] = {}
         results: list[ModuleResult] = []
         skipped: list[ModuleResult] = []
-        tally = Tally(progress, len(jobs), _job_bytes(jobs, base_src, tuned_src), unit="modules")
-        for job, w_base, w_tuned in _read_ahead(jobs, base_src, tuned_src, torch_device):
+        job_bytes = [_located_bytes(job.base, base_src) + _located_bytes(job.tuned, tuned_src) for job in jobs]
+        tally = Tally(progress, len(jobs), sum(job_bytes), unit="modules")
+        for (job, w_base, w_tuned), nbytes in zip(
+            _read_ahead(jobs, base_src, tuned_src, torch_device), job_bytes, strict=True
+        ):
             unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed)
             result.component = _component_name(arch, job.component)
             result.target = job.targets[0]
@@ -156,7 +159,7 @@ def extract(
             else:
                 units[job.name] = unit
                 results.append(result)
-            tally.advance(_located_bytes(job.base, base_src) + _located_bytes(job.tuned, tuned_src))
+            tally.advance(nbytes)
         if not units:
             raise ExtractError(
                 f"{tuned_path}: no module differs from the base by more than --min-diff {min_diff:g}; "
@@ -235,10 +238,6 @@ def _located_bytes(locations: tuple[Location, ...], source: TensorSource) -> int
         rows = location.rows
         total += info.nbytes if rows is None else info.nbytes * (rows[1] - rows[0]) // max(info.shape[0], 1)
     return total
-
-
-def _job_bytes(jobs: list[Job], base: TensorSource, tuned: TensorSource) -> int:
-    return sum(_located_bytes(job.base, base) + _located_bytes(job.tuned, tuned) for job in jobs)
 
 
 def _read_ahead(

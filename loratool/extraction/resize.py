@@ -100,11 +100,12 @@ def resize(
         load = Load(adapter)
         results = []
         resized: dict[str, Unit] = {}
-        tally = Tally(progress, len(named), sum(_unit_bytes(unit) for unit in named.values()), unit="modules")
+        unit_bytes = {name: _unit_bytes(unit) for name, unit in named.items()}
+        tally = Tally(progress, len(named), sum(unit_bytes.values()), unit="modules")
         for name, unit in named.items():
             resized[name], result = _resize_unit(name, unit, load, rank, rule, torch_device)
             results.append(result)
-            tally.advance(_unit_bytes(unit))
+            tally.advance(unit_bytes[name])
         entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)  # PEFT's saved full weights (modules_to_save) go along
         metadata = layout.metadata(resized, adapter, adapter.arch)
