@@ -39,18 +39,58 @@ def modules_of(a: Architecture, component: str):
 # ---------------------------------------------------------------------------------------------------
 # The committed tables are what the generator produces today
 # ---------------------------------------------------------------------------------------------------
+# The library versions a table was generated with: provenance, recorded in the table but not compared.
+PROVENANCE = frozenset({"sources"})
+
+
+def table_differences(name: str, committed: dict, fresh: dict) -> list[str]:
+    """What differs between a committed table and a fresh one, row by row, leaving out provenance."""
+    found = []
+    for key in sorted((set(committed) | set(fresh)) - PROVENANCE):
+        old, new = committed.get(key), fresh.get(key)
+        if old == new:
+            continue
+        if isinstance(old, list) and isinstance(new, list) and all("name" in r for r in old + new):
+            old_rows, new_rows = {r["name"]: r for r in old}, {r["name"]: r for r in new}
+            for row in sorted(old_rows.keys() | new_rows.keys()):
+                if row not in new_rows:
+                    found.append(f"{name}.{key}: row {row!r} is committed but no longer generated")
+                elif row not in old_rows:
+                    found.append(f"{name}.{key}: row {row!r} is generated but not committed")
+                elif old_rows[row] != new_rows[row]:
+                    found.append(f"{name}.{key}: row {row!r} committed {old_rows[row]} generated {new_rows[row]}")
+            if not found and [r["name"] for r in old] != [r["name"] for r in new]:
+                found.append(f"{name}.{key}: the same rows in another order")
+        else:
+            found.append(f"{name}.{key}: committed {old!r} generated {new!r}")
+    return found
+
+
 def test_committed_tables_equal_fresh_generation(fresh_tables: dict[str, dict]) -> None:
     committed = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in TABLES.glob("*.json")}
     assert set(committed) == set(fresh_tables) == set(ARCHS)
-    for name in ARCHS:
-        fresh = fresh_tables[name]
-        table = committed[name]
-        # Compare piecewise first for a readable failure, then as a whole.
-        assert table["components"] == fresh["components"], name
-        assert table["fused"] == fresh["fused"], name
-        assert [m["name"] for m in table["modules"]] == [m["name"] for m in fresh["modules"]], name
-        assert table["modules"] == fresh["modules"], name
-        assert table == fresh, name
+    found = [line for name in ARCHS for line in table_differences(name, committed[name], fresh_tables[name])]
+    assert not found, "regenerate with `python -m loratool.archs.generate`:\n" + "\n".join(found)
+
+
+def test_freshness_ignores_library_versions_and_names_a_changed_row() -> None:
+    table = json.loads((TABLES / "sd1.json").read_text(encoding="utf-8"))
+    bumped = {**table, "sources": {lib: version + ".post9" for lib, version in table["sources"].items()}}
+    assert table_differences("sd1", table, bumped) == []
+
+    tampered = json.loads(json.dumps(table))
+    row = tampered["modules"][7]
+    row["native"] = row.get("native", "") + "_renamed"
+    found = table_differences("sd1", tampered, table)
+    assert len(found) == 1 and f"row {row['name']!r}" in found[0], found
+
+    dropped = {**table, "modules": table["modules"][:-1]}
+    assert table_differences("sd1", dropped, table) == [
+        f"sd1.modules: row {table['modules'][-1]['name']!r} is generated but not committed"
+    ]
+    assert table_differences("sd1", {**table, "title": "x"}, table) == [
+        "sd1.title: committed 'x' generated 'Stable Diffusion 1.x'"
+    ]
 
 
 def test_tables_load_and_have_expected_sizes() -> None:

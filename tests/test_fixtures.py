@@ -339,6 +339,33 @@ def test_fixture_files_are_small() -> None:
     assert not big
 
 
+def _without_provenance(value: object) -> object:
+    """A JSON value without the library versions that wrote it (`peft_version`, `unet.peft_version`)."""
+    if isinstance(value, dict):
+        return {k: _without_provenance(v) for k, v in value.items() if k.rsplit(".", 1)[-1] != "peft_version"}
+    return value
+
+
+def comparable(name: str, raw: bytes) -> bytes:
+    """A fixture's bytes with provenance masked: what a regeneration must reproduce exactly.
+
+    Library versions are recorded in the files PEFT and diffusers write (adapter_config.json, and the
+    PEFT config inside `lora_adapter_metadata`); a new version of a library that writes the same
+    tensors, names and settings is not a change of the fixture. Key order and everything else count.
+    """
+    if name.endswith(".json"):
+        return json.dumps(_without_provenance(json.loads(raw))).encode()
+    if name.endswith(".safetensors"):
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        metadata = header.get("__metadata__", {})
+        if "lora_adapter_metadata" in metadata:
+            config = json.loads(metadata["lora_adapter_metadata"])
+            metadata["lora_adapter_metadata"] = json.dumps(_without_provenance(config))
+        return json.dumps(header).encode() + raw[8 + size :]
+    return raw
+
+
 def test_generator_reproduces_committed_files(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
     done = subprocess.run(
@@ -347,5 +374,26 @@ def test_generator_reproduces_committed_files(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     fresh, committed = _tree(tmp_path), _tree(FIXTURES)
     assert sorted(fresh) == sorted(committed)
-    differ = [k for k in committed if fresh[k] != committed[k]]
+    differ = [k for k in committed if comparable(k, fresh[k]) != comparable(k, committed[k])]
     assert not differ, f"regenerated files differ from the committed ones: {differ}"
+
+
+def _bump_peft_version(raw: bytes) -> bytes:
+    return raw.replace(b'peft_version\\": \\"0.', b'peft_version\\": \\"10.').replace(
+        b'"peft_version": "0.', b'"peft_version": "10.'
+    )
+
+
+@pytest.mark.parametrize("name", ["peft_llama/adapter_config.json", "diffusers_sd15.safetensors"])
+def test_fixture_comparison_masks_library_versions_only(name: str) -> None:
+    raw = (FIXTURES / name).read_bytes()
+    bumped = _bump_peft_version(raw)
+    if name.endswith(".safetensors"):  # the header grew or shrank: its length prefix follows
+        size = int.from_bytes(raw[:8], "little") + len(bumped) - len(raw)
+        bumped = size.to_bytes(8, "little") + bumped[8:]
+    assert bumped != raw
+    assert comparable(name, bumped) == comparable(name, raw)
+    changed = bumped.replace(b"lora_alpha", b"lora_alphx", 1)
+    assert comparable(name, changed) != comparable(name, raw)
+    if name.endswith(".safetensors"):  # one bit of one tensor
+        assert comparable(name, raw[:-1] + bytes([raw[-1] ^ 1])) != comparable(name, raw)
