@@ -113,9 +113,13 @@ class Inputs:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Inputs:
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def make_inputs(root: Path) -> Inputs:
+    """The inputs under root (the golden corpus, tests/golden, builds them too)."""
     from tiny_models import llama as peft_llama_model
 
-    root = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
     sd1 = single_file(get_architecture("sd1"), {"unet": sd15_unet(), "text_encoder": clip_text_model()})
     sd1["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)
