@@ -16,6 +16,10 @@ import torch
 
 from loratool.archs import Architecture, architectures, detect, get_architecture, kohya_flat
 from loratool.archs import generate as gen
+from loratool.archs.families._build import is_norm, table_modules
+from loratool.archs.families.sd1 import SD1_UNET
+from loratool.archs.families.sd2 import SD2_UNET
+from loratool.archs.families.sdxl import SDXL_UNET
 from loratool.archs.hf import HF_FAMILIES, HFArchitecture, detect_hf
 from loratool.archs.locate import Location, locate
 from loratool.archs.table import TABLES, level_variants
@@ -109,10 +113,112 @@ def test_tables_load_and_have_expected_sizes() -> None:
     assert len(sdxl_attn) == 70  # down 2x2 + 2x10, mid 10, up 3x10 + 3x2 transformer blocks
 
 
+def test_families_are_discovered_and_tables_sorted_by_their_declared_order() -> None:
+    """One module per family under archs/families (shared `_` modules skipped), no hand-kept list:
+    the generator sorts the families by `order`, each table records it, and run time sorts by it."""
+    found = gen.families()
+    assert [f.name for f in found] == list(ARCHS)
+    orders = [f.order for f in found]
+    assert orders == sorted(set(orders))
+    assert [a.order for a in architectures().values()] == orders
+    committed = {p.stem: json.loads(p.read_text(encoding="utf-8"))["order"] for p in TABLES.glob("*.json")}
+    assert committed == {f.name: f.order for f in found}
+
+
+# A table of a video model's patch embedding: a Conv3d whose weight is (out, in, kt, kh, kw).
+CONV3D_ROW = {
+    "name": "transformer.patch_embedding",
+    "type": "conv",
+    "shape": [1536, 16, 1, 2, 2],
+    "target": "extra",
+    "native": "patch_embedding",
+}
+
+
+def _video_table(tmp_path, rows: list[dict]):
+    table = {
+        "arch": "video",
+        "title": "A video model",
+        "order": 99,
+        "hints": {},
+        "components": [
+            {
+                "name": "transformer",
+                "short": "transformer",
+                "kohya": [{"prefix": "lora_unet_", "paths": "native"}],
+                "file_prefixes": ["model.diffusion_model."],
+                "lora_prefixes": ["diffusion_model."],
+            }
+        ],
+        "fused": [],
+        "modules": rows,
+    }
+    path = tmp_path / "video.json"
+    path.write_text(gen.dump(table), encoding="utf-8")
+    return path
+
+
+def test_a_conv3d_row_loads_resolves_and_is_found_in_a_checkpoint(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from loratool.archs.checkpoint import checkpoint_weights
+    from loratool.io.source import open_source
+
+    a = Architecture.load(_video_table(tmp_path, [CONV3D_ROW]))
+    spec = a.modules["transformer.patch_embedding"]
+    assert (spec.type, spec.shape, a.order) == ("conv", (1536, 16, 1, 2, 2), 99)
+    assert a.kohya_index["lora_unet_patch_embedding"] == (spec.name,)
+    assert a.native_index["diffusion_model.patch_embedding"] == (spec.name,)
+    save_file({"model.diffusion_model.patch_embedding.weight": torch.zeros(8, 4, 1, 2, 2)}, tmp_path / "v.safetensors")
+    with open_source(tmp_path / "v.safetensors") as source:
+        weights = checkpoint_weights(a, source)
+    assert [(w.name, w.type, w.location.key) for w in weights] == [
+        (spec.name, "conv", "model.diffusion_model.patch_embedding.weight")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"shape": [1536, 16, 1, 1, 2, 2]}, "conv with a 6-D shape"),
+        ({"type": "linear"}, "linear with a 5-D shape"),
+    ],
+)
+def test_a_row_whose_shape_does_not_fit_its_type_is_refused(tmp_path, change: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Architecture.load(_video_table(tmp_path, [{**CONV3D_ROW, **change}]))
+
+
+def test_a_table_without_order_is_refused(tmp_path) -> None:
+    path = _video_table(tmp_path, [CONV3D_ROW])
+    table = json.loads(path.read_text(encoding="utf-8"))
+    del table["order"]
+    path.write_text(json.dumps(table), encoding="utf-8")
+    with pytest.raises(ValueError, match="no integer 'order'"):
+        Architecture.load(path)
+
+
+def test_generator_lists_conv1d_and_conv3d_with_their_weight_shapes() -> None:
+    class Video(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embedding = torch.nn.Conv3d(16, 64, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+            self.temporal = torch.nn.Conv1d(64, 32, 3)
+            self.proj = torch.nn.Linear(32, 8)
+
+    with torch.device("meta"):
+        model = Video()
+    assert list(table_modules(model)) == [
+        ("patch_embedding", "conv", [64, 16, 1, 2, 2]),
+        ("temporal", "conv", [32, 64, 3]),
+        ("proj", "linear", [8, 32]),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Single-file (LDM / sgm) UNet names vs diffusers.loaders.single_file_utils
 # ---------------------------------------------------------------------------------------------------
-UNET_CONFIGS = {"sd1": gen.SD1_UNET, "sd2": gen.SD2_UNET, "sdxl": gen.SDXL_UNET}
+UNET_CONFIGS = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}
 
 
 @pytest.mark.parametrize("name", sorted(UNET_CONFIGS))
@@ -762,9 +868,7 @@ def test_path_index_matches_module_names_of_tiny_reference_models() -> None:
     from transformers import CLIPTextModelWithProjection
 
     def linear_paths(model) -> list[str]:
-        return [
-            n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or gen._is_norm(m)
-        ]
+        return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or is_norm(m)]
 
     with torch.device("meta"):
         unet = sd15_unet()

@@ -1,6 +1,7 @@
 """Which model a LoRA belongs to, and where each of its modules lives.
 
-`architectures()` loads the generated tables; `detect` picks the architecture whose table explains
+`architectures()` loads every generated table it finds, in the order their families declare;
+`detect` picks the architecture whose table explains
 most of a file's module names, breaking ties with metadata and then with factor shapes.
 """
 
@@ -28,12 +29,13 @@ __all__ = [
     "kohya_flat",
 ]
 
-ORDER = ("sd1", "sd2", "sdxl", "flux1")
-
 
 @cache
 def architectures() -> dict[str, Architecture]:
-    return {name: Architecture.load(TABLES / f"{name}.json") for name in ORDER}
+    """Every table under `tables/`, sorted by the `order` its family declares: detection breaks ties
+    by this order, so it is part of the behaviour. No list to edit when a family is added."""
+    tables = sorted((Architecture.load(path) for path in TABLES.glob("*.json")), key=lambda a: (a.order, a.name))
+    return {a.name: a for a in tables}
 
 
 def get_architecture(name: str) -> Architecture:

@@ -17,10 +17,11 @@ from ..io.source import TensorSource
 from . import architectures, hint_matches
 from .hf import COMMON_LEAVES, EMBEDDING_LEAVES, HFArchitecture, detect_hf
 from .locate import Location, locate
-from .table import Architecture
+from .table import MODULE_NDIMS, Architecture
 
-# The module types a LoRA factors (B @ A); norm rows of the tables (1-D weights) are left out.
-TYPE_NDIM = {"linear": 2, "conv": 4, "embedding": 2}
+# The module types a LoRA factors (B @ A) and the weight dimensions each may have (a conv's 3 to 5);
+# norm rows of the tables (1-D weights) are left out.
+TYPE_NDIMS = {kind: ndims for kind, ndims in MODULE_NDIMS.items() if kind != "norm"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def checkpoint_architecture(source: TensorSource) -> Architecture | HFArchitectu
     best: list[tuple[int, int, bool, Architecture]] = []
     for arch in architectures().values():
         found = _table_weights(arch, source)
-        typed = sum(1 for w in found if len(source.info(w.location.key).shape) == TYPE_NDIM[w.type])
+        typed = sum(1 for w in found if len(source.info(w.location.key).shape) in TYPE_NDIMS[w.type])
         best.append((len(found), typed, hint_matches(arch, source.metadata), arch))
     best.sort(key=lambda b: (-b[0], -b[1], not b[2]))
     if best[0][0] > 0:
@@ -69,7 +70,7 @@ def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource
 def _table_weights(arch: Architecture, source: TensorSource) -> list[Weight]:
     out = []
     for spec in arch.modules.values():
-        if spec.type not in TYPE_NDIM:  # norms: nothing to factor, and not counted to pick the table
+        if spec.type not in TYPE_NDIMS:  # norms: nothing to factor, and not counted to pick the table
             continue
         located = locate(arch, (spec.name,), source, lambda key: source.info(key).shape)
         if located is not None:

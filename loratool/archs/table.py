@@ -3,7 +3,7 @@
 Modules are the Linear, Conv and Embedding layers LoRA adapts and the normalization layers with a
 learned weight (type "norm") that LyCORIS can train; all resolve by name the same way.
 
-A table is data generated from the reference implementations (see `generate.py`). Here it becomes
+A table is data generated from the reference implementations (see `generate.py` and `families/`). Here it becomes
 lookups: any name a LoRA file may use for a module (kohya, diffusers/PEFT path, single-file path
 with the prefixes ComfyUI and BFL use) maps to a tuple of canonical module names. A tuple longer
 than one means the name covers a fused weight (Flux `qkv`/`linear1`, OpenCLIP `in_proj`) whose row
@@ -20,7 +20,11 @@ from pathlib import Path
 TABLES = Path(__file__).with_name("tables")
 
 Targets = tuple[str, ...]
-MODULE_TYPES = ("linear", "conv", "embedding", "norm")
+# Module types and the weight dimensions each may have. A conv's weight is (out, in, *kernel) for
+# Conv1d, Conv2d or Conv3d (the patch embeddings of video models: out, in, kt, kh, kw); a norm's
+# is its per-channel weight.
+MODULE_NDIMS = {"linear": (2,), "conv": (3, 4, 5), "embedding": (2,), "norm": (1,)}
+MODULE_TYPES = tuple(MODULE_NDIMS)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class ModuleSpec:
     name: str  # canonical: "<component>.<diffusers or HF path>"
     component: str
     type: str  # linear | conv | embedding | norm (LayerNorm/GroupNorm/RMSNorm with a learned weight)
-    shape: tuple[int, ...]  # full-size weight shape ([C] for a norm), informational: narrow test models differ
+    shape: tuple[int, ...]  # full-size weight shape (MODULE_NDIMS; [C] for a norm), informational: narrow
+    # test models differ
     target: str  # default | conv | extra | norm: which modules trainers adapt by default (norm: LyCORIS's
     # norm algorithm only, which adds `w_norm`/`b_norm` to the norm's weight and bias)
     native: str | None = None  # module path in the single-file layout (None: lives in a fused weight)
@@ -96,6 +101,7 @@ class Architecture:
     modules: dict[str, ModuleSpec]
     fused: dict[str, FusedSpec]
     sources: dict[str, str] = field(default_factory=dict)
+    order: int = 0  # where the family sorts among the others (its module's declared ORDER)
 
     @classmethod
     def load(cls, path: Path) -> Architecture:
@@ -115,6 +121,8 @@ class Architecture:
         for m in data["modules"]:
             if m["type"] not in MODULE_TYPES:
                 raise ValueError(f"{path}: {m['name']} has unknown module type {m['type']!r}")
+            if len(m["shape"]) not in MODULE_NDIMS[m["type"]]:
+                raise ValueError(f"{path}: {m['name']} is a {m['type']} with a {len(m['shape'])}-D shape {m['shape']}")
             component = m["name"].split(".", 1)[0]
             modules[m["name"]] = ModuleSpec(
                 name=m["name"],
@@ -135,7 +143,10 @@ class Architecture:
             )
             for f in data["fused"]
         }
-        return cls(data["arch"], data["title"], data["hints"], components, modules, fused, data.get("sources", {}))
+        if not isinstance(data.get("order"), int):
+            raise ValueError(f"{path}: no integer 'order' (regenerate with `python -m loratool.archs.generate`)")
+        sources = data.get("sources", {})
+        return cls(data["arch"], data["title"], data["hints"], components, modules, fused, sources, data["order"])
 
     # -- names in the layouts LoRA files use ---------------------------------------------------------
     @cached_property
