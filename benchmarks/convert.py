@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from loratool.archs import Architecture, get_architecture, kohya_flat  # noqa: E402
-from loratool.conversion import convert  # noqa: E402
+from loratool.commands.convert import convert  # noqa: E402
 from loratool.io.writer import SafetensorsWriter, TensorSpec  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Architecture, HFArchitecture, Targets
-from .errors import InputError
+from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
 from .kinds import Kind
@@ -167,3 +167,22 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def refuse_non_finite(tensor: torch.Tensor, path: object, key: str) -> None:
     if not all_finite(tensor):
         raise InputError(f"{path}: tensor {key!r} holds NaN or inf values; the file is damaged (inspect it)")
+
+
+def refuse_unusable(
+    adapter: Adapter, unexplained: list[str], error: type[LoratoolError], consequence: str, writes_a_file: bool
+) -> None:
+    """Commands that write never lose anything silently: tensors no layout explains, broken modules
+    and error-level orphans stop them. A command that writes an adapter (`writes_a_file`) would
+    also drop warning-level orphans other than alphas, so those stop it too."""
+    if unexplained:
+        raise error(
+            f"{adapter.source.path}: {len(unexplained)} tensor(s) no layout explains (e.g. {unexplained[0]!r}); "
+            f"{consequence}"
+        )
+    for orphan in adapter.orphans:
+        if orphan.severity == "error" or (writes_a_file and not orphan.key.endswith("alpha")):
+            raise error(f"{orphan.module}: {orphan.reason}")
+    for module in adapter.modules.values():
+        if module.problem:
+            raise error(f"{module.name}: {module.problem}")

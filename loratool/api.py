@@ -9,18 +9,30 @@ from __future__ import annotations
 
 import os
 
+from . import errors as errors
 from .adapter import Adapter, AdapterModule
-from .conversion import ConvertReport, convert
-from .conversion.combine import CombineReport, combine
+from .archs import architectures
+from .commands.combine import CombineReport, combine
+from .commands.convert import ConvertReport, convert
+from .commands.extract import DEFAULT_MAX_RANK as DEFAULT_MAX_RANK
+from .commands.extract import ExtractReport, extract
+from .commands.inspect import InspectReport, ModuleReport
+from .commands.inspect import inspect as _inspect
+from .commands.merge import DTYPE_CHOICES as DTYPE_CHOICES
+from .commands.merge import MergeReport, merge
+from .commands.resize import ResizeReport, resize
+from .conversion.layouts import LAYOUTS
 from .errors import LoratoolError
-from .extraction import ExtractReport, extract
-from .extraction.resize import ResizeReport, resize
 from .formats import read_adapter
-from .inspection import InspectReport, ModuleReport
-from .inspection import inspect as _inspect
-from .merging import MergeReport, merge
 from .ops.checks import Finding
+from .ops.device import DEVICE_CHOICES as DEVICE_CHOICES
 from .progress import Progress, Step
+from .sizes import parse_size as parse_size
+
+# What the CLI's options offer (with DTYPE_CHOICES, DEVICE_CHOICES, DEFAULT_MAX_RANK and parse_size
+# above), named here so that it needs no module below the API.
+TARGET_LAYOUTS = tuple(sorted(LAYOUTS))
+ARCHITECTURES = tuple(architectures())
 
 
 def inspect(

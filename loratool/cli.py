@@ -14,22 +14,8 @@ from typing import Any
 import click
 
 from . import __version__, api
-from .archs import architectures
-from .conversion.layouts import LAYOUTS
-from .errors import (
-    EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
-    EXIT_TERMINATED,
-    EXIT_UNUSABLE,
-    FindingsError,
-    LoratoolError,
-    OutputError,
-)
-from .extraction import DEFAULT_MAX_RANK
-from .io.destination import check_destination
-from .merging import DTYPE_CHOICES
-from .ops.device import DEVICE_CHOICES
-from .plot import require_matplotlib, save_plot
+from .api import errors
+from .plot import check_plot_destination, save_plot
 from .report import (
     error_line,
     print_json,
@@ -42,7 +28,6 @@ from .report import (
     render_resize,
     stdout_console,
 )
-from .sizes import parse_size
 
 
 class _Terminated(BaseException):
@@ -66,26 +51,26 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGTERM, _terminate)
         try:
             return command(*args, **kwargs)
-        except LoratoolError as exc:
+        except errors.LoratoolError as exc:
             error_line(exc.message)
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             # `loratool ... | head`: the reader has what it wanted. Say nothing (there is no one to
             # say it to) and let the interpreter's final flush go to /dev/null, not to a traceback.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_BROKEN_PIPE)
+            sys.exit(errors.EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
             error_line("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(errors.EXIT_INTERRUPTED)
         except _Terminated:
             error_line("terminated (SIGTERM)")
-            sys.exit(EXIT_TERMINATED)
+            sys.exit(errors.EXIT_TERMINATED)
         except MemoryError:
             error_line("out of memory")
-            sys.exit(EXIT_UNUSABLE)
+            sys.exit(errors.EXIT_UNUSABLE)
         except Exception as exc:  # anything unforeseen still must not print a traceback
             error_line(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (please report this)")
-            sys.exit(EXIT_UNUSABLE)
+            sys.exit(errors.EXIT_UNUSABLE)
 
     return wrapper
 
@@ -106,14 +91,6 @@ def _plot_option(what: str) -> Callable[..., Any]:
     return click.option(
         "--plot", type=click.Path(path_type=str), help=f"Draw {what} to this PNG (needs loratool[plot])."
     )
-
-
-def _check_plot(plot: str, inputs: list[str | None], force: bool) -> None:
-    """Refuse a --plot path before any work: matplotlib missing, not a .png, or not writable."""
-    require_matplotlib()
-    if Path(plot).suffix.lower() != ".png":
-        raise OutputError(f"{plot}: --plot writes a PNG; give a path ending in .png")
-    check_destination([Path(p) for p in inputs if p is not None], Path(plot), force, directory=False)
 
 
 ALLOW_PICKLE = click.option(
@@ -160,7 +137,7 @@ def inspect(
       loratool inspect my_lora.safetensors --plot my_lora.png
     """
     if plot is not None:
-        _check_plot(plot, [path, base], force)
+        check_plot_destination(plot, [path, base], force)
     with progress_bar("inspecting", enabled=not quiet) as progress:
         report = api.inspect(path, base=base, progress=progress, allow_pickle=allow_pickle)
     if plot is not None:
@@ -170,12 +147,12 @@ def inspect(
     else:
         render_inspect(report, stdout_console(), show_keys=keys)
     if strict and report.count("error"):
-        raise FindingsError(f"{report.count('error')} error-level finding(s) in {path}")
+        raise errors.FindingsError(f"{report.count('error')} error-level finding(s) in {path}")
 
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), required=True, help="Target layout.")
+@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), required=True, help="Target layout.")
 @click.option(
     "-o",
     "--output",
@@ -184,7 +161,7 @@ def inspect(
     required=True,
     help="Output file, or dir for peft.",
 )
-@click.option("--arch", type=click.Choice(list(architectures())), help="Architecture, when names cannot tell.")
+@click.option("--arch", type=click.Choice(api.ARCHITECTURES), help="Architecture, when names cannot tell.")
 @_output_options
 @ALLOW_PICKLE
 @_one_line_errors
@@ -217,9 +194,9 @@ def convert(
 @click.option(
     "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
 )
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option(
-    "--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="keep", show_default=True, help="Output float dtype."
+    "--dtype", type=click.Choice(list(api.DTYPE_CHOICES)), default="keep", show_default=True, help="Output float dtype."
 )
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches; skip LoRA modules the base lacks.")
 @click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
@@ -251,7 +228,7 @@ def merge(
       loratool merge sd15.safetensors style.safetensors -o sd15_style.safetensors
       loratool merge llama_dir/ adapter_dir/ other.safetensors -w 0.7 -w -0.3 -o merged_dir/
     """
-    size = parse_size(shard_size) if shard_size is not None else None
+    size = api.parse_size(shard_size) if shard_size is not None else None
     with progress_bar("merging", enabled=not quiet) as progress:
         report = api.merge(
             base,
@@ -281,7 +258,7 @@ def merge(
     "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
 )
 @click.option("--rank", type=int, help="Best rank-R approximation per module instead of the exact sum.")
-@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Output layout (default: the first LoRA's).")
+@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), help="Output layout (default: the first LoRA's).")
 @_output_options
 @ALLOW_PICKLE
 @_one_line_errors
@@ -334,9 +311,9 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 )
 @click.option("--rank", type=int, help="Rank of every module.")
 @click.option("--dynamic", help=DYNAMIC_HELP)
-@click.option("--max-rank", type=int, help=f"Cap for --dynamic (default {DEFAULT_MAX_RANK}).")
+@click.option("--max-rank", type=int, help=f"Cap for --dynamic (default {api.DEFAULT_MAX_RANK}).")
 @click.option("--conv-rank", type=int, help="Also extract kxk convs (LoCon), at this rank.")
-@click.option("--to", "to", type=click.Choice(sorted(LAYOUTS)), help="Layout (default kohya; peft for LLMs).")
+@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), help="Layout (default kohya; peft for LLMs).")
 @click.option("--alpha", type=float, help="Alpha to record (factors rescaled so the update is unchanged).")
 @click.option(
     "--min-diff", type=float, default=0.0, show_default=True, help="Skip modules with ||dW||/||W|| at or below this."
@@ -347,7 +324,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.option("--include", help="Regex on module names (e.g. 'attn|mlp'): extract only these.")
 @click.option("--exclude", help="Regex on module names: leave these out.")
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the randomized one.")
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
 @_plot_option("the retained energy and rank of every module")
 @_output_options
@@ -388,8 +365,8 @@ def extract(
     """
     if plot is not None:
         if Path(plot).resolve() == Path(dest).resolve():
-            raise OutputError(f"{plot}: --plot and -o name the same path")
-        _check_plot(plot, [base, tuned], force)
+            raise errors.OutputError(f"{plot}: --plot and -o name the same path")
+        check_plot_destination(plot, [base, tuned], force)
     with progress_bar("extracting", enabled=not quiet) as progress:
         report = api.extract(
             base,
@@ -426,7 +403,7 @@ def extract(
 )
 @click.option("--rank", type=int, help="New rank of every module (modules at or below it are copied).")
 @click.option("--dynamic", help=DYNAMIC_HELP)
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
 @_output_options
 @ALLOW_PICKLE

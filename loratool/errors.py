@@ -48,8 +48,13 @@ class MergeError(LoratoolError):
 
 
 class ExtractError(LoratoolError):
-    """A LoRA cannot be extracted or resized as asked: the checkpoints differ in more than values,
-    or the adapter holds what the command cannot reduce."""
+    """A LoRA cannot be extracted as asked: the checkpoints differ in more than values, or the
+    options ask for a rank that cannot be had."""
+
+
+class ResizeError(LoratoolError):
+    """A LoRA cannot be resized as asked: it holds what resize cannot cut (LoHa, DoRA), or the
+    options ask for a rank that cannot be had."""
 
 
 class MissingDependencyError(LoratoolError):

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .archs.blocks import block_of, component_position, model_position
-from .errors import MissingDependencyError
-from .extraction import ExtractReport
-from .inspection import InspectReport, ModuleReport
+from .commands.extract import ExtractReport
+from .commands.inspect import InspectReport, ModuleReport
+from .errors import MissingDependencyError, OutputError
+from .io.destination import check_destination
 from .io.writer import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -171,6 +172,14 @@ def _block_ticks(axis, names: list[str]) -> None:
             labels.append(label)
             last = label
     axis.set_xticks(ticks, labels, rotation=90, fontsize="x-small")
+
+
+def check_plot_destination(plot: str, inputs: list[str | None], force: bool) -> None:
+    """Refuse a --plot path before any work: matplotlib missing, not a .png, or not writable."""
+    require_matplotlib()
+    if Path(plot).suffix.lower() != ".png":
+        raise OutputError(f"{plot}: --plot writes a PNG; give a path ending in .png")
+    check_destination([Path(p) for p in inputs if p is not None], Path(plot), force, directory=False)
 
 
 def save_plot(report: InspectReport | ExtractReport, path: str | os.PathLike) -> Path:

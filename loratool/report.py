@@ -22,12 +22,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .conversion import ConvertReport
-from .conversion.combine import CombineReport
-from .extraction import ExtractReport
-from .extraction.resize import ResizeReport
-from .inspection import InspectReport
-from .merging import MergeReport
+from .commands.combine import CombineReport
+from .commands.convert import ConvertReport
+from .commands.extract import ExtractReport
+from .commands.inspect import InspectReport
+from .commands.merge import MergeReport
+from .commands.resize import ResizeReport
 from .progress import Progress as ProgressCallback
 from .progress import Step
 

@@ -20,7 +20,7 @@ from test_inspect_base import bases
 
 import loratool
 from loratool.cli import main
-from loratool.conversion.combine import COMBINED_KEY, combine
+from loratool.commands.combine import COMBINED_KEY, combine
 from loratool.errors import ConversionError, OutputError
 from loratool.io.safetensors_file import SafetensorsFile
 

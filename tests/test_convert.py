@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loratool.cli import main
-from loratool.conversion import convert
+from loratool.commands.convert import convert
 from loratool.errors import ConversionError, OutputError
 from loratool.io.safetensors_file import SafetensorsFile
 

@@ -25,7 +25,7 @@ from deltas import deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loratool.conversion import convert
+from loratool.commands.convert import convert
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")

@@ -36,7 +36,7 @@ from tiny_models import sd15_unet
 
 from loratool import merge
 from loratool.cli import main
-from loratool.conversion import convert
+from loratool.commands.convert import convert
 from loratool.errors import ConversionError
 
 pytest.importorskip("lycoris")

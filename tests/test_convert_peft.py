@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from loratool.cli import main
-from loratool.conversion import convert
+from loratool.commands.convert import convert
 from loratool.errors import ConversionError
 
 pytest.importorskip("peft")

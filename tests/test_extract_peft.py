@@ -40,8 +40,8 @@ from safetensors.torch import load_file, save_file
 
 import loratool
 from loratool.cli import main
+from loratool.commands.extract import ExtractReport
 from loratool.errors import ExtractError, OutputError
-from loratool.extraction import ExtractReport
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")

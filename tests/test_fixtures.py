@@ -47,7 +47,7 @@ def generator_module():
 
 
 @cache
-def report(name: str) -> loratool.inspection.InspectReport:
+def report(name: str) -> loratool.InspectReport:
     return loratool.inspect(FIXTURES / name)
 
 

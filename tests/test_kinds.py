@@ -110,10 +110,41 @@ def test_lora_tucker_mid_equals_composed_convs():
 
 
 @pytest.mark.parametrize(
+    ("conv", "kernel"),
+    [(F.conv3d, (2, 3, 3)), (F.conv1d, (3,))],
+    ids=["conv3d", "conv1d"],
+)
+def test_lora_on_3d_and_1d_convs(conv, kernel):
+    """Video models' Conv3d patch embeddings (and Conv1d): down (r, in, *kernel), up (out, r, 1, ..);
+    the update is the explicit sum over the rank and equals the two convs composed."""
+    torch.manual_seed(2)
+    ones = (1,) * len(kernel)
+    down, up = torch.randn(3, 5, *kernel), torch.randn(7, 3, *ones)
+    lora = KINDS["lora"]
+    shapes = {"down": tuple(down.shape), "up": tuple(up.shape)}
+    assert lora.check(shapes) is None
+    assert lora.rank(shapes) == 3
+    assert lora.weight_shape(shapes) == (7, 5, *kernel)
+    delta = lora.delta({"down": down, "up": up})
+    assert delta.shape == (7, 5, *kernel)
+    explicit = torch.einsum("or,ri...->oi...", up.flatten(1), down)
+    torch.testing.assert_close(delta, explicit)
+    x = torch.randn(2, 5, *(k + 3 for k in kernel))
+    torch.testing.assert_close(conv(x, delta), conv(conv(x, down), up), rtol=1e-4, atol=1e-4)
+    # A 2-D up (some writers flatten the 1x1x1 kernel away) gives the same update.
+    flat = lora.delta({"down": down, "up": up.flatten(1)})
+    torch.testing.assert_close(flat, delta)
+
+
+@pytest.mark.parametrize(
     ("kind", "shapes", "problem"),
     [
         ("lora", {"down": (4, 8), "up": (16, 3)}, "columns"),
         ("lora", {"down": (4, 8, 3, 3), "up": (16, 4, 3, 3)}, "1x1"),
+        ("lora", {"down": (4, 8, 2, 3, 3), "up": (16, 4, 1, 3, 1)}, "1x1x1"),
+        ("lora", {"down": (4, 8, 2, 3, 3), "up": (16, 4, 1, 1)}, "same dimension"),
+        ("lora", {"down": (4, 8, 1, 1, 1, 1), "up": (16, 4)}, "3-D to 5-D"),
+        ("lora", {"down": (4, 8, 1, 1, 1), "up": (16, 4, 1, 1, 1), "mid": (4, 4, 3, 3)}, "1x1 conv"),
         ("lora", {"down": (4, 8, 1, 1), "up": (16, 4, 1, 1), "mid": (3, 3, 3, 3)}, "mid"),
         ("loha", {"w1a": (16, 4), "w1b": (4, 8), "w2a": (16, 4), "w2b": (4, 9)}, "different shapes"),
         ("lokr", {"w1a": (4, 2), "w1b": (3, 4), "w2": (4, 4)}, "do not multiply"),
@@ -129,3 +160,11 @@ def test_missing_roles():
     assert KINDS["loha"].missing({"w1a", "w1b", "w2a", "w2b", "t1"}) == ["t2"]
     assert KINDS["lokr"].missing({"w1", "w2a"}) == ["w2b"]
     assert KINDS["lokr"].missing({"w1a", "w1b", "w2"}) == []
+
+
+def test_a_kernel_is_any_conv_axis_larger_than_one() -> None:
+    """LoCon's conv rank applies to 2-D and 3-D kernels alike; 1x1 and 1x1x1 convs are matrices."""
+    from loratool.kinds.base import has_kernel
+
+    assert has_kernel((8, 4, 3, 3)) and has_kernel((8, 4, 1, 2, 2)) and has_kernel((8, 4, 3))
+    assert not has_kernel((8, 4, 1, 1)) and not has_kernel((8, 4, 1, 1, 1)) and not has_kernel((8, 4))

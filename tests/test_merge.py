@@ -23,9 +23,9 @@ from tiny_models import clip_text_model, sd15_unet
 import loratool
 from loratool.archs import get_architecture
 from loratool.cli import main
+from loratool.commands.merge import merge
 from loratool.errors import InputError, MergeError, OutputError
 from loratool.io.safetensors_file import SafetensorsFile
-from loratool.merging import merge
 from loratool.sizes import parse_size
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

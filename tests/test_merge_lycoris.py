@@ -277,13 +277,13 @@ def test_combine_and_resize_refuse_kinds_that_are_not_low_rank_products(tmp_path
     """combine stacks low-rank factors and resize truncates them: neither exists for these kinds,
     so both refuse in one line naming a module of that kind, and write nothing."""
     from loratool import combine, inspect, resize
-    from loratool.errors import ConversionError, ExtractError
+    from loratool.errors import ConversionError, ResizeError
 
     _, _, lora = build(name, tmp_path)
     named = {m.name for m in inspect(lora).modules if m.kind == kind}
     for call, error in (
         (lambda out: combine([lora, lora], out), ConversionError),
-        (lambda out: resize(lora, out, rank=1), ExtractError),
+        (lambda out: resize(lora, out, rank=1), ResizeError),
     ):
         out = tmp_path / "out.safetensors"
         with pytest.raises(error) as caught:

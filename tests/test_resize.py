@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from loratool import load_adapter, resize
 from loratool.archs import get_architecture
 from loratool.cli import main
-from loratool.errors import ExtractError
+from loratool.errors import ResizeError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 KOHYA = FIXTURES / "kohya_sd15.safetensors"  # fp16, LoRA + 1x1 and 3x3 LoCon
@@ -230,7 +230,7 @@ def test_dynamic_keeps_the_scale_and_meets_the_rule(tmp_path, spectra):
 @pytest.mark.parametrize("fixture", ["lycoris_loha.safetensors", "lycoris_lokr.safetensors"])
 def test_loha_and_lokr_are_refused(tmp_path, fixture):
     out = tmp_path / "out.safetensors"
-    with pytest.raises(ExtractError, match="resize works on LoRA and LoCon"):
+    with pytest.raises(ResizeError, match="resize works on LoRA and LoCon"):
         resize(FIXTURES / fixture, out, rank=2, device="cpu")
     assert not out.exists()
 
@@ -246,7 +246,7 @@ def test_loha_and_lokr_are_refused(tmp_path, fixture):
     ],
 )
 def test_bad_options_are_refused(tmp_path, kwargs, message):
-    with pytest.raises(ExtractError, match=message):
+    with pytest.raises(ResizeError, match=message):
         resize(KOHYA, tmp_path / "out.safetensors", device="cpu", **kwargs)
 
 

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, refuse_unusable
+from ..conversion.layouts import LAYOUTS, PeftLayout
 from ..errors import ConversionError
 from ..formats import read_adapter
 from ..io.destination import check_destination
-from ..io.safetensors_file import DTYPE_NAMES, DTYPES
+from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
+from ..output.planning import plan_units
+from ..output.units import Load, Piece, Unit, common_dtype
+from ..output.write import config_json, write_output
 from ..progress import Progress
 from ..strengths import lora_weights
-from . import config_json, plan, refuse_lossy_input, write_output
-from .layouts import LAYOUTS, PeftLayout
-from .plan import Load, Piece, Unit
 
 COMBINED_KEY = "loratool.combined_from"
 
@@ -86,7 +87,7 @@ def combine(
         for path in loras:
             adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
             adapters.append(adapter)
-            refuse_lossy_input(adapter, detection)
+            refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
             _refuse_uncombinable(adapter)
         layout = LAYOUTS[to or _default_layout(adapters[0])]
         check_destination([Path(p) for p in loras], Path(dest), force, directory=isinstance(layout, PeftLayout))
@@ -94,7 +95,7 @@ def combine(
         named_parts: dict[str, list[_Part]] = {}
         notes: list[str] = []
         for i, (adapter, strength) in enumerate(zip(adapters, strengths, strict=True)):
-            named, unit_notes = plan(adapter, layout)
+            named, unit_notes = plan_units(adapter, layout)
             notes += unit_notes
             load = Load(adapter)
             for name, unit in named.items():
@@ -171,8 +172,8 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
     # An exact sum is stored in float32: scaling fp16/bf16 factors by sqrt|c| would round them.
     # A rank cut is an approximation anyway and keeps the inputs' precision.
     floor = [] if cut else ["F32"]
-    up_dtype = _common_dtype([*(p.unit.pieces["up"].dtype for p in parts), *floor])
-    down_dtype = _common_dtype([*(p.unit.pieces["down"].dtype for p in parts), *floor])
+    up_dtype = common_dtype([*(p.unit.pieces["up"].dtype for p in parts), *floor])
+    down_dtype = common_dtype([*(p.unit.pieces["down"].dtype for p in parts), *floor])
     cached: dict[str, torch.Tensor] = {}
 
     def factors() -> dict[str, torch.Tensor]:
@@ -249,11 +250,3 @@ def _flat_shape(unit: Unit) -> tuple[int, int]:
     """The update as a matrix: (out, in * kh * kw), whatever the factors' conv or linear form."""
     shape = unit.kind.weight_shape(unit.shapes)
     return shape[0], math.prod(shape[1:])
-
-
-def _common_dtype(dtypes) -> str:
-    out = None
-    for name in dtypes:
-        t = DTYPES[name]
-        out = t if out is None else torch.promote_types(out, t)
-    return DTYPE_NAMES[out]

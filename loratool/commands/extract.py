@@ -14,8 +14,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +21,14 @@ import torch
 
 from ..archs import Architecture, HFArchitecture
 from ..archs.checkpoint import checkpoint_architecture
-from ..archs.locate import Location
-from ..conversion import write_output
 from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
-from ..conversion.plan import Unit
 from ..errors import ExtractError
+from ..extraction.reading import located_bytes, read_ahead
+from ..extraction.targets import Job, Selection, plan_jobs
 from ..io.destination import check_destination
 from ..io.source import TensorSource, open_source
 from ..kinds import KINDS
+from ..kinds.base import has_kernel
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.svd import (
@@ -43,14 +41,14 @@ from ..ops.svd import (
     seed_for,
     squared_norm,
 )
+from ..output.factors import rank_rule, stored_piece
+from ..output.units import Unit
+from ..output.write import write_output
 from ..progress import Progress, Tally
-from .factors import rank_rule, stored_piece
-from .targets import Job, Selection, plan_jobs
 
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64
 KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux"}  # sd-scripts' network module per model
-ARITHMETIC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # the tuned weight's dtype when it is one of these, else BF16
 
 
@@ -145,10 +143,10 @@ def extract(
         units: dict[str, Unit] = {}
         results: list[ModuleResult] = []
         skipped: list[ModuleResult] = []
-        job_bytes = [_located_bytes(job.base, base_src) + _located_bytes(job.tuned, tuned_src) for job in jobs]
+        job_bytes = [located_bytes(job.base, base_src) + located_bytes(job.tuned, tuned_src) for job in jobs]
         tally = Tally(progress, len(jobs), sum(job_bytes), unit="modules")
         for (job, w_base, w_tuned), nbytes in zip(
-            _read_ahead(jobs, base_src, tuned_src, torch_device), job_bytes, strict=True
+            read_ahead(jobs, base_src, tuned_src, torch_device), job_bytes, strict=True
         ):
             unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed)
             result.component = _component_name(arch, job.component)
@@ -197,7 +195,7 @@ def _check_options(
     min_diff: float,
     clamp: float | None,
 ) -> tuple[str, float] | None:
-    rule = rank_rule(rank, dynamic)
+    rule = rank_rule(rank, dynamic, ExtractError)
     for flag, value in (("--max-rank", max_rank), ("--conv-rank", conv_rank)):
         if value is not None and value < 1:
             raise ExtractError(f"{flag} {value}: must be at least 1")
@@ -228,73 +226,6 @@ def _check_components(layout: Layout, jobs: list[Job]) -> None:
             f"a PEFT adapter dir wraps one model, and the selected modules span {', '.join(components)}; "
             "use --to diffusers, or --exclude the others (e.g. --exclude '^text_encoder')"
         )
-
-
-def _located_bytes(locations: tuple[Location, ...], source: TensorSource) -> int:
-    """Bytes of the stored weights (or their row blocks) a job reads from one checkpoint."""
-    total = 0
-    for location in locations:
-        info = source.info(location.key)
-        rows = location.rows
-        total += info.nbytes if rows is None else info.nbytes * (rows[1] - rows[0]) // max(info.shape[0], 1)
-    return total
-
-
-def _read_ahead(
-    jobs: list[Job], base: TensorSource, tuned: TensorSource, device: torch.device
-) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
-    """Each job's two weights in canonical orientation on `device` (stored dtype, fp8 upcast);
-    the next job's are read while the caller works on this one."""
-    reader = _Reader(base, tuned, device)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(reader.pair, jobs[0]) if jobs else None
-        for i, job in enumerate(jobs):
-            w_base, w_tuned = pending.result()
-            pending = pool.submit(reader.pair, jobs[i + 1]) if i + 1 < len(jobs) else None
-            yield job, w_base, w_tuned
-
-
-class _Reader:
-    """Loads row blocks of checkpoint weights; the last whole tensor of each source is kept, so
-    q, k and v cut from one fused weight read it once."""
-
-    def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device) -> None:
-        self.sources = {"base": base, "tuned": tuned}
-        self.device = device
-        self.last: dict[str, tuple[str, torch.Tensor]] = {}
-
-    def pair(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        w_base = self.weight("base", job, job.base)
-        w_tuned = self.weight("tuned", job, job.tuned)
-        if w_base.shape != w_tuned.shape:
-            raise ExtractError(
-                f"{job.name}: BASE has it as {list(w_base.shape)} but TUNED as {list(w_tuned.shape)}; "
-                "are both checkpoints of one model?"
-            )
-        return w_base, w_tuned
-
-    def weight(self, which: str, job: Job, locations) -> torch.Tensor:
-        blocks = []
-        for location in locations:
-            t = self.tensor(which, location.key)
-            if location.rows is not None:
-                t = t[location.rows[0] : location.rows[1]]
-            if location.transposed or job.type == "embedding":  # the update's (out, in) orientation
-                t = t.T
-            if location.swap_halves:
-                t = swap_halves(t)
-            blocks.append(t)
-        return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
-
-    def tensor(self, which: str, key: str) -> torch.Tensor:
-        cached = self.last.get(which)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        t = self.sources[which].load(key)
-        # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
-        t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
-        self.last[which] = (key, t)
-        return t
 
 
 def _component_name(arch: Architecture | HFArchitecture, component: str | None) -> str | None:
@@ -356,9 +287,9 @@ def _unit(
     shape: torch.Size,
 ) -> Unit:
     dtype = job.dtype if job.dtype in FACTOR_DTYPES else "BF16"
-    if len(shape) == 4:  # LoCon: the kernel lives in down, up is a 1x1 conv
-        up, down = up.reshape(shape[0], rank, 1, 1), down.reshape(rank, *shape[1:])
-    pieces = {role: stored_piece(job.name, role, t, dtype) for role, t in (("up", up), ("down", down))}
+    if len(shape) >= 3:  # LoCon: the kernel lives in down, up is a 1x1 (or 1x1x1) conv
+        up, down = up.reshape(shape[0], rank, *(1,) * (len(shape) - 2)), down.reshape(rank, *shape[1:])
+    pieces = {role: stored_piece(job.name, role, t, dtype, ExtractError) for role, t in (("up", up), ("down", down))}
     return Unit(
         targets=job.targets,
         component=job.component,
@@ -393,9 +324,7 @@ def _origin(
     if layout.name == "kohya":
         module = KOHYA_NETWORK_MODULES.get(arch.name, "networks.lora")
         metadata.update(ss_network_module=module, ss_network_dim="", ss_network_alpha="")
-        conv_ranks = {
-            u.rank for u in units.values() if len(u.pieces["down"].shape) == 4 and u.pieces["down"].shape[2:] != (1, 1)
-        }
+        conv_ranks = {u.rank for u in units.values() if has_kernel(u.pieces["down"].shape)}
         if len(conv_ranks) == 1:  # sd-scripts' LoCon record, when one rank and alpha hold for every kxk conv
             conv_dim = conv_ranks.pop()
             conv_alpha = alpha if alpha is not None else conv_dim

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, AdapterModule
-from .archs import Architecture, HFArchitecture
-from .archs.checkpoint import checkpoint_architecture
-from .archs.hf import detect_hf
-from .archs.locate import locate
-from .errors import InputError, LoratoolError
-from .formats import Detection, read_adapter
-from .io.safetensors_file import SafetensorsFile, tensor_from_bytes
-from .io.source import TensorSource, open_source
-from .kinds.base import ANY
-from .ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
-from .progress import Progress, Tally
+from ..adapter import Adapter, AdapterModule
+from ..archs import Architecture, HFArchitecture
+from ..archs.checkpoint import checkpoint_architecture
+from ..archs.hf import detect_hf
+from ..archs.locate import locate
+from ..errors import InputError, LoratoolError
+from ..formats import Detection, read_adapter
+from ..io.safetensors_file import SafetensorsFile, tensor_from_bytes
+from ..io.source import TensorSource, open_source
+from ..kinds.base import ANY
+from ..ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
+from ..progress import Progress, Tally
 
 METADATA_SUMMARY_KEYS = (
     "ss_network_module",

@@ -11,31 +11,23 @@ work at the same time; memory holds a few tensors whatever the model size.
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from ..adapter import PEFT_MAGNITUDE
 from ..errors import MergeError, OutputError
 from ..io.destination import check_destination, same_or_inside
-from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource, open_source
-from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWriter, TensorSpec, atomic_directory
+from ..io.writer import atomic_directory
+from ..merging.match import LoraMatch, open_lora
+from ..merging.output import OutputPlan, copy_other_files, plan_output
+from ..merging.walk import MergeWalk
 from ..ops.device import resolve_device
-from ..ops.fuse import swap_halves
-from ..ops.merge import add_update, apply_dora, fits, update_view
-from ..progress import Progress, Tally
+from ..progress import Progress
 from ..strengths import lora_weights
-from .match import LoraMatch, Patch, open_lora
-from .output import Entry, OutFile, OutputPlan, WeightSet, copy_other_files, output_dtype, plan_output
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-ROW_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per block of rows: stays in cache on common CPUs
 
 
 @dataclass
@@ -110,7 +102,7 @@ def merge(
             stack.callback(found.adapter.close)
             matches.append(found)
         _check_unmatched(matches, source, allow_unmatched)
-        walk = _Walk(plan, matches, torch_device, DTYPE_CHOICES[dtype], progress)
+        walk = MergeWalk(plan, matches, torch_device, DTYPE_CHOICES[dtype], progress)
         if plan.single_file:
             walk.write_file(plan.sets[0].files[0], dest_path)
         else:
@@ -168,267 +160,3 @@ def _summary(m: LoraMatch) -> LoraSummary:
         unmatched=list(m.unmatched),
         notes=list(m.notes),
     )
-
-
-@dataclass
-class _Factors:
-    """A module's update on the device, in fp32: `up` (rows, r) and `down` (r, in * kh * kw) for a
-    low-rank kind, or the dense update itself as `up` (rows, in * kh * kw) with `down` None (LoHa,
-    LoKr: their products are not low-rank factors). A kind that reads the base keeps its `tensors`
-    instead: its update is computed against each weight it meets."""
-
-    up: torch.Tensor | None
-    down: torch.Tensor | None
-    bias: torch.Tensor | None
-    tensors: dict[str, torch.Tensor] | None
-    dora: _Dora | None
-
-
-@dataclass(frozen=True)
-class _Dora:
-    magnitude: torch.Tensor  # flat, fp32, on the device
-    columns: bool  # per input column (LyCORIS wd_on_out off), else per output row
-    lycoris: bool  # LyCORIS's strength rule and eps (dora_scale), else PEFT's (lora_magnitude_vector)
-
-
-class _Walk:
-    """Streams weight sets out, applying each base tensor's patches as it passes."""
-
-    def __init__(
-        self,
-        plan: OutputPlan,
-        matches: list[LoraMatch],
-        device: torch.device,
-        out_dtype: str | None,
-        progress: Progress | None,
-    ) -> None:
-        self.matches = matches
-        self.device = device
-        self.out_dtype = out_dtype
-        self.patches: dict[str, list[Patch]] = {}
-        for m in matches:
-            for p in m.patches:
-                self.patches.setdefault(p.key, []).append(p)
-        # A module's factors stay on the device from its first patch to its last (fused modules
-        # merged into a diffusers folder touch several tensors).
-        self._uses = Counter(id(p.module) for ps in self.patches.values() for p in ps if p.module is not None)
-        self._factors: dict[int, _Factors] = {}
-        self.updated = self.copied = self.cast = self.files = 0
-        self._out: torch.Tensor | None = None
-        specs = [self._spec(e) for wset in plan.sets for f in wset.files for e in f.entries]
-        self.tally = Tally(progress, len(specs), sum(s.nbytes for s in specs))
-
-    def _spec(self, entry: Entry) -> TensorSpec:
-        info = entry.file.info(entry.name)
-        return TensorSpec(entry.name, output_dtype(info.dtype, self.out_dtype), info.shape)
-
-    def write_file(self, out: OutFile, path: Path) -> None:
-        specs = [self._spec(e) for e in out.entries]
-        meta = out.metadata
-        with SafetensorsWriter(
-            path, specs, meta, record_hash=HASH_KEY in meta, record_legacy_hash=LEGACY_HASH_KEY in meta
-        ) as writer:
-            self._stream(writer, out.entries, specs)
-        self.files += 1
-
-    def write_set(self, wset: WeightSet, root: Path) -> None:
-        directory = root / wset.directory
-        directory.mkdir(parents=True, exist_ok=True)
-        if wset.index is None:
-            for out in wset.files:
-                self.write_file(out, directory / out.name)
-            return
-        shards = [(out.name, [self._spec(e) for e in out.entries]) for out in wset.files]
-        # A whole-file hash describes no shard; ShardedWriter does not compute per-shard ones.
-        metadata = [
-            {k: v for k, v in out.metadata.items() if k not in (HASH_KEY, LEGACY_HASH_KEY)} for out in wset.files
-        ]
-        with ShardedWriter(directory, shards, wset.index, metadata, wset.index_metadata) as writer:
-            entries = [e for out in wset.files for e in out.entries]
-            self._stream(writer, entries, [s for _, specs in shards for s in specs])
-        self.files += len(wset.files) + 1
-
-    def _stream(self, writer: SafetensorsWriter | ShardedWriter, entries: list[Entry], specs: list[TensorSpec]) -> None:
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            ahead = self._read_ahead(reader, entries)
-            for entry, spec in zip(entries, specs, strict=True):
-                info = entry.file.info(entry.name)
-                patches = self.patches.get(entry.key)
-                if patches:
-                    stored = next(ahead).result()
-                    out = self._out_buffer(spec)
-                    self._merge_into(out, entry.key, stored, patches)
-                    writer.write(spec.name, out)
-                    self.updated += 1
-                elif spec.dtype == info.dtype:
-                    writer.write_from(spec.name, entry.file, entry.name)
-                    self.copied += 1
-                else:
-                    writer.write(spec.name, self._cast(entry.key, entry.file.load(entry.name), DTYPES[spec.dtype]))
-                    self.cast += 1
-                self.tally.advance(spec.nbytes)
-
-    def _read_ahead(self, reader: ThreadPoolExecutor, entries: list[Entry]) -> Iterator[Future[torch.Tensor]]:
-        """The updated tensors, in order, each read into one of two reused buffers while the
-        previous one is computed."""
-        todo = [e for e in entries if e.key in self.patches]
-        largest = max((e.file.info(e.name).nbytes for e in todo), default=0)
-        buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(2, len(todo)))]
-        pending = None
-        for i, entry in enumerate(todo):
-            current = pending or reader.submit(entry.file.read_into, entry.name, buffers[i % 2])
-            following = todo[i + 1] if i + 1 < len(todo) else None
-            pending = (
-                reader.submit(following.file.read_into, following.name, buffers[(i + 1) % 2]) if following else None
-            )
-            yield current
-
-    def _out_buffer(self, spec: TensorSpec) -> torch.Tensor:
-        """One reused output buffer (the writer has copied its bytes out before the next tensor)."""
-        if self._out is None or self._out.numel() < spec.nbytes:
-            self._out = None
-            self._out = torch.empty(spec.nbytes, dtype=torch.uint8)
-        return self._out[: spec.nbytes].view(DTYPES[spec.dtype]).reshape(spec.shape)
-
-    def _merge_into(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
-        if self.device.type == "cpu" and stored.dim() >= 1 and all(_row_local(p) for p in patches):
-            self._merge_by_rows(out, key, stored, patches)
-        else:
-            weight = stored.to(device=self.device, dtype=torch.float32)
-            for patch in patches:
-                self._apply(weight, patch)
-            self._check(weight, key, patches, out.dtype)
-            out.copy_(weight)
-        for patch in patches:
-            self._release(patch)
-
-    def _merge_by_rows(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
-        """Blocks of rows small enough to stay in the CPU cache: upcast, add each patch's rows,
-        check, cast into `out`. Several times faster than whole-tensor passes on large weights."""
-        rows = stored.shape[0]
-        block = max(1, ROW_BLOCK_ELEMENTS // max(1, stored[0].numel()))
-        plans = []
-        for patch in patches:
-            up, down = self._rows_of(patch)
-            first = patch.rows[0] if patch.rows else 0
-            plans.append((first, first + up.shape[0], up, down, self.matches[patch.lora].strength * patch.module.scale))
-        flat_out = out.view(rows, -1)
-        flat_in = stored.reshape(rows, -1)
-        for start in range(0, rows, block):
-            stop = min(rows, start + block)
-            weight = flat_in[start:stop].float()
-            for first, last, up, down, factor in plans:
-                a, b = max(first, start), min(last, stop)
-                if a < b:
-                    add_update(weight[a - start : b - start], up[a - first : b - first], down, factor)
-            self._check(weight, key, patches, out.dtype)
-            flat_out[start:stop].copy_(weight)
-
-    def _rows_of(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The module's up rows (or dense update rows) that land in this patch's block, in the base's
-        row order, and down (None for a dense update)."""
-        factors = self._factors_of(patch)
-        return _module_rows(patch, factors.up), factors.down
-
-    def _check(self, weight: torch.Tensor, key: str, patches: list[Patch], out: torch.dtype) -> None:
-        if not fits(weight, out):
-            names = ", ".join(dict.fromkeys(p.name for p in patches))
-            raise MergeError(f"{key}: {_bad_values(weight, out)} after merging {names}; nothing was written")
-
-    def _cast(self, key: str, stored: torch.Tensor, out: torch.dtype) -> torch.Tensor:
-        narrower = out.is_floating_point and torch.finfo(out).max < torch.finfo(stored.dtype).max
-        if narrower and not fits(stored.float(), out):
-            raise MergeError(f"{key}: {_bad_values(stored.float(), out)} when cast to {out}; nothing was written")
-        return stored.to(out)
-
-    def _apply(self, weight: torch.Tensor, patch: Patch) -> None:
-        strength = self.matches[patch.lora].strength
-        if patch.role == "replace":
-            saved = self.matches[patch.lora].adapter.load(patch.replacement)
-            weight.lerp_(saved.to(device=self.device, dtype=torch.float32), strength)
-            return
-        module = patch.module
-        factors = self._factors_of(patch)
-        if patch.role == "bias":
-            target = weight if patch.rows is None else weight[patch.rows[0] : patch.rows[1]]
-            target.add_(_module_rows(patch, factors.bias), alpha=strength * module.scale)
-            return
-        target = update_view(weight, patch.transposed, patch.rows)
-        dora = factors.dora
-        if dora is None:
-            self._add(target, patch, factors, strength * module.scale)
-            return
-        merged = target.clone()  # V, with the update at full strength: DoRA's strength acts on the rescale
-        self._add(merged, patch, factors, module.scale)
-        magnitude = dora.magnitude if dora.columns else _module_rows(patch, dora.magnitude)
-        apply_dora(target, merged, magnitude, strength, columns=dora.columns, lycoris=dora.lycoris)
-
-    def _add(self, target: torch.Tensor, patch: Patch, factors: _Factors, factor: float) -> None:
-        """target += factor * the module's update for these rows."""
-        kind = patch.module.kind
-        if factors.tensors is None:
-            up, down = self._rows_of(patch)
-            add_update(target, up, down, factor)
-            return
-        rows = kind.output_rows(factors.tensors)
-        tensors = {role: _module_rows(patch, t) if role in rows else t for role, t in factors.tensors.items()}
-        target.add_(kind.delta(tensors, target), alpha=factor)
-
-    def _factors_of(self, patch: Patch) -> _Factors:
-        module = patch.module
-        cached = self._factors.get(id(module))
-        if cached is not None:
-            return cached
-        adapter = self.matches[patch.lora].adapter
-        tensors = adapter.tensors(module)
-
-        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=self.device, dtype=torch.float32).reshape(-1)
-
-        dora = None
-        if module.dora_key is not None:
-            magnitude = on_device(adapter.load(module.dora_key))
-            dora = _Dora(magnitude, module.dora_columns, not module.dora_key.endswith(PEFT_MAGNITUDE))
-        bias = on_device(tensors.get("bias"))
-        if module.kind.reads_base:
-            on = {role: t.to(device=self.device, dtype=torch.float32) for role, t in tensors.items()}
-            factors = _Factors(None, None, bias, on, dora)
-        else:
-            low = module.kind.low_rank(tensors)
-            if low is None:
-                dense = module.kind.delta(tensors)
-                low = (dense.reshape(dense.shape[0], -1), None)
-            up, down = low
-            factors = _Factors(up.to(self.device), None if down is None else down.to(self.device), bias, None, dora)
-        self._factors[id(module)] = factors
-        return factors
-
-    def _release(self, patch: Patch) -> None:
-        """The last patch of a module (weight or bias, in whatever order they come) frees its factors."""
-        if patch.module is None:
-            return
-        key = id(patch.module)
-        self._uses[key] -= 1
-        if self._uses[key] <= 0:
-            self._factors.pop(key, None)
-
-
-def _row_local(patch: Patch) -> bool:
-    """Whether a patch adds precomputed rows to each stored row on its own (no transposed storage,
-    no norms, no update computed from the base)."""
-    module = patch.module
-    return patch.role == "weight" and not patch.transposed and module.dora_key is None and not module.kind.reads_base
-
-
-def _module_rows(patch: Patch, rows: torch.Tensor) -> torch.Tensor:
-    """The rows of a tensor indexed by the module's output rows that land in this patch's block,
-    in the base's row order."""
-    if patch.up_rows is not None:
-        rows = rows[patch.up_rows[0] : patch.up_rows[1]]
-    return swap_halves(rows) if patch.swap_halves else rows
-
-
-def _bad_values(t: torch.Tensor, dtype: torch.dtype) -> str:
-    if not bool(torch.isfinite(t).all()):
-        return "non-finite values (inf or NaN)"
-    return f"values up to {float(t.abs().max()):.6g}, beyond {dtype}'s range ({torch.finfo(dtype).max:.6g})"

@@ -17,26 +17,21 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
-from ..conversion import (
-    config_json,
-    extra_entries,
-    ignored_notes,
-    plan,
-    refuse_lossy_input,
-    write_output,
-)
+from ..adapter import Adapter, refuse_unusable
 from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
-from ..conversion.plan import Load, Unit, unit_of
-from ..errors import ExtractError
+from ..errors import ConversionError, ResizeError
 from ..formats import read_adapter
 from ..io.destination import check_destination
 from ..io.safetensors_file import dtype_size
+from ..kinds.base import has_kernel
 from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank
+from ..output.factors import rank_rule, stored_piece
+from ..output.planning import extra_entries, ignored_notes, plan_units
+from ..output.units import Load, Unit, unit_of
+from ..output.write import config_json, write_output
 from ..progress import Progress, Tally
-from .factors import rank_rule, stored_piece
 
 RESIZED_KEY = "loratool.resized_from"
 
@@ -79,20 +74,20 @@ def resize(
 ) -> ResizeReport:
     """Write `lora` at a lower rank: `rank`, or per module by a `dynamic` rule ("fro:0.9",
     "ratio:20", "cumulative:0.9", "eps:1e-3"; never above the module's own rank). Same layout."""
-    rule = rank_rule(rank, dynamic)
+    rule = rank_rule(rank, dynamic, ResizeError)
     torch_device = resolve_device(device)
     adapter, detection = read_adapter(lora, allow_pickle=allow_pickle)
     with adapter:
-        refuse_lossy_input(adapter, detection)
+        refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
         layout = LAYOUTS[adapter.format if adapter.format in LAYOUTS else "kohya"]
         check_destination([Path(lora)], Path(dest), force, directory=isinstance(layout, PeftLayout))
         for module in adapter.modules.values():
             if module.kind.name != "lora":
-                raise ExtractError(
+                raise ResizeError(
                     f"{module.name}: resize works on LoRA and LoCon modules; {module.kind.label} has no rank to cut"
                 )
             if module.dora_key is not None:
-                raise ExtractError(
+                raise ResizeError(
                     f"{module.name}: DoRA's magnitude was trained for this exact direction; a lower rank changes it"
                 )
         named, notes = _units(adapter, layout)
@@ -144,8 +139,8 @@ def _resize_unit(
     new_up, new_down = core.factors(new_rank)
     up_shape, down_shape = unit.factor_shapes(new_rank)
     pieces = {
-        "up": stored_piece(name, "up", new_up.reshape(up_shape), unit.pieces["up"].dtype),
-        "down": stored_piece(name, "down", new_down.reshape(down_shape), unit.pieces["down"].dtype),
+        "up": stored_piece(name, "up", new_up.reshape(up_shape), unit.pieces["up"].dtype, ResizeError),
+        "down": stored_piece(name, "down", new_down.reshape(down_shape), unit.pieces["down"].dtype, ResizeError),
     }
     if "bias" in unit.pieces:  # lora_B.bias is not part of the low-rank product
         pieces["bias"] = unit.pieces["bias"]
@@ -163,7 +158,7 @@ def _update_network_args(metadata: dict[str, str], units: dict[str, Unit]) -> No
         return
     if not isinstance(args, dict) or "conv_dim" not in args:
         return
-    convs = [u for u in units.values() if len(u.pieces["down"].shape) == 4 and u.pieces["down"].shape[2:] != (1, 1)]
+    convs = [u for u in units.values() if has_kernel(u.pieces["down"].shape)]
     ranks, alphas = {u.rank for u in convs}, {u.alpha_for(False) for u in convs}
     if len(ranks) == 1 and len(alphas) == 1:
         args["conv_dim"], args["conv_alpha"] = str(ranks.pop()), f"{alphas.pop():g}"
@@ -179,8 +174,8 @@ def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]
     if adapter.arch is None and layout.name == "kohya" and adapter.format == "kohya":
         return {name: unit_of(module, adapter) for name, module in adapter.modules.items()}, []
     if adapter.arch is None:
-        raise ExtractError(
+        raise ResizeError(
             f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); resize keeps names as they are "
             "only for kohya files"
         )
-    return plan(adapter, layout)
+    return plan_units(adapter, layout)

@@ -28,8 +28,8 @@ from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
 from ..formats.peft import COMPONENT_KEY, WRAPPER
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS, Kind
+from ..output.units import Piece, Unit
 from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_structure
-from .plan import Piece, Unit
 
 # kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
 # model's modules (Lumina's Gemma, for one) `lora_te_` + path with underscores, so LLM files do too.
@@ -203,7 +203,7 @@ class KohyaLayout(Layout):
         if isinstance(arch, HFArchitecture):
             modules = {}
             for name, unit in units.items():
-                kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) == 4 else "linear")
+                kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) >= 3 else "linear")
                 modules[name] = {"path": unit.targets[0], "type": kind}
             metadata[HF_MODULES_KEY] = json.dumps(modules, sort_keys=True)
             config = {k: v for k, v in (adapter.config or {}).items() if k not in MATH_FIELDS}
@@ -249,7 +249,8 @@ class PeftKeyed(Layout):
             out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", dora))
         elif dora is not None:
             rows = pieces["up"].shape[0]
-            shape = (1, rows, 1, 1) if len(pieces["down"].shape) == 4 else (rows,)
+            ndim = len(pieces["down"].shape)
+            shape = (1, rows, *(1,) * (ndim - 2)) if ndim >= 3 else (rows,)
             out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", _reshaped(dora, shape)))
         return out
 

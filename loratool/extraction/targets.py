@@ -17,6 +17,7 @@ from ..archs.locate import Location, locate
 from ..conversion.layouts import Layout
 from ..errors import ExtractError
 from ..io.source import TensorSource
+from ..kinds.base import has_kernel
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _scale_keys(key: str) -> list[str]:
 
 def _kxk(weight: Weight, base: TensorSource) -> bool:
     shape = base.info(weight.location.key).shape
-    return weight.type == "conv" and len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+    return weight.type == "conv" and has_kernel(tuple(shape))
 
 
 def _rank_for(weight: Weight, base: TensorSource, selection: Selection) -> int:

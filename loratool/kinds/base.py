@@ -16,6 +16,14 @@ import torch
 
 Shapes = Mapping[str, tuple[int, ...]]
 Tensors = Mapping[str, torch.Tensor]
+
+
+def has_kernel(shape: tuple[int, ...]) -> bool:
+    """A conv weight or down factor whose kernel is larger than 1 somewhere (2-D kernels of UNets,
+    3-D patch embeddings of video models): LoCon's conv rank applies to it, a 1x1 conv is a matrix."""
+    return len(shape) >= 3 and any(k != 1 for k in shape[2:])
+
+
 ANY = -1  # a dimension of `weight_shape` the tensors do not fix (IA3 records only the axis it scales)
 
 
@@ -56,7 +64,7 @@ class Kind(ABC):
 
     @abstractmethod
     def weight_shape(self, shapes: Shapes) -> tuple[int, ...]:
-        """Shape of the update as the factors define it: (out, in[, kh, kw]); kernels the factors
+        """Shape of the update as the factors define it: (out, in[, kernel...]); kernels the factors
         do not record stay folded into `in`, and dimensions they do not fix are `ANY`."""
 
     @abstractmethod

@@ -1,5 +1,9 @@
 """LoRA and LoCon: delta = up @ down, for linear layers and convs of any kernel, with an optional
-Tucker core (`lora_mid`) between a 1x1 down and a 1x1 up."""
+Tucker core (`lora_mid`) between a 1x1 down and a 1x1 up.
+
+Convs may be 1-D, 2-D or 3-D (video models' Conv3d patch embeddings): down is (rank, in, *kernel),
+up (out, rank, 1, ..), and the update is (out, in, *kernel), the 2-D case with more kernel axes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ from typing import ClassVar
 import torch
 
 from .base import Kind, Shapes, Tensors
+
+# Factor dimensions: 2 for a linear layer, 3 to 5 for a Conv1d, Conv2d or Conv3d.
+NDIMS = (2, 3, 4, 5)
 
 
 class LoRA(Kind):
@@ -30,16 +37,19 @@ class LoRA(Kind):
 
     def check(self, shapes: Shapes) -> str | None:
         down, up, mid = shapes["down"], shapes["up"], shapes.get("mid")
-        if len(down) not in (2, 4) or len(up) not in (2, 4):
-            return f"down {list(down)} and up {list(up)} must be 2-D (linear) or 4-D (conv)"
+        if len(down) not in NDIMS or len(up) not in NDIMS:
+            return f"down {list(down)} and up {list(up)} must be 2-D (linear) or 3-D to 5-D (conv)"
+        if len(down) > 2 and len(up) > 2 and len(down) != len(up):
+            return f"down {list(down)} and up {list(up)} must be convs of the same dimension"
         if up[1] != down[0]:
             return f"up {list(up)} has {up[1]} columns but down {list(down)} has rank {down[0]}"
-        if len(up) == 4 and up[2:] != (1, 1):
-            return f"up {list(up)} must be a 1x1 conv"
-        if mid is not None:
+        if any(k != 1 for k in up[2:]):
+            kernel = "x".join(["1"] * (len(up) - 2)) if len(up) > 3 else "kernel-1"
+            return f"up {list(up)} must be a {kernel} conv"
+        if mid is not None:  # the Tucker core is a 2-D conv kernel (LyCORIS's Conv2d Tucker)
             if len(mid) != 4 or mid[:2] != (down[0], down[0]):
                 return f"mid {list(mid)} must be rank x rank x kh x kw with rank {down[0]}"
-            if len(down) == 4 and down[2:] != (1, 1):
+            if down[2:] not in ((), (1, 1)):
                 return f"with a Tucker mid, down {list(down)} must be a 1x1 conv"
         bias = shapes.get("bias")
         if bias is not None and bias != (up[0],):

@@ -12,12 +12,11 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-from ..adapter import Adapter, AdapterModule
+from ..adapter import Adapter, AdapterModule, refuse_unusable
 from ..archs import Architecture, HFArchitecture
 from ..archs.locate import Location, hf_keys, locate
 from ..errors import MergeError
 from ..formats import read_adapter
-from ..formats.detect import Detection
 from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
 from ..kinds.base import ANY
@@ -57,7 +56,7 @@ def open_lora(
     """Read a LoRA and match it to `base`; names several architectures share are settled by the base."""
     adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
     try:
-        _refuse_unmergeable(adapter, detection)
+        refuse_unusable(adapter, detection.unexplained, MergeError, "merging would ignore them", False)
         best = match(adapter, lora, strength, base)
         for other in adapter.arch_tied:
             if adapter.arch is None or other == adapter.arch.name:
@@ -73,21 +72,6 @@ def open_lora(
         adapter.close()
         raise
     return best
-
-
-def _refuse_unmergeable(adapter: Adapter, detection: Detection) -> None:
-    if detection.unexplained:
-        n = len(detection.unexplained)
-        raise MergeError(
-            f"{adapter.source.path}: {n} tensor(s) no layout explains (e.g. {detection.unexplained[0]!r}); "
-            "merging would ignore them"
-        )
-    for orphan in adapter.orphans:
-        if orphan.severity == "error":
-            raise MergeError(f"{orphan.module}: {orphan.reason}")
-    for module in adapter.modules.values():
-        if module.problem:
-            raise MergeError(f"{module.name}: {module.problem}")
 
 
 def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> LoraMatch:

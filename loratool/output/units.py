@@ -250,7 +250,7 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
     up_like = first.pieces["up"]
     pieces: dict[str, Piece] = {}
     if shared:
-        up_dtype = _common_dtype([u.pieces["up"].dtype for u in units])  # stacking must not round any part
+        up_dtype = common_dtype([u.pieces["up"].dtype for u in units])  # stacking must not round any part
         pieces["down"] = first.pieces["down"]
         pieces["up"] = Piece(
             up_dtype,
@@ -265,8 +265,8 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
         total = sum(ranks)
         scales = [u.scale for u in units]
         same_scale = len(set(scales)) == 1
-        down_dtype = _common_dtype([u.pieces["down"].dtype for u in units])
-        up_dtype = _common_dtype([u.pieces["up"].dtype for u in units]) if same_scale else "F32"
+        down_dtype = common_dtype([u.pieces["down"].dtype for u in units])
+        up_dtype = common_dtype([u.pieces["up"].dtype for u in units]) if same_scale else "F32"
         down_pieces = [u.pieces["down"] for u in units]
         pieces["down"] = Piece(
             down_dtype,
@@ -293,7 +293,7 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
         role_pieces = [None if u is None else u.pieces.get(role) for u in present]
         present_pieces = [p for p in role_pieces if p is not None]
         if present_pieces:
-            dtype = _common_dtype([p.dtype for p in present_pieces])
+            dtype = common_dtype([p.dtype for p in present_pieces])
             pieces[role] = Piece(
                 dtype,
                 (sum(rows), *present_pieces[0].shape[1:]),
@@ -315,7 +315,8 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
     )
 
 
-def _common_dtype(dtypes: list[str]) -> str:
+def common_dtype(dtypes: list[str]) -> str:
+    """The narrowest dtype that holds every one of `dtypes` exactly (stacking must not round any part)."""
     result = DTYPES[dtypes[0]]
     for d in dtypes[1:]:
         result = torch.promote_types(result, DTYPES[d])

@@ -37,7 +37,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import loratool.extraction
+import loratool.commands.extract
 from loratool.archs import get_architecture
 from loratool.cli import main
 
@@ -308,14 +308,14 @@ def assert_no_path_leak(outputs: dict[str, bytes], dest: Path) -> None:
 def randomized_calls(monkeypatch) -> list[int]:
     """The sweep count of every randomized_svd extract calls: 0 means it fell back to an exact SVD."""
     calls: list[int] = []
-    original = loratool.extraction.randomized_svd
+    original = loratool.commands.extract.randomized_svd
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
         calls.append(result.sweeps)
         return result
 
-    monkeypatch.setattr(loratool.extraction, "randomized_svd", spy)
+    monkeypatch.setattr(loratool.commands.extract, "randomized_svd", spy)
     return calls
 
 

@@ -1,0 +1,85 @@
+"""Reading the two checkpoints extract compares, in step: each job's weights in the update's
+orientation (row blocks cut, transposed storage turned, swapped halves put back), the next job's
+read while this one is decomposed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..archs.locate import Location
+from ..errors import ExtractError
+from ..io.source import TensorSource
+from ..ops.fuse import swap_halves
+from .targets import Job
+
+ARITHMETIC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def located_bytes(locations: tuple[Location, ...], source: TensorSource) -> int:
+    """Bytes of the stored weights (or their row blocks) a job reads from one checkpoint."""
+    total = 0
+    for location in locations:
+        info = source.info(location.key)
+        rows = location.rows
+        total += info.nbytes if rows is None else info.nbytes * (rows[1] - rows[0]) // max(info.shape[0], 1)
+    return total
+
+
+def read_ahead(
+    jobs: list[Job], base: TensorSource, tuned: TensorSource, device: torch.device
+) -> Iterator[tuple[Job, torch.Tensor, torch.Tensor]]:
+    """Each job's two weights in canonical orientation on `device` (stored dtype, fp8 upcast);
+    the next job's are read while the caller works on this one."""
+    reader = _Reader(base, tuned, device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(reader.pair, jobs[0]) if jobs else None
+        for i, job in enumerate(jobs):
+            w_base, w_tuned = pending.result()
+            pending = pool.submit(reader.pair, jobs[i + 1]) if i + 1 < len(jobs) else None
+            yield job, w_base, w_tuned
+
+
+class _Reader:
+    """Loads row blocks of checkpoint weights; the last whole tensor of each source is kept, so
+    q, k and v cut from one fused weight read it once."""
+
+    def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device) -> None:
+        self.sources = {"base": base, "tuned": tuned}
+        self.device = device
+        self.last: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def pair(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        w_base = self.weight("base", job, job.base)
+        w_tuned = self.weight("tuned", job, job.tuned)
+        if w_base.shape != w_tuned.shape:
+            raise ExtractError(
+                f"{job.name}: BASE has it as {list(w_base.shape)} but TUNED as {list(w_tuned.shape)}; "
+                "are both checkpoints of one model?"
+            )
+        return w_base, w_tuned
+
+    def weight(self, which: str, job: Job, locations) -> torch.Tensor:
+        blocks = []
+        for location in locations:
+            t = self.tensor(which, location.key)
+            if location.rows is not None:
+                t = t[location.rows[0] : location.rows[1]]
+            if location.transposed or job.type == "embedding":  # the update's (out, in) orientation
+                t = t.T
+            if location.swap_halves:
+                t = swap_halves(t)
+            blocks.append(t)
+        return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
+
+    def tensor(self, which: str, key: str) -> torch.Tensor:
+        cached = self.last.get(which)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        t = self.sources[which].load(key)
+        # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
+        t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
+        self.last[which] = (key, t)
+        return t

@@ -1,0 +1,125 @@
+"""Output units for a target layout: every module of an adapter as the layout names it.
+
+Fused modules the layout names part by part are split, parts it names only as a whole are fused,
+row halves are put in the layout's order, and whatever the layout cannot hold stops the plan with
+the module's name. convert and combine plan this way; extract and resize build their units directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..adapter import Adapter
+from ..archs import Architecture, HFArchitecture
+from ..conversion.layouts import Entry, Layout
+from ..errors import ConversionError
+from ..ops.fuse import swap_halves
+from .units import Load, Piece, Unit, fuse_group, split, unit_of
+
+
+def ignored_notes(adapter: Adapter) -> list[str]:
+    """What is left out, said out loud: alphas of modules that have no factors change nothing."""
+    return [f"{o.key}: {o.reason}, not written" for o in adapter.orphans]
+
+
+def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
+    """Output units by name, and notes on every split, fuse and dropped zero part."""
+    arch = adapter.arch
+    if arch is None:
+        raise ConversionError(
+            f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); {layout.name} names "
+            "depend on it (pass --arch if you know it)"
+        )
+    units = []
+    for module in adapter.modules.values():
+        if not module.targets:
+            raise ConversionError(f"{module.name}: not a module of {arch.name} ({arch.title}); cannot name it")
+        units.append(unit_of(module, adapter))
+    notes: list[str] = []
+    load = Load(adapter)
+    for unit in units:
+        why = layout.why_not(unit)
+        if why:
+            raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
+    if isinstance(arch, Architecture):
+        components = sorted({u.component for u in units})
+        if layout.single_component and len(components) > 1:
+            other = "diffusers" if all(u.kind.name == "lora" for u in units) else "kohya"
+            raise ConversionError(
+                f"{adapter.source.path}: a PEFT adapter dir wraps one model, and this LoRA adapts "
+                f"{', '.join(components)}; use --to {other} for a multi-model file"
+            )
+        units = _regroup(arch, units, layout, load, notes)
+    named: dict[str, Unit] = {}
+    for unit in units:
+        name = layout.unit_name(arch, unit.targets)
+        if name in named:
+            raise ConversionError(f"{named[name].origin} and {unit.origin} both update {name}; merge them first")
+        why = layout.why_not(unit)
+        if why:
+            raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
+        unit = layout.prepare(unit, load)
+        named[name] = _row_order(arch, layout, unit, load)
+        notes.extend(unit.notes)
+    layout.check_together(named, arch)
+    return named, notes
+
+
+def _regroup(arch: Architecture, units: list[Unit], layout: Layout, load: Load, notes: list[str]) -> list[Unit]:
+    """Split fused modules the layout names part by part; fuse parts it names only as a whole."""
+    final: list[Unit] = []
+    pending: dict[str, dict[str, Unit]] = {}
+    for unit in units:
+        if layout.unit_name(arch, unit.targets) is not None:
+            final.append(unit)
+            continue
+        parts = split(arch, unit, load) if len(unit.targets) > 1 else [unit]
+        for part in parts:
+            if not part.pieces:
+                notes.extend(part.notes)
+                continue
+            if layout.unit_name(arch, part.targets) is not None:
+                final.append(part)
+                continue
+            target = part.targets[0]
+            group = arch.fused.get(arch.modules[target].fused or "")
+            if group is None or layout.unit_name(arch, group.parts) is None:
+                raise ConversionError(f"{unit.origin}: {layout.name} has no name for {target}")
+            slot = pending.setdefault(group.name, {})
+            if target in slot:
+                raise ConversionError(f"{slot[target].origin} and {part.origin} both update {target}; merge them first")
+            slot[target] = part
+    final.extend(fuse_group(arch.fused[name], parts, load) for name, parts in pending.items())
+    return final
+
+
+def _row_order(arch: Architecture | HFArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
+    """Flux's final modulation rows are (shift, scale) in BFL files and (scale, shift) in diffusers."""
+    if not isinstance(arch, Architecture) or len(unit.targets) != 1:
+        return unit
+    if arch.modules[unit.targets[0]].rows != "swap_halves":
+        return unit
+    native = layout.native_rows(arch, unit.targets)
+    if native == unit.native_rows:
+        return unit
+    pieces = dict(unit.pieces)
+    for role in ("up", "bias", "dora"):
+        piece = pieces.get(role)
+        if piece is not None:
+            pieces[role] = Piece(piece.dtype, piece.shape, None, lambda p=piece: swap_halves(load(p)))
+    return replace(unit, pieces=pieces, native_rows=native, notes=[*unit.notes, f"{unit.origin}: row halves swapped"])
+
+
+def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
+    """Full tensors PEFT saves beside the adapter (modules_to_save, resized embeddings): only a
+    layout with PEFT's own keys can carry them."""
+    if not adapter.extra_keys:
+        return []
+    key, what = next(iter(adapter.extra_keys.items()))
+    if not layout.carries_full_weights(adapter.arch):
+        raise ConversionError(f"{key}: {what}; {layout.name} files have no place for it")
+    out = []
+    for key in adapter.extra_keys:
+        info = adapter.source.info(key)
+        out.append(Entry(key, Piece(info.dtype, info.shape, key)))
+    return out
