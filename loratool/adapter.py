@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .archs import Architecture, HFArchitecture, Targets
+from .archs import BaseArchitecture, Targets
 from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
@@ -127,7 +127,7 @@ class Adapter:
     source: TensorSource
     format: str
     variant: str  # which dialect of the format: prefixes used, producing tool, ...
-    arch: Architecture | HFArchitecture | None
+    arch: BaseArchitecture | None
     arch_reason: str
     modules: dict[str, AdapterModule]
     metadata: dict[str, str]

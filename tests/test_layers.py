@@ -62,3 +62,22 @@ def test_no_module_is_both_a_package_module_and_a_function_name() -> None:
         defined = {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.FunctionDef)}
         submodules = {p.stem for p in package.glob("*.py")} | {p.name for p in package.iterdir() if p.is_dir()}
         assert not defined & submodules, f"{package.name}: {defined & submodules}"
+
+
+def test_no_code_outside_archs_asks_which_kind_of_architecture_it_holds() -> None:
+    """Tables and transformers families answer the same questions (archs/base.py)."""
+    asking = re.compile(r"isinstance\([^)]*\b(Architecture|HFArchitecture|BaseArchitecture)\b")
+    places = [
+        f"{p.relative_to(PACKAGE)}:{text[: m.start()].count(chr(10)) + 1}"
+        for p, text in _sources().items()
+        if p.relative_to(PACKAGE).parts[0] != "archs"
+        for m in asking.finditer(text)
+    ]
+    assert not places, places
+
+
+def test_no_code_asks_which_layout_it_holds() -> None:
+    """A layout says what it is (`is_directory`, `single_component`, ...); nobody tests its class."""
+    asking = re.compile(r"isinstance\([^)]*Layout\b")
+    places = [str(p.relative_to(PACKAGE)) for p, text in _sources().items() if asking.search(text)]
+    assert not places, places

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from .base import BaseArchitecture
 from .hf import HFArchitecture, detect_hf
 from .table import TABLES, Architecture, Component, FusedSpec, ModuleSpec, Targets, kohya_flat
 
 __all__ = [
     "ArchDetection",
     "Architecture",
+    "BaseArchitecture",
     "Component",
     "FusedSpec",
     "HFArchitecture",

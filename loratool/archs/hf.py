@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import BaseArchitecture
+from .table import Component, FusedSpec, ModuleSpec, kohya_flat
+
+# kohya names an LLM's modules as sd-scripts names text-encoder modules: this prefix, then the path
+# with every '.' as '_' (the paths themselves are recorded in the file's metadata to come back).
+HF_KOHYA_PREFIX = "lora_te_"
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,38 @@ EMBEDDING_LEAVES = (
 
 
 @dataclass
-class HFArchitecture:
-    """A transformers model type; canonical module names are the model's own paths."""
+class HFArchitecture(BaseArchitecture):
+    """A transformers model type; canonical module names are the model's own paths. It lists no
+    modules: shapes come from the files, and every module is its own path."""
+
+    lists_modules: ClassVar[bool] = False
+    default_layout: ClassVar[str] = "peft"
 
     name: str
     family: HFFamily | None
     source: str  # how we know: "config" (base config.json), "name" (PEFT base_model_name_or_path), "keys"
     title: str = "HF transformers model"
+
+    @property
+    def hints(self) -> dict[str, list[str]]:
+        return {}
+
+    @property
+    def components(self) -> dict[str, Component]:
+        return {}
+
+    @property
+    def fused(self) -> dict[str, FusedSpec]:
+        return {}
+
+    def spec(self, target: str) -> ModuleSpec | None:
+        return None
+
+    def component_label(self, component: str | None) -> str | None:
+        return "model"
+
+    def kohya_name(self, target: str) -> str:
+        return HF_KOHYA_PREFIX + kohya_flat(target)
 
     @property
     def candidates(self) -> list[str]:

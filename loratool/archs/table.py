@@ -16,6 +16,9 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
+
+from .base import BaseArchitecture
 
 TABLES = Path(__file__).with_name("tables")
 
@@ -93,7 +96,11 @@ def kohya_flat(path: str) -> str:
 
 
 @dataclass
-class Architecture:
+class Architecture(BaseArchitecture):
+    """A model family whose generated table lists every module with its full-size shape and its
+    name in every layout."""
+
+    lists_modules: ClassVar[bool] = True
     name: str
     title: str
     hints: dict[str, list[str]]
@@ -209,6 +216,20 @@ class Architecture:
         if path is None:
             raise KeyError(f"{target} has no kohya name of its own: it is a slice of {spec.fused}")
         return naming.prefix + kohya_flat(path)
+
+    # -- the questions every architecture answers (base.BaseArchitecture) ---------------------------------
+    def spec(self, target: str) -> ModuleSpec | None:
+        return self.modules.get(target)
+
+    def component_label(self, component: str | None) -> str | None:
+        return self.components[component].short if component is not None else None
+
+    def optional_levels(self, component: str | None) -> tuple[str, ...]:
+        return self.components[component].optional_levels if component in self.components else ()
+
+    def fused_group_of(self, target: str) -> FusedSpec | None:
+        spec = self.modules.get(target)
+        return self.fused.get(spec.fused or "") if spec is not None else None
 
     def fused_group(self, targets: Targets) -> FusedSpec | None:
         """The fused weight whose row blocks are exactly `targets` in order, if there is one."""

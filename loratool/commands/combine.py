@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, refuse_unusable
-from ..conversion.layouts import LAYOUTS, PeftLayout
+from ..conversion.layouts import LAYOUTS
 from ..errors import ConversionError
 from ..formats import read_adapter
 from ..io.destination import check_destination
@@ -90,7 +90,7 @@ def combine(
             refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
             _refuse_uncombinable(adapter)
         layout = LAYOUTS[to or _default_layout(adapters[0])]
-        check_destination([Path(p) for p in loras], Path(dest), force, directory=isinstance(layout, PeftLayout))
+        check_destination([Path(p) for p in loras], Path(dest), force, directory=layout.is_directory)
         arch = _common_arch(adapters)
         named_parts: dict[str, list[_Part]] = {}
         notes: list[str] = []

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapter import Adapter, refuse_unusable
-from ..archs import Architecture, hint_matches
-from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
+from ..archs import hint_matches
+from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ConversionError
 from ..formats import read_adapter
 from ..io.destination import check_destination
@@ -57,7 +57,7 @@ def convert(
     is written then.
     """
     layout = LAYOUTS[to]
-    check_destination([Path(src)], Path(dest), force, directory=isinstance(layout, PeftLayout))
+    check_destination([Path(src)], Path(dest), force, directory=layout.is_directory)
     adapter, detection = read_adapter(src, arch, allow_pickle)
     with adapter:
         refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
@@ -68,9 +68,10 @@ def convert(
         entries = [e for name, unit in named.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)
         metadata = layout.metadata(named, adapter, adapter.arch)
-        certain = isinstance(adapter.arch, Architecture) and (arch or not adapter.arch_tied)
+        version = adapter.arch.base_model_version if adapter.arch is not None else None
+        certain = version is not None and (arch or not adapter.arch_tied)
         if certain and not hint_matches(adapter.arch, metadata):  # so the next reader need not guess
-            metadata.setdefault("ss_base_model_version", adapter.arch.hints["ss_base_model_version"][0])
+            metadata.setdefault("ss_base_model_version", version)
         written = write_output(layout, dest, force, adapter, entries, metadata, named, adapter, adapter.arch, progress)
     copied = sum(1 for e in entries if is_copy(adapter, e.piece))
     return ConvertReport(

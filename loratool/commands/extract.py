@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..archs import Architecture, HFArchitecture
+from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture
-from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
+from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ExtractError
 from ..extraction.reading import located_bytes, read_ahead
 from ..extraction.targets import Job, Selection, plan_jobs
@@ -136,8 +136,8 @@ def extract(
         tuned_arch = checkpoint_architecture(tuned_src)
         if tuned_arch.name != arch.name:
             raise ExtractError(f"BASE {base_path} is {arch.name} but TUNED {tuned_path} is {tuned_arch.name}")
-        layout = LAYOUTS[to or ("peft" if isinstance(arch, HFArchitecture) else "kohya")]
-        check_destination([base_path, tuned_path], Path(dest), force, directory=isinstance(layout, PeftLayout))
+        layout = LAYOUTS[to or arch.default_layout]
+        check_destination([base_path, tuned_path], Path(dest), force, directory=layout.is_directory)
         jobs = plan_jobs(arch, base_src, tuned_src, layout, selection)
         _check_components(layout, jobs)
         units: dict[str, Unit] = {}
@@ -228,10 +228,8 @@ def _check_components(layout: Layout, jobs: list[Job]) -> None:
         )
 
 
-def _component_name(arch: Architecture | HFArchitecture, component: str | None) -> str | None:
-    if isinstance(arch, HFArchitecture):
-        return "model"
-    return arch.components[component].short if component is not None else None
+def _component_name(arch: BaseArchitecture, component: str | None) -> str | None:
+    return arch.component_label(component)
 
 
 def _extract_one(
@@ -309,7 +307,7 @@ def _describe(rank: int | None, dynamic: str | None, cap: int, conv_rank: int | 
 
 
 def _origin(
-    arch: Architecture | HFArchitecture,
+    arch: BaseArchitecture,
     layout: Layout,
     base: Path,
     tuned: Path,
@@ -329,10 +327,10 @@ def _origin(
             conv_dim = conv_ranks.pop()
             conv_alpha = alpha if alpha is not None else conv_dim
             metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": f"{conv_alpha:g}"})
-        if isinstance(arch, Architecture):
-            metadata["ss_base_model_version"] = arch.hints["ss_base_model_version"][0]
+        if arch.base_model_version is not None:
+            metadata["ss_base_model_version"] = arch.base_model_version
     config = None
-    if isinstance(arch, HFArchitecture):
+    if not arch.components:  # one whole model: its PEFT config names the base it wraps
         config = {"base_model_name_or_path": str(base)}
         architectures = (base_src.config or {}).get("architectures") or []
         if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):

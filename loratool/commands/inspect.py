@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import Architecture, HFArchitecture
+from ..archs import Architecture
 from ..archs.checkpoint import checkpoint_architecture
 from ..archs.hf import detect_hf
 from ..archs.locate import locate
@@ -136,9 +136,10 @@ class BaseWeights:
         self.source: TensorSource = open_source(path, allow_pickle)
         self.arch = adapter.arch
         self.other_arch: Architecture | None = None  # the base is a different model than the LoRA's
-        if isinstance(self.arch, HFArchitecture) and self.source.config:
+        if self.arch is not None and not self.arch.lists_modules and self.source.config:
+            # known by paths only: the base's config.json names the model type exactly
             self.arch = detect_hf([], config=self.source.config) or self.arch
-        elif isinstance(self.arch, Architecture):
+        elif self.arch is not None:
             self.other_arch = self._other_model(self.arch)
 
     def _other_model(self, arch: Architecture) -> Architecture | None:
@@ -148,7 +149,7 @@ class BaseWeights:
             found = checkpoint_architecture(self.source)
         except LoratoolError:
             return None
-        if isinstance(found, Architecture) and set(found.modules) != set(arch.modules):
+        if found.lists_modules and set(found.modules) != set(arch.modules):
             return found
         return None
 
@@ -173,15 +174,13 @@ class BaseWeights:
 
 def _module_report(adapter: Adapter, module: AdapterModule, facts: ModuleFacts) -> ModuleReport:
     arch = adapter.arch
-    component = module.component
-    if component is not None and isinstance(arch, Architecture):
-        component = arch.components[component].short
+    component = arch.component_label(module.component) if arch is not None else module.component
     ok = module.problem is None
     return ModuleReport(
         name=module.name,
         targets=list(module.targets),
         target=compact_targets(module.targets),
-        component=component if component is not None else ("model" if isinstance(arch, HFArchitecture) else None),
+        component=component,
         kind=module.kind_label,
         rank=module.rank if ok else None,
         alpha=module.effective_alpha if ok else module.alpha,
@@ -288,7 +287,7 @@ def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base
             "name": report.architecture,
             "title": report.architecture_title,
             "reason": report.architecture_reason,
-            "candidates": adapter.arch.candidates if isinstance(adapter.arch, HFArchitecture) else None,
+            "candidates": adapter.arch.candidates if adapter.arch is not None else None,
         },
         "modules": len(modules),
         "kinds": dict(Counter(m.kind for m in modules)),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, refuse_unusable
-from ..conversion.layouts import LAYOUTS, Layout, PeftLayout
+from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ConversionError, ResizeError
 from ..formats import read_adapter
 from ..io.destination import check_destination
@@ -80,7 +80,7 @@ def resize(
     with adapter:
         refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
         layout = LAYOUTS[adapter.format if adapter.format in LAYOUTS else "kohya"]
-        check_destination([Path(lora)], Path(dest), force, directory=isinstance(layout, PeftLayout))
+        check_destination([Path(lora)], Path(dest), force, directory=layout.is_directory)
         for module in adapter.modules.values():
             if module.kind.name != "lora":
                 raise ResizeError(

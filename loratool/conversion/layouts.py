@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy
 import torch
 
-from ..archs import Architecture, HFArchitecture, Targets, kohya_flat
+from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..errors import ConversionError
 from ..formats.diffusers import METADATA_KEY
 from ..formats.kohya import HF_MODULES_KEY, PEFT_CONFIG_KEY
@@ -33,7 +33,6 @@ from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, PEFT_TYPES, lycoris_struc
 
 # kohya has no naming for models without a table; sd-scripts and ComfyUI name a transformers text
 # model's modules (Lumina's Gemma, for one) `lora_te_` + path with underscores, so LLM files do too.
-HF_KOHYA_PREFIX = "lora_te_"
 DORA_SUFFIX = {"kohya": "dora_scale", "peft": "lora_magnitude_vector"}
 EMBEDDING_NAMES = {"down": "lora_embedding_A", "up": "lora_embedding_B"}
 # The PEFT config fields convert owns: recomputed from the modules, whatever the source config said.
@@ -61,12 +60,13 @@ class Layout(ABC):
     name: str
     scheme: str  # tensor naming scheme of the kinds: kohya | peft
     single_component = False
+    is_directory = False  # written as a directory (weights and the file `config` returns), not as one file
 
     @abstractmethod
-    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
         """The module name this layout gives `targets`, or None when it has no name for them."""
 
-    def native_rows(self, arch: Architecture | HFArchitecture, targets: Targets) -> bool:
+    def native_rows(self, arch: BaseArchitecture, targets: Targets) -> bool:
         """Whether this layout's name for `targets` means single-file row order."""
         return False
 
@@ -75,13 +75,13 @@ class Layout(ABC):
         """Why this layout cannot hold `unit` (None when it can)."""
 
     @abstractmethod
-    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
         """The unit's tensors under their keys in this layout."""
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
         return carried_metadata(adapter.metadata, units)
 
-    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
+    def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
         """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
         return False
 
@@ -89,7 +89,7 @@ class Layout(ABC):
         """The unit as this layout stores it, when its rules need the numbers moved (same update)."""
         return unit
 
-    def check_together(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> None:
+    def check_together(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> None:
         """Refuse (ConversionError naming a module) what the units cannot be as one output."""
         return None
 
@@ -137,9 +137,7 @@ class KohyaLayout(Layout):
     name = "kohya"
     scheme = "kohya"
 
-    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
-        if isinstance(arch, HFArchitecture):
-            return HF_KOHYA_PREFIX + kohya_flat(targets[0])
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
         if len(targets) == 1:
             try:
                 return arch.kohya_name(targets[0])
@@ -151,10 +149,9 @@ class KohyaLayout(Layout):
         naming = arch.components[group.component].kohya[0]
         return naming.prefix + kohya_flat(group.native) if naming.paths == "native" else None
 
-    def native_rows(self, arch: Architecture | HFArchitecture, targets: Targets) -> bool:
-        if isinstance(arch, HFArchitecture):
-            return False
-        return arch.components[arch.modules[targets[0]].component].kohya[0].paths == "native"
+    def native_rows(self, arch: BaseArchitecture, targets: Targets) -> bool:
+        component = arch.component_of(targets[0])
+        return component is not None and arch.components[component].kohya[0].paths == "native"
 
     def why_not(self, unit: Unit) -> str | None:
         if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
@@ -183,7 +180,7 @@ class KohyaLayout(Layout):
             notes=[*unit.notes, note],
         )
 
-    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
         factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
         if unit.kind.rank(unit.shapes) is not None:
@@ -198,9 +195,9 @@ class KohyaLayout(Layout):
             out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
         return out
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
-        if isinstance(arch, HFArchitecture):
+        if arch is not None and not arch.lists_modules:  # kohya names do not spell paths out: record them
             modules = {}
             for name, unit in units.items():
                 kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) >= 3 else "linear")
@@ -238,7 +235,7 @@ class PeftKeyed(Layout):
             return "its DoRA magnitude is per input column; PEFT's is per output row"
         return None
 
-    def entries(self, name: str, unit: Unit, arch: Architecture | HFArchitecture) -> list[Entry]:
+    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
         if unit.kind.name != "lora":  # PEFT's LoHa/LoKr tensors have LyCORIS's names and shapes
             return [Entry(f"{name}.{s}", p) for s, p in factor_pieces(unit.kind, unit.pieces, "peft", False).items()]
         pieces = {**unit.pieces, **_fit_to_module(unit, arch)}
@@ -255,17 +252,18 @@ class PeftKeyed(Layout):
         return out
 
 
-def _fit_to_module(unit: Unit, arch: Architecture | HFArchitecture) -> dict[str, Piece]:
+def _fit_to_module(unit: Unit, arch: BaseArchitecture | None) -> dict[str, Piece]:
     """PEFT builds layers from the model: a Linear takes 2-D factors, a Conv2d 4-D ones. Some SD2
     LoRAs carry 1x1-conv factors for linear projections; the bytes are the same, only the shape moves."""
-    if not isinstance(arch, Architecture) or len(unit.targets) != 1 or "mid" in unit.pieces:
+    spec = arch.spec(unit.targets[0]) if arch is not None and len(unit.targets) == 1 else None
+    if spec is None or "mid" in unit.pieces:
         return {}
-    spec = arch.modules[unit.targets[0]]
     down, up = unit.pieces["down"], unit.pieces["up"]
     if spec.type == "linear" and len(down.shape) == 4 and down.shape[2:] == (1, 1):
         return {"down": _reshaped(down, down.shape[:2]), "up": _reshaped(up, up.shape[:2])}
     if spec.type == "conv" and len(down.shape) == 2:
-        return {"down": _reshaped(down, (*down.shape, 1, 1)), "up": _reshaped(up, (*up.shape, 1, 1))}
+        ones = (1,) * (len(spec.shape) - 2)
+        return {"down": _reshaped(down, (*down.shape, *ones)), "up": _reshaped(up, (*up.shape, *ones))}
     return {}
 
 
@@ -338,18 +336,19 @@ def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: di
 class DiffusersLayout(PeftKeyed):
     name = "diffusers"
 
-    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
-        if isinstance(arch, HFArchitecture):
-            return WRAPPER + targets[0]
-        return targets[0] if len(targets) == 1 else None
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        if len(targets) != 1:
+            return None
+        # A model of components names modules `component.path`; one whole model is wrapped as PEFT does.
+        return targets[0] if arch.components else WRAPPER + targets[0]
 
-    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
-        return isinstance(arch, HFArchitecture)  # an LLM file keeps PEFT's own keys
+    def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
+        return arch is not None and not arch.components  # a single model's file keeps PEFT's own keys
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
         metadata.setdefault("format", "pt")
-        if isinstance(arch, HFArchitecture):
+        if not arch.components:
             pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
             config = lora_config(pairs, (), adapter.config)
             config.setdefault("peft_type", "LORA")
@@ -367,9 +366,10 @@ class DiffusersLayout(PeftKeyed):
 class PeftLayout(PeftKeyed):
     name = "peft"
     single_component = True
+    is_directory = True
     kinds = ("lora", "loha", "lokr")
 
-    def check_together(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> None:
+    def check_together(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> None:
         kinds = {u.kind.name: u for u in units.values()}
         if len(kinds) > 1:
             first, second = list(kinds.values())[:2]
@@ -380,12 +380,11 @@ class PeftLayout(PeftKeyed):
         if units and next(iter(units.values())).kind.name != "lora":
             self._lycoris_fields(units, arch)
 
-    def _lycoris_fields(self, units: dict[str, Unit], arch: Architecture | HFArchitecture) -> dict:
+    def _lycoris_fields(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> dict:
         levels = self._levels(units, arch)
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
-        kernels = {}
-        if isinstance(arch, Architecture):
-            kernels = {path: tuple(arch.modules[u.targets[0]].shape[2:]) for path, u in pairs}
+        specs = {path: arch.spec(u.targets[0]) for path, u in pairs} if arch is not None else {}
+        kernels = {path: tuple(spec.shape[2:]) for path, spec in specs.items() if spec is not None}
         fields, ranks = lycoris_structure(pairs[0][1].kind.name, pairs, kernels)
         # The source's own alpha where PEFT keeps its rank; alpha = scale * r where the rank is chosen
         # here (two whole LoKr factors have none).
@@ -397,33 +396,28 @@ class PeftLayout(PeftKeyed):
         return fields
 
     @staticmethod
-    def _levels(units: dict[str, Unit], arch: Architecture | HFArchitecture) -> tuple[str, ...]:
-        if isinstance(arch, Architecture):
-            return arch.components[next(iter(units.values())).component].optional_levels
-        return ()
+    def _levels(units: dict[str, Unit], arch: BaseArchitecture | None) -> tuple[str, ...]:
+        return arch.optional_levels(next(iter(units.values())).component) if arch is not None else ()
 
-    def carries_full_weights(self, arch: Architecture | HFArchitecture) -> bool:
+    def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
         return True
 
-    def unit_name(self, arch: Architecture | HFArchitecture, targets: Targets) -> str | None:
-        if isinstance(arch, HFArchitecture):
-            return WRAPPER + targets[0]
-        if len(targets) != 1:
-            return None
-        return WRAPPER + arch.modules[targets[0]].path
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        return WRAPPER + arch.module_path(targets[0]) if len(targets) == 1 else None
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict[str, str]:
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
         metadata = {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
-        if isinstance(arch, Architecture):
+        if arch is not None and arch.components:  # which of the model's components the adapter wraps
             metadata[COMPONENT_KEY] = next(iter(units.values())).component
         return metadata
 
-    def config(self, units: dict[str, Unit], adapter: Origin, arch: Architecture | HFArchitecture) -> dict:
+    def config(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict:
         levels = self._levels(units, arch)
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
         # A PEFT source's own config (or the one an LLM kohya file carries); a diffusers file's
         # per-component configs are not a PEFT dir's.
-        base = adapter.config if adapter.format == "peft" or isinstance(arch, HFArchitecture) else None
+        single_model = arch is not None and not arch.components
+        base = adapter.config if adapter.format == "peft" or single_model else None
         kind = pairs[0][1].kind.name
         peft_type = PEFT_TYPES.get(kind, "LORA")
         if (base or {}).get("peft_type", "LORA") != peft_type:

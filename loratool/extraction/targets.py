@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from ..archs import Architecture, HFArchitecture, Targets
+from ..archs import BaseArchitecture, Targets
 from ..archs.checkpoint import Weight, checkpoint_weights
 from ..archs.locate import Location, locate
 from ..conversion.layouts import Layout
@@ -60,7 +60,7 @@ class Job:
 
 
 def plan_jobs(
-    arch: Architecture | HFArchitecture,
+    arch: BaseArchitecture,
     base: TensorSource,
     tuned: TensorSource,
     layout: Layout,
@@ -93,35 +93,35 @@ def plan_jobs(
         base_at = _located(arch, base, targets, "BASE")
         tuned_at = _located(arch, tuned, targets, "TUNED")
         native_rows = layout.native_rows(arch, targets)
-        if isinstance(arch, HFArchitecture):  # GPT-2's Conv1D storage is the family's fact, not a table's
+        if not arch.lists_modules:  # GPT-2's Conv1D storage is the family's fact, not a table's
             base_at = [replace(loc, transposed=weight.location.transposed) for loc in base_at]
             tuned_at = [replace(loc, transposed=weight.location.transposed) for loc in tuned_at]
         jobs[name] = Job(
             name=name,
             targets=targets,
-            component=arch.modules[targets[0]].component if isinstance(arch, Architecture) else None,
+            component=arch.component_of(targets[0]),
             type=weight.type,
             base=tuple(base_at),
             tuned=tuple(tuned_at),
             rank=_rank_for(weight, base, selection),
             dtype=tuned.info(tuned_at[0].key).dtype,
             native_rows=native_rows,
-            swap_rows=native_rows and isinstance(arch, Architecture) and arch.modules[targets[0]].rows == "swap_halves",
+            swap_rows=native_rows and arch.swaps_rows(targets[0]),
         )
     return list(jobs.values())
 
 
-def _unit_targets(arch: Architecture | HFArchitecture, layout: Layout, name: str) -> Targets:
+def _unit_targets(arch: BaseArchitecture, layout: Layout, name: str) -> Targets:
     """The module alone when the layout names it, else its whole fused group."""
-    if layout.unit_name(arch, (name,)) is not None or not isinstance(arch, Architecture):
+    if layout.unit_name(arch, (name,)) is not None:
         return (name,)
-    group = arch.fused.get(arch.modules[name].fused or "")
+    group = arch.fused_group_of(name)
     if group is None or layout.unit_name(arch, group.parts) is None:
         raise ExtractError(f"{name}: the {layout.name} layout has no name for it")
     return group.parts
 
 
-def _located(arch: Architecture | HFArchitecture, source: TensorSource, targets: Targets, which: str) -> list[Location]:
+def _located(arch: BaseArchitecture, source: TensorSource, targets: Targets, which: str) -> list[Location]:
     found = locate(arch, targets, source, lambda key: source.info(key).shape)
     if found is None:
         missing = [t for t in targets if locate(arch, (t,), source, lambda key: source.info(key).shape) is None]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..adapter import Adapter, AdapterModule, Orphan
-from ..archs import ArchDetection, Architecture, detect
+from ..archs import ArchDetection, detect
 from ..io.source import TensorSource
 from ..kinds import Kind, suffix_table
 
@@ -155,6 +155,5 @@ def place_on_architecture(
     for index_name, targets in found.resolved.items():
         module = modules[lookup[index_name]]
         module.targets = targets
-        if isinstance(found.arch, Architecture):
-            module.component = found.arch.modules[targets[0]].component
+        module.component = found.arch.component_of(targets[0])
     return found

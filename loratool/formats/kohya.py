@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 from ..adapter import Adapter
-from ..archs import Architecture
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
@@ -60,10 +59,10 @@ class KohyaCodec(Codec):
         found = place_on_architecture(modules, "kohya", metadata, only=arch)
         hf = hf_modules(metadata)
         config = None
-        if isinstance(found.arch, Architecture):
+        if found.arch is not None:
             for name, module in modules.items():
                 module.native_rows = name in found.arch.kohya_native_names
-        elif found.arch is None and hf:
+        elif hf:
             config = peft_config(metadata)
             found = place_on_architecture(
                 modules,

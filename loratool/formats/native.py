@@ -8,7 +8,7 @@ Module paths are the LDM/sgm/BFL/OpenCLIP ones (`diffusion_model.double_blocks.0
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..archs import Architecture, HFArchitecture, architectures
+from ..archs import BaseArchitecture, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
@@ -53,7 +53,7 @@ class NativeCodec(Codec):
         )
 
 
-def _prefix_of(name: str, arch: Architecture | HFArchitecture | None) -> str:
-    components = arch.components.values() if isinstance(arch, Architecture) else ()
+def _prefix_of(name: str, arch: BaseArchitecture | None) -> str:
+    components = arch.components.values() if arch is not None else ()
     prefixes = sorted({p for c in components for p in c.lora_prefixes}, key=len, reverse=True)
     return next((p for p in prefixes if p and name.startswith(p)), "")

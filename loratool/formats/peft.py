@@ -7,7 +7,7 @@ Keys are `base_model.model.<module path>.<tensor>`; rank and alpha come from the
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..archs import ArchDetection, Architecture, architectures, detect, hint_matches
+from ..archs import ArchDetection, architectures, detect, hint_matches
 from ..errors import FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
@@ -126,12 +126,12 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     best: tuple[int, int, str | None] = (0, 0, None)
     for component in sorted(components):  # ties keep the first (text_encoder before text_encoder_2)
         found = detect([f"{component}.{n}" for n in modules], "diffusers", metadata, only=arch)
-        if not isinstance(found.arch, Architecture):
+        if found.arch is None or not found.arch.lists_modules:
             continue  # no table knows the names (detect fell back to a transformers family)
         fits = sum(
             1
             for name, targets in found.resolved.items()
-            if implied(name[len(component) + 1 :]) == found.arch.modules[targets[0]].shape
+            if implied(name[len(component) + 1 :]) == found.arch.spec(targets[0]).shape
         )
         if (len(found.resolved), fits) > best[:2]:
             best = (len(found.resolved), fits, component)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, replace
 
 from ..adapter import Adapter, AdapterModule, refuse_unusable
-from ..archs import Architecture, HFArchitecture
+from ..archs import BaseArchitecture
 from ..archs.locate import Location, hf_keys, locate
 from ..errors import MergeError
 from ..formats import read_adapter
@@ -92,7 +92,7 @@ def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> L
 
 
 def _patches(
-    arch: Architecture | HFArchitecture, module: AdapterModule, locations: list[Location], lora: int, base: TensorSource
+    arch: BaseArchitecture, module: AdapterModule, locations: list[Location], lora: int, base: TensorSource
 ) -> list[Patch]:
     update = module.kind.weight_shape(module.shapes)  # (out, in[, kh, kw]) of the whole module
     patches = []
@@ -132,11 +132,7 @@ def _patches(
                 f"is {list(_squeezed(want))} in the base"
             )
         up_rows = None if len(module.targets) == 1 else (start, start + rows)
-        swap = (
-            isinstance(arch, Architecture)
-            and arch.modules[target].rows == "swap_halves"
-            and location.swap_halves != module.native_rows
-        )
+        swap = arch.swaps_rows(target) and location.swap_halves != module.native_rows
         patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap)
         patches.append(patch)
         if "bias" in module.keys:

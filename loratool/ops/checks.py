@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import Architecture, HFArchitecture
 from ..archs.locate import Location
 from ..io.safetensors_file import DTYPES
 from .fuse import column_owners, swap_halves
@@ -251,7 +250,7 @@ class Checker:
     def _fused_alpha(self, module: AdapterModule, tensors: dict[str, torch.Tensor]) -> list[Finding]:
         """kohya's split_qkv bug: a block-diagonal fused up whose alpha kept the per-block value."""
         arch = self.adapter.arch
-        if module.kind.name != "lora" or arch is None or isinstance(arch, HFArchitecture) or module.alpha is None:
+        if module.kind.name != "lora" or arch is None or module.alpha is None:
             return []
         group = arch.fused_group(module.targets)
         if group is None:
@@ -283,8 +282,7 @@ class Checker:
         plain = [
             m.alpha
             for m in self.adapter.modules.values()
-            if m.alpha is not None
-            and (arch is None or isinstance(arch, HFArchitecture) or arch.fused_group(m.targets) is None)
+            if m.alpha is not None and (arch is None or arch.fused_group(m.targets) is None)
         ]
         return Counter(plain).most_common(1)[0][0] if plain else None
 
@@ -416,10 +414,8 @@ class Checker:
     def _uses_conv_dim(self, module: AdapterModule) -> bool:
         """A conv with a kernel larger than 1x1 (table shape when known, else the factors' kernel)."""
         arch = self.adapter.arch
-        if module.targets and isinstance(arch, Architecture):
-            kernel = arch.modules[module.targets[0]].shape[2:]
-        else:
-            kernel = module.weight_shape[2:]
+        spec = arch.spec(module.targets[0]) if module.targets and arch is not None else None
+        kernel = spec.shape[2:] if spec is not None else module.weight_shape[2:]
         return any(k > 1 for k in kernel)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..adapter import Adapter
-from ..archs import Architecture, HFArchitecture
+from ..archs import BaseArchitecture
 from ..conversion.layouts import Entry, Layout
 from ..errors import ConversionError
 from ..ops.fuse import swap_halves
@@ -41,15 +41,14 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[
         why = layout.why_not(unit)
         if why:
             raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
-    if isinstance(arch, Architecture):
-        components = sorted({u.component for u in units})
-        if layout.single_component and len(components) > 1:
-            other = "diffusers" if all(u.kind.name == "lora" for u in units) else "kohya"
-            raise ConversionError(
-                f"{adapter.source.path}: a PEFT adapter dir wraps one model, and this LoRA adapts "
-                f"{', '.join(components)}; use --to {other} for a multi-model file"
-            )
-        units = _regroup(arch, units, layout, load, notes)
+    components = sorted({u.component for u in units if u.component is not None})
+    if layout.single_component and len(components) > 1:
+        other = "diffusers" if all(u.kind.name == "lora" for u in units) else "kohya"
+        raise ConversionError(
+            f"{adapter.source.path}: a PEFT adapter dir wraps one model, and this LoRA adapts "
+            f"{', '.join(components)}; use --to {other} for a multi-model file"
+        )
+    units = _regroup(arch, units, layout, load, notes)
     named: dict[str, Unit] = {}
     for unit in units:
         name = layout.unit_name(arch, unit.targets)
@@ -65,7 +64,7 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[
     return named, notes
 
 
-def _regroup(arch: Architecture, units: list[Unit], layout: Layout, load: Load, notes: list[str]) -> list[Unit]:
+def _regroup(arch: BaseArchitecture, units: list[Unit], layout: Layout, load: Load, notes: list[str]) -> list[Unit]:
     """Split fused modules the layout names part by part; fuse parts it names only as a whole."""
     final: list[Unit] = []
     pending: dict[str, dict[str, Unit]] = {}
@@ -82,7 +81,7 @@ def _regroup(arch: Architecture, units: list[Unit], layout: Layout, load: Load, 
                 final.append(part)
                 continue
             target = part.targets[0]
-            group = arch.fused.get(arch.modules[target].fused or "")
+            group = arch.fused_group_of(target)
             if group is None or layout.unit_name(arch, group.parts) is None:
                 raise ConversionError(f"{unit.origin}: {layout.name} has no name for {target}")
             slot = pending.setdefault(group.name, {})
@@ -93,11 +92,9 @@ def _regroup(arch: Architecture, units: list[Unit], layout: Layout, load: Load, 
     return final
 
 
-def _row_order(arch: Architecture | HFArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
+def _row_order(arch: BaseArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
     """Flux's final modulation rows are (shift, scale) in BFL files and (scale, shift) in diffusers."""
-    if not isinstance(arch, Architecture) or len(unit.targets) != 1:
-        return unit
-    if arch.modules[unit.targets[0]].rows != "swap_halves":
+    if len(unit.targets) != 1 or not arch.swaps_rows(unit.targets[0]):
         return unit
     native = layout.native_rows(arch, unit.targets)
     if native == unit.native_rows:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import Architecture, FusedSpec, Targets
+from ..archs import BaseArchitecture, FusedSpec, Targets
 from ..errors import ConversionError
 from ..io.safetensors_file import DTYPE_NAMES, DTYPES
 from ..kinds import Kind
@@ -142,12 +142,12 @@ def _check_fusable(unit: Unit, action: str) -> None:
         raise ConversionError(f"{unit.origin}: cannot {action} {what} across a fused weight's row blocks")
 
 
-def split(arch: Architecture, unit: Unit, load: Load) -> list[Unit]:
+def split(arch: BaseArchitecture, unit: Unit, load: Load) -> list[Unit]:
     """One unit per target, with exactly the update the fused module gives that target's rows.
 
     The first part carries a note saying how the module was split."""
     _check_fusable(unit, "split")
-    group = arch.fused[arch.modules[unit.targets[0]].fused]
+    group = arch.fused_group_of(unit.targets[0])
     rows = _part_rows(unit, group)
     up = load(unit.pieces["up"])
     owners = fuse.column_owners(up, rows)

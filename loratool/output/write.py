@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from ..adapter import Adapter, refuse_non_finite
-from ..archs import Architecture, HFArchitecture
-from ..conversion.layouts import Entry, Layout, Origin, PeftLayout
+from ..archs import BaseArchitecture
+from ..conversion.layouts import Entry, Layout, Origin
 from ..io.safetensors_file import DTYPES, tensor_from_bytes
 from ..io.source import PEFT_CONFIG, PEFT_WEIGHTS
 from ..io.writer import (
@@ -43,12 +43,12 @@ def write_output(
     metadata: dict[str, str],
     units: dict[str, Unit],
     origin: Origin,
-    arch: Architecture | HFArchitecture | None,
+    arch: BaseArchitecture | None,
     progress: Progress | None,
 ) -> int:
     """The layout's output: one file, or a PEFT dir (weights and adapter_config.json) built beside
     DEST and renamed into place. Returns the bytes of tensor data written."""
-    if isinstance(layout, PeftLayout):
+    if layout.is_directory:
         with atomic_directory(dest, force) as tmp:
             written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
             atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(units, origin, arch)))
