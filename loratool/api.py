@@ -21,9 +21,8 @@ from .commands.inspect import inspect as _inspect
 from .commands.merge import DTYPE_CHOICES as DTYPE_CHOICES
 from .commands.merge import MergeReport, merge
 from .commands.resize import ResizeReport, resize
-from .conversion.layouts import LAYOUTS
 from .errors import LoratoolError
-from .formats import read_adapter
+from .formats import LAYOUTS, read_adapter
 from .ops.checks import Finding
 from .ops.device import DEVICE_CHOICES as DEVICE_CHOICES
 from .progress import Progress, Step

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, refuse_unusable
-from ..conversion.layouts import LAYOUTS
 from ..errors import ConversionError
-from ..formats import read_adapter
+from ..formats import LAYOUTS, read_adapter
 from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS
@@ -89,7 +88,7 @@ def combine(
             adapters.append(adapter)
             refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
             _refuse_uncombinable(adapter)
-        layout = LAYOUTS[to or _default_layout(adapters[0])]
+        layout = LAYOUTS[to or adapters[0].native_layout]
         check_destination([Path(p) for p in loras], Path(dest), force, directory=layout.is_directory)
         arch = _common_arch(adapters)
         named_parts: dict[str, list[_Part]] = {}
@@ -123,10 +122,6 @@ def combine(
         bytes_written=written,
         notes=notes,
     )
-
-
-def _default_layout(adapter: Adapter) -> str:
-    return adapter.format if adapter.format in LAYOUTS else "kohya"
 
 
 def _refuse_uncombinable(adapter: Adapter) -> None:

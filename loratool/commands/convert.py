@@ -13,9 +13,8 @@ from pathlib import Path
 
 from ..adapter import Adapter, refuse_unusable
 from ..archs import hint_matches
-from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ConversionError
-from ..formats import read_adapter
+from ..formats import LAYOUTS, Layout, read_adapter
 from ..io.destination import check_destination
 from ..output.planning import extra_entries, ignored_notes, plan_units
 from ..output.units import Unit

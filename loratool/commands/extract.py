@@ -21,14 +21,14 @@ import torch
 
 from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture
-from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ExtractError
 from ..extraction.reading import located_bytes, read_ahead
 from ..extraction.targets import Job, Selection, plan_jobs
+from ..formats import LAYOUTS, Layout
+from ..formats.kohya_record import locon_record
 from ..io.destination import check_destination
 from ..io.source import TensorSource, open_source
 from ..kinds import KINDS
-from ..kinds.base import has_kernel
 from ..ops.device import resolve_device
 from ..ops.fuse import swap_halves
 from ..ops.svd import (
@@ -322,11 +322,9 @@ def _origin(
     if layout.name == "kohya":
         module = KOHYA_NETWORK_MODULES.get(arch.name, "networks.lora")
         metadata.update(ss_network_module=module, ss_network_dim="", ss_network_alpha="")
-        conv_ranks = {u.rank for u in units.values() if has_kernel(u.pieces["down"].shape)}
-        if len(conv_ranks) == 1:  # sd-scripts' LoCon record, when one rank and alpha hold for every kxk conv
-            conv_dim = conv_ranks.pop()
-            conv_alpha = alpha if alpha is not None else conv_dim
-            metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": f"{conv_alpha:g}"})
+        conv_record = locon_record(units)
+        if conv_record is not None:
+            metadata["ss_network_args"] = json.dumps(conv_record)
         if arch.base_model_version is not None:
             metadata["ss_base_model_version"] = arch.base_model_version
     config = None

@@ -9,7 +9,6 @@ follows the new rank. A module already at or below the new rank is copied unchan
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -18,12 +17,11 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, refuse_unusable
-from ..conversion.layouts import LAYOUTS, Layout
 from ..errors import ConversionError, ResizeError
-from ..formats import read_adapter
+from ..formats import LAYOUTS, Layout, read_adapter
+from ..formats.kohya_record import updated_network_args
 from ..io.destination import check_destination
 from ..io.safetensors_file import dtype_size
-from ..kinds.base import has_kernel
 from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank
@@ -79,7 +77,7 @@ def resize(
     adapter, detection = read_adapter(lora, allow_pickle=allow_pickle)
     with adapter:
         refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
-        layout = LAYOUTS[adapter.format if adapter.format in LAYOUTS else "kohya"]
+        layout = LAYOUTS[adapter.native_layout]
         check_destination([Path(lora)], Path(dest), force, directory=layout.is_directory)
         for module in adapter.modules.values():
             if module.kind.name != "lora":
@@ -104,7 +102,7 @@ def resize(
         entries = [e for name, unit in resized.items() for e in layout.entries(name, unit, adapter.arch)]
         entries += extra_entries(adapter, layout)  # PEFT's saved full weights (modules_to_save) go along
         metadata = layout.metadata(resized, adapter, adapter.arch)
-        _update_network_args(metadata, resized)
+        updated_network_args(metadata, resized)
         method = f"rank {rank}" if rank is not None else str(dynamic)
         metadata[RESIZED_KEY] = config_json({"source": Path(lora).name, "method": method}).strip()
         written = write_output(layout, dest, force, adapter, entries, metadata, resized, adapter, adapter.arch, None)
@@ -147,25 +145,6 @@ def _resize_unit(
     scale = unit.scale
     alpha = scale * (math.sqrt(new_rank) if unit.rslora else new_rank)
     return replace(unit, pieces=pieces, alpha=alpha, declared_rank=None, alpha_key=None, alpha_dtype=None), result
-
-
-def _update_network_args(metadata: dict[str, str], units: dict[str, Unit]) -> None:
-    """sd-scripts' LoCon record (`conv_dim`, `conv_alpha` in ss_network_args) after the cut: the kxk
-    convs' rank and alpha when one holds for all of them, else the record is dropped."""
-    try:
-        args = json.loads(metadata.get("ss_network_args", ""))
-    except json.JSONDecodeError:
-        return
-    if not isinstance(args, dict) or "conv_dim" not in args:
-        return
-    convs = [u for u in units.values() if has_kernel(u.pieces["down"].shape)]
-    ranks, alphas = {u.rank for u in convs}, {u.alpha_for(False) for u in convs}
-    if len(ranks) == 1 and len(alphas) == 1:
-        args["conv_dim"], args["conv_alpha"] = str(ranks.pop()), f"{alphas.pop():g}"
-    else:
-        args.pop("conv_dim", None)
-        args.pop("conv_alpha", None)
-    metadata["ss_network_args"] = json.dumps(args)
 
 
 def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from ..archs import BaseArchitecture, Targets
 from ..archs.checkpoint import Weight, checkpoint_weights
 from ..archs.locate import Location, locate
-from ..conversion.layouts import Layout
 from ..errors import ExtractError
+from ..formats import Layout
 from ..io.source import TensorSource
 from ..kinds.base import has_kernel
 

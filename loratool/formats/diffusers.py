@@ -3,6 +3,9 @@
 Alphas travel in the header key `lora_adapter_metadata` (a LoraConfig dict, its keys prefixed with
 the component when a pipeline saved several). Without it, `<module>.alpha` tensors are used if the
 file has them (as diffusers does), else alpha = rank.
+
+`DiffusersCodec` reads the layout; `DiffusersLayout` writes it, with a LoraConfig per component
+(for an LLM, PEFT's own keys and one LoraConfig in the same header key).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import json
 
 from ..adapter import Adapter
-from ..archs import architectures
+from ..archs import BaseArchitecture, Targets, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table
+from ..output.units import Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .layout import DIFFUSERS_CONFIG_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
+from .peft_keyed import PeftKeyed, lora_config
 
-METADATA_KEY = "lora_adapter_metadata"
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
@@ -26,7 +31,7 @@ def diffusers_components() -> set[str]:
 
 def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
     """Per-component LoraConfig dicts from `lora_adapter_metadata`; key "" when not prefixed."""
-    raw = metadata.get(METADATA_KEY)
+    raw = metadata.get(DIFFUSERS_CONFIG_KEY)
     if not raw:
         return None
     try:
@@ -43,7 +48,7 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
             configs.setdefault(head, {})[field] = value
         else:
             configs.setdefault("", {})[key] = value
-    return {name: checked_config(config, f"{METADATA_KEY} in the header") for name, config in configs.items()}
+    return {name: checked_config(config, f"{DIFFUSERS_CONFIG_KEY} in the header") for name, config in configs.items()}
 
 
 class DiffusersCodec(Codec):
@@ -80,6 +85,7 @@ class DiffusersCodec(Codec):
         return Adapter(
             source=source,
             format="diffusers",
+            native_layout="diffusers",
             variant="lora_adapter_metadata" if configs else (".alpha tensors" if stored_alphas else "no alphas"),
             arch=found.arch,
             arch_reason=found.reason,
@@ -90,3 +96,33 @@ class DiffusersCodec(Codec):
             alpha_convention="tensor" if stored_alphas and not configs else self.alpha_convention,
             orphans=orphans,
         )
+
+
+class DiffusersLayout(PeftKeyed):
+    name = "diffusers"
+
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        if len(targets) != 1:
+            return None
+        # A model of components names modules `component.path`; one whole model is wrapped as PEFT does.
+        return targets[0] if arch.components else WRAPPER + targets[0]
+
+    def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
+        return arch is not None and not arch.components  # a single model's file keeps PEFT's own keys
+
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+        metadata = carried_metadata(adapter.metadata, units)
+        metadata.setdefault("format", "pt")
+        if not arch.components:
+            pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+            config = lora_config(pairs, (), adapter.config)
+            config.setdefault("peft_type", "LORA")
+        else:
+            config = {}
+            for component in dict.fromkeys(u.component for u in units.values()):
+                comp = arch.components[component]
+                pairs = [(n[len(component) + 1 :], u) for n, u in units.items() if u.component == component]
+                for key, value in lora_config(pairs, comp.optional_levels, None).items():
+                    config[f"{component}.{key}"] = value
+        metadata[DIFFUSERS_CONFIG_KEY] = json.dumps(config, sort_keys=True)
+        return metadata

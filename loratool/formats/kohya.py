@@ -4,22 +4,44 @@ One safetensors file; per module `<name>.lora_down.weight`, `.lora_up.weight`, `
 LyCORIS tensors of other kinds), where `<name>` is a prefix plus the module path with every '.'
 turned into '_'. Names are resolved by exact lookup in the architecture tables, never by
 reversing the underscores.
+
+`KohyaCodec` reads the layout, `KohyaLayout` writes it: alpha as a tensor beside the factors,
+LyCORIS names for LoHa/LoKr, `dora_scale` for DoRA, and for an LLM the module paths and PEFT config
+in the header so the file converts back exactly.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
 
 from ..adapter import Adapter
+from ..archs import BaseArchitecture, Targets, kohya_flat
+from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
+from ..output.units import Piece, Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
+from .layout import (
+    DORA_SUFFIX,
+    HF_MODULES_KEY,
+    MATH_FIELDS,
+    PEFT_CONFIG_KEY,
+    Entry,
+    Layout,
+    Origin,
+    alpha_piece,
+    carried_metadata,
+    factor_pieces,
+    reshaped,
+)
 
 PREFIXES = ("lora_", "lycoris_")
 # kohya names cannot be turned back into paths of a model with no table (an LLM), so files we write
 # for one carry the map (kohya name -> {"path", "type"}) and the PEFT config fields that are not math.
-HF_MODULES_KEY = "loratool.hf_modules"
-PEFT_CONFIG_KEY = "loratool.peft_config"
 
 
 def _json_dict(metadata: dict[str, str], key: str) -> dict | None:
@@ -94,3 +116,79 @@ class KohyaCodec(Codec):
             orphans=orphans,
             extra_keys=dict(claim.extra),
         )
+
+
+class KohyaLayout(Layout):
+    name = "kohya"
+    scheme = "kohya"
+
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        if len(targets) == 1:
+            try:
+                return arch.kohya_name(targets[0])
+            except KeyError:
+                return None
+        group = arch.fused_group(targets)
+        if group is None:
+            return None
+        naming = arch.components[group.component].kohya[0]
+        return naming.prefix + kohya_flat(group.native) if naming.paths == "native" else None
+
+    def native_rows(self, arch: BaseArchitecture, targets: Targets) -> bool:
+        component = arch.component_of(targets[0])
+        return component is not None and arch.components[component].kohya[0].paths == "native"
+
+    def why_not(self, unit: Unit) -> str | None:
+        if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
+            return "kohya files have no place for a LoRA bias (lora_B.bias)"
+        if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:
+            return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies {unit.kind.label} at scale 1"
+        if unit.embedding and "dora" in unit.pieces:
+            return "DoRA on an embedding has no kohya/LyCORIS form"
+        return None
+
+    def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
+        """Two whole LoKr factors: PEFT scales them by alpha / r, LyCORIS applies them at scale 1,
+        so the scale moves into w1 (the same product, rounded once in w1's dtype)."""
+        if unit.kind.rank(unit.shapes) is not None or unit.scale == 1.0 or "w1" not in unit.pieces:
+            return unit
+        w1, scale = unit.pieces["w1"], unit.scale
+        dtype = DTYPES[w1.dtype]
+        scaled = Piece.made(w1, w1.shape, lambda: (load(w1).double() * scale).to(dtype))
+        note = f"{unit.origin}: scale {scale:g} of its two whole LoKr factors moved into lokr_w1 (LyCORIS applies 1)"
+        return replace(
+            unit,
+            pieces={**unit.pieces, "w1": scaled},
+            alpha=None,
+            declared_rank=None,
+            alpha_key=None,
+            notes=[*unit.notes, note],
+        )
+
+    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
+        factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
+        out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
+        if unit.kind.rank(unit.shapes) is not None:
+            out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha_for(False))))
+        elif unit.kind.stores_alpha:  # applied at scale 1 whatever it says, but LyCORIS reads one
+            out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha if unit.alpha is not None else 1.0)))
+        dora = unit.pieces.get("dora")
+        if dora is not None:
+            if not unit.dora_columns and "down" in unit.pieces:  # PEFT's (out,) or (1, out, 1, 1)
+                # LyCORIS keeps the per-row magnitude as (out, 1[, 1, 1])
+                dora = reshaped(dora, (unit.pieces["up"].shape[0], *[1] * (len(unit.pieces["down"].shape) - 1)))
+            out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
+        return out
+
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+        metadata = carried_metadata(adapter.metadata, units)
+        if arch is not None and not arch.lists_modules:  # kohya names do not spell paths out: record them
+            modules = {}
+            for name, unit in units.items():
+                kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) >= 3 else "linear")
+                modules[name] = {"path": unit.targets[0], "type": kind}
+            metadata[HF_MODULES_KEY] = json.dumps(modules, sort_keys=True)
+            config = {k: v for k, v in (adapter.config or {}).items() if k not in MATH_FIELDS}
+            config["fan_in_fan_out"] = any(u.transposed and not u.embedding for u in units.values())
+            metadata[PEFT_CONFIG_KEY] = json.dumps(config, sort_keys=True)
+        return metadata

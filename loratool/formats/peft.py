@@ -2,15 +2,20 @@
 
 Keys are `base_model.model.<module path>.<tensor>`; rank and alpha come from the config (`r`,
 `lora_alpha`/`alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora`), never from the header.
+
+`PeftCodec` reads the layout; `PeftLayout` writes it: one adapter type per directory (LoRA, LoHa
+or LoKr), the config under which PEFT rebuilds every stored shape, and for a diffusion model the
+pipeline component it adapts.
 """
 
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..archs import ArchDetection, architectures, detect, hint_matches
-from ..errors import FormatError
+from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
+from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
+from ..output.units import Unit
 from .base import (
     MODIFIERS,
     Claim,
@@ -22,15 +27,17 @@ from .base import (
     suffixes_longest_first,
 )
 from .diffusers import component_configs, diffusers_components
+from .layout import COMPONENT_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
+from .peft_keyed import PeftKeyed, config_alpha, lora_config, rank_alpha_fields, short_path
+from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, lycoris_structure
+from .peft_lycoris import PEFT_TYPES as PEFT_TYPE_OF_KIND
 
-WRAPPER = "base_model.model."
 PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 ALPHA_FIELD = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 # The pipeline component a PEFT dir of a diffusion model adapts. PEFT records none, and a text
 # encoder's module paths fit a bare transformers model (and SDXL's two encoders) equally well.
-COMPONENT_KEY = "loratool.component"
 
 
 class PeftCodec(Codec):
@@ -93,6 +100,7 @@ class PeftCodec(Codec):
         return Adapter(
             source=source,
             format="peft",
+            native_layout="peft",
             variant=str((config or {}).get("peft_type", "LORA"))
             + ("" if source.container == "peft" else ", single file" + ("" if config else " without a config")),
             arch=found.arch,
@@ -151,3 +159,79 @@ def _is_saved_module(path: str, saved: tuple[str, ...]) -> bool:
     """PEFT's own rule: a module is saved when its name ends with an entry (a plain string suffix,
     so "norm" also saves every "input_layernorm")."""
     return any(path.endswith(m) for m in saved)
+
+
+class PeftLayout(PeftKeyed):
+    name = "peft"
+    single_component = True
+    is_directory = True
+    kinds = ("lora", "loha", "lokr")
+
+    def check_together(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> None:
+        kinds = {u.kind.name: u for u in units.values()}
+        if len(kinds) > 1:
+            first, second = list(kinds.values())[:2]
+            raise ConversionError(
+                f"{second.origin}: {second.kind.label}, while {first.origin} is {first.kind.label}; a PEFT "
+                "adapter holds one adapter type (use --to kohya for a mixed file)"
+            )
+        if units and next(iter(units.values())).kind.name != "lora":
+            self._lycoris_fields(units, arch)
+
+    def _lycoris_fields(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> dict:
+        levels = self._levels(units, arch)
+        pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+        specs = {path: arch.spec(u.targets[0]) for path, u in pairs} if arch is not None else {}
+        kernels = {path: tuple(spec.shape[2:]) for path, spec in specs.items() if spec is not None}
+        fields, ranks = lycoris_structure(pairs[0][1].kind.name, pairs, kernels)
+        # The source's own alpha where PEFT keeps its rank; alpha = scale * r where the rank is chosen
+        # here (two whole LoKr factors have none).
+        alphas = {
+            p: config_alpha(u.alpha_for(False) if ranks[p] == u.rank else u.scale * ranks[p], u) for p, u in pairs
+        }
+        fields.update(rank_alpha_fields(ranks, alphas, levels, "alpha"))
+        fields["target_modules"] = sorted({short_path(p, levels) for p, _ in pairs})
+        return fields
+
+    @staticmethod
+    def _levels(units: dict[str, Unit], arch: BaseArchitecture | None) -> tuple[str, ...]:
+        return arch.optional_levels(next(iter(units.values())).component) if arch is not None else ()
+
+    def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
+        return True
+
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        return WRAPPER + arch.module_path(targets[0]) if len(targets) == 1 else None
+
+    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+        metadata = {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
+        if arch is not None and arch.components:  # which of the model's components the adapter wraps
+            metadata[COMPONENT_KEY] = next(iter(units.values())).component
+        return metadata
+
+    def config(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict:
+        levels = self._levels(units, arch)
+        pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
+        # A PEFT source's own config (or the one an LLM kohya file carries); a diffusers file's
+        # per-component configs are not a PEFT dir's.
+        single_model = arch is not None and not arch.components
+        base = adapter.config if adapter.format == "peft" or single_model else None
+        kind = pairs[0][1].kind.name
+        peft_type = PEFT_TYPE_OF_KIND.get(kind, "LORA")
+        if (base or {}).get("peft_type", "LORA") != peft_type:
+            base = None  # another adapter type's fields would not be this config's
+        if kind == "lora":
+            config = lora_config(pairs, levels, base)
+            config.setdefault("bias", "none")
+            config.setdefault("fan_in_fan_out", any(u.transposed and not u.embedding for u in units.values()))
+        else:
+            config = {k: v for k, v in (base or {}).items() if k not in (*LYCORIS_FIELDS, *LOKR_FIELDS)}
+            fields = self._lycoris_fields(units, arch)
+            if config.get("target_modules"):
+                fields.pop("target_modules")
+            config.update(fields)
+        config["peft_type"] = peft_type
+        config.setdefault("task_type", None)
+        config.setdefault("base_model_name_or_path", None)
+        config.setdefault("inference_mode", True)
+        return config

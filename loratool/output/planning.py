@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from ..adapter import Adapter
 from ..archs import BaseArchitecture
-from ..conversion.layouts import Entry, Layout
 from ..errors import ConversionError
+from ..formats import Entry, Layout
 from ..ops.fuse import swap_halves
 from .units import Load, Piece, Unit, fuse_group, split, unit_of
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..adapter import Adapter, refuse_non_finite
 from ..archs import BaseArchitecture
-from ..conversion.layouts import Entry, Layout, Origin
+from ..formats import Entry, Layout, Origin
 from ..io.safetensors_file import DTYPES, tensor_from_bytes
 from ..io.source import PEFT_CONFIG, PEFT_WEIGHTS
 from ..io.writer import (
