@@ -16,9 +16,7 @@ from .archs import BaseArchitecture, Targets
 from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
-from .kinds import Kind
-
-PEFT_MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA tensor; LyCORIS calls it dora_scale
+from .kinds import Kind, dora
 
 
 @dataclass
@@ -73,14 +71,7 @@ class AdapterModule:
     def dora_columns(self) -> bool:
         """A LyCORIS DoRA magnitude per input column (wd_on_out off: stored (1, in, 1..)) rather
         than per output row; PEFT's magnitude is per output row whatever its stored shape."""
-        shape = self.dora_shape
-        return (
-            self.dora_key is not None
-            and not self.dora_key.endswith(PEFT_MAGNITUDE)
-            and len(shape) >= 2
-            and shape[0] == 1
-            and math.prod(shape) > 1
-        )
+        return dora.per_column(self.dora_key, self.dora_shape)
 
     @property
     def rank(self) -> int | None:

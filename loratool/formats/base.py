@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from ..adapter import Adapter, AdapterModule, Orphan
 from ..archs import ArchDetection, detect
 from ..io.source import TensorSource
-from ..kinds import Kind, suffix_table
+from ..kinds import Kind, dora, suffix_table
 
 # Tensors that modify a module of any kind rather than being one of its factors.
 MODIFIERS: dict[str, dict[str, str]] = {
-    "kohya": {"alpha": "alpha", "dora_scale": "dora"},
-    "peft": {"alpha": "alpha", "lora_magnitude_vector": "dora"},
+    "kohya": {"alpha": "alpha", dora.NAMES["kohya"]: dora.ROLE},
+    "peft": {"alpha": "alpha", dora.NAMES["peft"]: dora.ROLE},
     "legacy": {},
 }
 
@@ -111,8 +111,8 @@ def build_modules(
             keys=keys,
             shapes={role: i.shape for role, i in infos.items()},
             dtypes={role: i.dtype for role, i in infos.items()},
-            dora_key=mods.get("dora"),
-            dora_shape=source.info(mods["dora"]).shape if "dora" in mods else (),
+            dora_key=mods.get(dora.ROLE),
+            dora_shape=source.info(mods[dora.ROLE]).shape if dora.ROLE in mods else (),
         )
         if "alpha" in mods:
             info = source.info(mods["alpha"])

@@ -22,11 +22,10 @@ from ..adapter import Adapter
 from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
-from ..kinds import suffix_table, without_lone_generics
+from ..kinds import dora, suffix_table, without_lone_generics
 from ..output.units import Piece, Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 from .layout import (
-    DORA_SUFFIX,
     HF_MODULES_KEY,
     MATH_FIELDS,
     PEFT_CONFIG_KEY,
@@ -143,8 +142,8 @@ class KohyaLayout(Layout):
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
         if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:
             return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies {unit.kind.label} at scale 1"
-        if unit.embedding and "dora" in unit.pieces:
-            return "DoRA on an embedding has no kohya/LyCORIS form"
+        if dora.ROLE in unit.pieces:
+            return dora.why_not("kohya", unit.kind, unit.dora_columns, unit.embedding)
         return None
 
     def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
@@ -172,12 +171,12 @@ class KohyaLayout(Layout):
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha_for(False))))
         elif unit.kind.stores_alpha:  # applied at scale 1 whatever it says, but LyCORIS reads one
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha if unit.alpha is not None else 1.0)))
-        dora = unit.pieces.get("dora")
-        if dora is not None:
-            if not unit.dora_columns and "down" in unit.pieces:  # PEFT's (out,) or (1, out, 1, 1)
-                # LyCORIS keeps the per-row magnitude as (out, 1[, 1, 1])
-                dora = reshaped(dora, (unit.pieces["up"].shape[0], *[1] * (len(unit.pieces["down"].shape) - 1)))
-            out.append(Entry(f"{name}.{DORA_SUFFIX['kohya']}", dora))
+        magnitude = unit.pieces.get(dora.ROLE)
+        if magnitude is not None:
+            if not unit.dora_columns and "down" in unit.pieces:  # from PEFT's (out,) or (1, out, 1, 1)
+                rows, ndim = unit.pieces["up"].shape[0], len(unit.pieces["down"].shape)
+                magnitude = reshaped(magnitude, dora.stored_shape("kohya", rows, ndim))
+            out.append(Entry(f"{name}.{dora.NAMES['kohya']}", magnitude))
         return out
 
     def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:

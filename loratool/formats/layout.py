@@ -30,7 +30,6 @@ COMPONENT_KEY = "loratool.component"  # PEFT dir of a diffusion model: the pipel
 WRAPPER = "base_model.model."  # PEFT's prefix before a single model's module paths
 OWNED_METADATA = (DIFFUSERS_CONFIG_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY, COMPONENT_KEY)
 
-DORA_SUFFIX = {"kohya": "dora_scale", "peft": "lora_magnitude_vector"}
 EMBEDDING_NAMES = {"down": "lora_embedding_A", "up": "lora_embedding_B"}
 # The PEFT config fields convert owns: recomputed from the modules, whatever the source config said.
 MATH_FIELDS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias")

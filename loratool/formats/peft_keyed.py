@@ -9,9 +9,9 @@ from collections import Counter
 import numpy
 
 from ..archs import BaseArchitecture
-from ..kinds import KINDS
+from ..kinds import KINDS, dora
 from ..output.units import Piece, Unit
-from .layout import DORA_SUFFIX, MATH_FIELDS, Entry, Layout, factor_pieces, reshaped
+from .layout import MATH_FIELDS, Entry, Layout, factor_pieces, reshaped
 
 
 class PeftKeyed(Layout):
@@ -26,10 +26,8 @@ class PeftKeyed(Layout):
             return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only (use --to kohya)"
         if "mid" in unit.pieces:
             return "PEFT has no Tucker core (lora_mid); use --to kohya"
-        if "dora" in unit.pieces and unit.kind.name != "lora":
-            return f"PEFT's {unit.kind.label} has no DoRA; use --to kohya"
-        if "dora" in unit.pieces and unit.dora_columns:
-            return "its DoRA magnitude is per input column; PEFT's is per output row"
+        if dora.ROLE in unit.pieces:
+            return dora.why_not("peft", unit.kind, unit.dora_columns, unit.embedding)
         return None
 
     def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
@@ -38,14 +36,12 @@ class PeftKeyed(Layout):
         pieces = {**unit.pieces, **_fit_to_module(unit, arch)}
         factors = factor_pieces(unit.kind, pieces, "peft", unit.embedding)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
-        dora = pieces.get("dora")
-        if dora is not None and unit.embedding:  # only PEFT itself holds these: its shape as saved
-            out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", dora))
-        elif dora is not None:
-            rows = pieces["up"].shape[0]
-            ndim = len(pieces["down"].shape)
-            shape = (1, rows, *(1,) * (ndim - 2)) if ndim >= 3 else (rows,)
-            out.append(Entry(f"{name}.{DORA_SUFFIX['peft']}", reshaped(dora, shape)))
+        magnitude = pieces.get(dora.ROLE)
+        if magnitude is not None and unit.embedding:  # only PEFT itself holds these: its shape as saved
+            out.append(Entry(f"{name}.{dora.NAMES['peft']}", magnitude))
+        elif magnitude is not None:
+            shape = dora.stored_shape("peft", pieces["up"].shape[0], len(pieces["down"].shape))
+            out.append(Entry(f"{name}.{dora.NAMES['peft']}", reshaped(magnitude, shape)))
         return out
 
 
@@ -122,7 +118,7 @@ def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: di
             "lora_alpha",
         ),
         use_rslora=rslora,
-        use_dora=any("dora" in u.pieces for _, u in units),
+        use_dora=any(dora.ROLE in u.pieces for _, u in units),
         lora_bias=any("bias" in u.pieces for _, u in units),
     )
     if not config.get("target_modules"):

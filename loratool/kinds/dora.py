@@ -72,7 +72,13 @@ class Magnitude:
 
 
 def apply(
-    target: torch.Tensor, merged: torch.Tensor, magnitude: torch.Tensor, strength: float, *, columns: bool, lycoris: bool
+    target: torch.Tensor,
+    merged: torch.Tensor,
+    magnitude: torch.Tensor,
+    strength: float,
+    *,
+    columns: bool,
+    lycoris: bool,
 ) -> None:
     """DoRA on `target` (W, fp32, 2-D), given V = W + scale * delta as `merged`: the direction of V
     at the trained magnitude, with the norm per output row (per input column when `columns`).

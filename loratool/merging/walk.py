@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import PEFT_MAGNITUDE
 from ..errors import MergeError
 from ..io.safetensors_file import DTYPES
 from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWriter, TensorSpec
+from ..kinds import dora
 from ..ops.fuse import swap_halves
-from ..ops.merge import add_update, apply_dora, fits, update_view
+from ..ops.merge import add_update, fits, update_view
 from ..progress import Progress, Tally
 from .match import LoraMatch, Patch
 from .output import Entry, OutFile, OutputPlan, WeightSet, output_dtype
@@ -39,14 +39,7 @@ class _Factors:
     down: torch.Tensor | None
     bias: torch.Tensor | None
     tensors: dict[str, torch.Tensor] | None
-    dora: _Dora | None
-
-
-@dataclass(frozen=True)
-class _Dora:
-    magnitude: torch.Tensor  # flat, fp32, on the device
-    columns: bool  # per input column (LyCORIS wd_on_out off), else per output row
-    lycoris: bool  # LyCORIS's strength rule and eps (dora_scale), else PEFT's (lora_magnitude_vector)
+    magnitude: dora.Magnitude | None  # DoRA
 
 
 class MergeWalk:
@@ -212,14 +205,14 @@ class MergeWalk:
             target.add_(_module_rows(patch, factors.bias), alpha=strength * module.scale)
             return
         target = update_view(weight, patch.transposed, patch.rows)
-        dora = factors.dora
-        if dora is None:
+        magnitude = factors.magnitude
+        if magnitude is None:
             self._add(target, patch, factors, strength * module.scale)
             return
         merged = target.clone()  # V, with the update at full strength: DoRA's strength acts on the rescale
         self._add(merged, patch, factors, module.scale)
-        magnitude = dora.magnitude if dora.columns else _module_rows(patch, dora.magnitude)
-        apply_dora(target, merged, magnitude, strength, columns=dora.columns, lycoris=dora.lycoris)
+        values = magnitude.values if magnitude.columns else _module_rows(patch, magnitude.values)
+        dora.apply(target, merged, values, strength, columns=magnitude.columns, lycoris=magnitude.lycoris)
 
     def _add(self, target: torch.Tensor, patch: Patch, factors: _Factors, factor: float) -> None:
         """target += factor * the module's update for these rows."""
@@ -243,21 +236,23 @@ class MergeWalk:
         def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=self.device, dtype=torch.float32).reshape(-1)
 
-        dora = None
+        magnitude = None
         if module.dora_key is not None:
-            magnitude = on_device(adapter.load(module.dora_key))
-            dora = _Dora(magnitude, module.dora_columns, not module.dora_key.endswith(PEFT_MAGNITUDE))
+            values = on_device(adapter.load(module.dora_key))
+            magnitude = dora.Magnitude.of(module.dora_key, module.dora_shape, values)
         bias = on_device(tensors.get("bias"))
         if module.kind.reads_base:
             on = {role: t.to(device=self.device, dtype=torch.float32) for role, t in tensors.items()}
-            factors = _Factors(None, None, bias, on, dora)
+            factors = _Factors(None, None, bias, on, magnitude)
         else:
             low = module.kind.low_rank(tensors)
             if low is None:
                 dense = module.kind.delta(tensors)
                 low = (dense.reshape(dense.shape[0], -1), None)
             up, down = low
-            factors = _Factors(up.to(self.device), None if down is None else down.to(self.device), bias, None, dora)
+            factors = _Factors(
+                up.to(self.device), None if down is None else down.to(self.device), bias, None, magnitude
+            )
         self._factors[id(module)] = factors
         return factors
 

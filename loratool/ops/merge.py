@@ -31,43 +31,6 @@ def add_update(target: torch.Tensor, up: torch.Tensor, down: torch.Tensor | None
         target.addmm_(up, down, alpha=factor)
 
 
-def apply_dora(
-    target: torch.Tensor,
-    merged: torch.Tensor,
-    magnitude: torch.Tensor,
-    strength: float,
-    *,
-    columns: bool,
-    lycoris: bool,
-) -> None:
-    """DoRA on `target` (W, fp32, 2-D), given V = W + scale * delta as `merged`: the direction of V
-    at the trained magnitude, with the norm per output row (per input column when `columns`).
-
-    The strength rule follows the file's trainer. LyCORIS (`dora_scale`): g = m / (||V|| + eps),
-    W' = V * (strength * (g - 1) + 1), so strength 0 keeps V. PEFT (`lora_magnitude_vector`, which
-    has no strength of its own): W' = W + strength * (m V / ||V|| - W), ComfyUI's rule, so 0 keeps W.
-    DoRA rescales by the merged norm, so neither has an exact "subtract" from files alone.
-    """
-    if columns:
-        inputs = magnitude.numel()
-        norm = torch.linalg.vector_norm(merged.view(merged.shape[0], inputs, -1), dim=(0, 2))
-    else:
-        norm = torch.linalg.vector_norm(merged, dim=1)
-    if lycoris:
-        norm.add_(torch.finfo(torch.float32).eps)
-    gain = magnitude.reshape(-1) / norm
-    if lycoris:
-        gain.sub_(1).mul_(strength).add_(1)
-    if columns:
-        merged.view(merged.shape[0], inputs, -1).mul_(gain.view(1, -1, 1))
-    else:
-        merged.mul_(gain.unsqueeze(1))
-    if lycoris or strength == 1.0:
-        target.copy_(merged)
-    else:
-        target.lerp_(merged, strength)
-
-
 def fits(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether every value of an fp32 `tensor` is finite and inside `dtype`'s range."""
     if tensor.numel() == 0 or not dtype.is_floating_point:

@@ -14,7 +14,7 @@ from ..archs import BaseArchitecture
 from ..errors import ConversionError
 from ..formats import Entry, Layout
 from ..ops.fuse import swap_halves
-from .units import Load, Piece, Unit, fuse_group, split, unit_of
+from .units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
 
 
 def ignored_notes(adapter: Adapter) -> list[str]:
@@ -100,7 +100,7 @@ def _row_order(arch: BaseArchitecture, layout: Layout, unit: Unit, load: Load) -
     if native == unit.native_rows:
         return unit
     pieces = dict(unit.pieces)
-    for role in ("up", "bias", "dora"):
+    for role in ("up", *ROW_ROLES):
         piece = pieces.get(role)
         if piece is not None:
             pieces[role] = Piece(piece.dtype, piece.shape, None, lambda p=piece: swap_halves(load(p)))

@@ -23,8 +23,12 @@ from ..adapter import Adapter, AdapterModule
 from ..archs import BaseArchitecture, FusedSpec, Targets
 from ..errors import ConversionError
 from ..io.safetensors_file import DTYPE_NAMES, DTYPES
-from ..kinds import Kind
+from ..kinds import Kind, dora
 from ..ops import fuse
+
+# Tensors with one value per output row beside the factors: a fused module's row blocks split them
+# like the up factor (lora_B's bias, and DoRA's magnitude per row).
+ROW_ROLES = ("bias", dora.ROLE)
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def unit_of(module: AdapterModule, adapter: Adapter) -> Unit:
     pieces = {role: Piece(module.dtypes[role], module.shapes[role], module.keys[role]) for role in module.keys}
     if module.dora_key is not None:
         info = adapter.source.info(module.dora_key)
-        pieces["dora"] = Piece(info.dtype, info.shape, module.dora_key)
+        pieces[dora.ROLE] = Piece(info.dtype, info.shape, module.dora_key)
     return Unit(
         targets=module.targets,
         component=module.component,
@@ -163,7 +167,7 @@ def split(arch: BaseArchitecture, unit: Unit, load: Load) -> list[Unit]:
         extra = {
             role: Piece.made(p, (n, *p.shape[1:]), lambda p=p, r0=r0, r1=r1: load(p)[r0:r1])
             for role, p in unit.pieces.items()
-            if role in ("bias", "dora")
+            if role in ROW_ROLES
         }
         if owners is not None:
             cols = owners[i]
@@ -232,12 +236,9 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
             raise ConversionError(
                 f"{names}: cannot fuse into {group.native}: {target} is not in the adapter and its width is unknown"
             )
-    dora = [u is not None and "dora" in u.pieces for u in present]
-    if any(dora) and not all(dora):
-        raise ConversionError(
-            f"{names}: cannot fuse into {group.native}: DoRA needs a magnitude for every row block, and "
-            "some parts have none"
-        )
+    problem = dora.fuse_problem([u is not None and dora.ROLE in u.pieces for u in present])
+    if problem is not None:
+        raise ConversionError(f"{names}: cannot fuse into {group.native}: {problem}")
     units = [u for u in present if u is not None]
     downs = [load(u.pieces["down"]) for u in units]
     shared = (
@@ -289,7 +290,7 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
         alpha_key = alpha_dtype = None
         if not same_scale:
             notes.append("parts had different scales: each up block carries its scale (stored in F32), alpha = rank")
-    for role in ("bias", "dora"):
+    for role in ROW_ROLES:
         role_pieces = [None if u is None else u.pieces.get(role) for u in present]
         present_pieces = [p for p in role_pieces if p is not None]
         if present_pieces:
