@@ -23,8 +23,8 @@ from .commands.merge import MergeReport, merge
 from .commands.resize import ResizeReport, resize
 from .errors import LoratoolError
 from .formats import LAYOUTS, read_adapter
-from .ops.checks import Finding
 from .ops.device import DEVICE_CHOICES as DEVICE_CHOICES
+from .ops.findings import Finding
 from .progress import Progress, Step
 from .sizes import parse_size as parse_size
 

@@ -22,8 +22,8 @@ from .archs.blocks import block_of, component_position, model_position
 from .commands.extract import ExtractReport
 from .commands.inspect import InspectReport, ModuleReport
 from .errors import MissingDependencyError, OutputError
+from .io.atomic import atomic_write_bytes
 from .io.destination import check_destination
-from .io.writer import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loratool
-from loratool.ops.checks import CODES
+from loratool.ops.findings import CODES
 
 FP16_MAX = 65504.0
 

@@ -26,15 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loratool.errors import InputError, OutputError
+from loratool.io import atomic as atomic_module
 from loratool.io import safetensors_file as sf_module
 from loratool.io import writer as writer_module
+from loratool.io.atomic import atomic_write_text
 from loratool.io.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile
 from loratool.io.source import open_source
 from loratool.io.writer import (
     SafetensorsWriter,
     ShardedWriter,
     TensorSpec,
-    atomic_write_text,
     shard_plan,
 )
 
@@ -1057,11 +1058,11 @@ def _fill(directory: Path, text: str) -> None:
 @pytest.mark.parametrize("swap", ["exchange", "move-aside"])
 def test_atomic_directory_replaces_an_existing_directory(tmp_path: Path, monkeypatch, swap) -> None:
     if swap == "move-aside":
-        monkeypatch.setattr(writer_module, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic_module, "_exchange", lambda a, b: False)
     dest = tmp_path / "out"
     dest.mkdir()
     _fill(dest, "old")
-    with writer_module.atomic_directory(dest, replace_existing=True) as tmp:
+    with atomic_module.atomic_directory(dest, replace_existing=True) as tmp:
         _fill(tmp, "new")
         assert (dest / "config.json").read_text() == "old"  # nothing changes before the block ends
     assert {p.name: p.read_text() for p in dest.iterdir()} == {"weights.safetensors": "new", "config.json": "new"}
@@ -1076,7 +1077,7 @@ def test_atomic_directory_swaps_in_one_step_on_linux(tmp_path: Path) -> None:
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    assert writer_module._exchange(a, b)
+    assert atomic_module._exchange(a, b)
     assert ((a / "x").read_text(), (b / "x").read_text()) == ("b", "a")
 
 
@@ -1084,7 +1085,7 @@ def test_atomic_directory_failure_keeps_the_old_directory(tmp_path: Path) -> Non
     dest = tmp_path / "out"
     dest.mkdir()
     _fill(dest, "old")
-    with pytest.raises(RuntimeError), writer_module.atomic_directory(dest, replace_existing=True) as tmp:
+    with pytest.raises(RuntimeError), atomic_module.atomic_directory(dest, replace_existing=True) as tmp:
         _fill(tmp, "new")
         raise RuntimeError("mid-write")
     assert (dest / "config.json").read_text() == "old"

@@ -26,7 +26,8 @@ from ..formats import Detection, read_adapter
 from ..io.safetensors_file import SafetensorsFile, tensor_from_bytes
 from ..io.source import TensorSource, open_source
 from ..kinds.base import ANY
-from ..ops.checks import BasePiece, Checker, Finding, ModuleFacts, finding
+from ..ops.checks import Checker
+from ..ops.findings import BasePiece, Finding, ModuleFacts, finding
 from ..progress import Progress, Tally
 
 METADATA_SUMMARY_KEYS = (

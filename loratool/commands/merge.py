@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MergeError, OutputError
+from ..io.atomic import atomic_directory
 from ..io.destination import check_destination, same_or_inside
 from ..io.source import TensorSource, open_source
-from ..io.writer import atomic_directory
 from ..merging.match import LoraMatch, open_lora
 from ..merging.output import OutputPlan, copy_other_files, plan_output
 from ..merging.walk import MergeWalk

@@ -2,28 +2,25 @@
 
 The header is written first (every tensor's dtype and shape is known before any data exists), then
 tensors one at a time in declared order, so peak memory is one tensor whatever the model size.
-Everything goes to a temporary file next to the destination, is fsynced and renamed into place:
-a crash or an error leaves either the previous file or nothing, never a half-written one.
+Everything goes to a temporary file next to the destination (`atomic.py`), is fsynced and renamed
+into place: a crash or an error leaves either the previous file or nothing, never a half-written one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import OutputError
+from .atomic import atomic_write_text, fsync_dir, temp_file_next_to
 from .safetensors_file import DTYPE_NAMES, SafetensorsFile, dtype_size
 
 # The data-region hash kohya tools store in metadata; written as a fixed-width placeholder and
@@ -102,36 +99,6 @@ def _copy_in_kernel(src_fd: int, dst, offset: int, size: int, start: int) -> boo
     return True
 
 
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def _temp_file_next_to(path: Path) -> tuple[int, Path]:
-    """A private temporary file; it gets the permissions a plain open() would have given DEST
-    (mkstemp's 0600 would leave a merged model unreadable to a UI running as another user)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except FileNotFoundError:
-        raise OutputError(f"{path.parent}: output directory does not exist") from None
-    except OSError as exc:
-        raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o666 & ~_umask())
-    return fd, Path(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class SafetensorsWriter:
     """One output file: header on open, `write` each tensor in order, `commit` renames into place."""
 
@@ -158,7 +125,7 @@ class SafetensorsWriter:
         if record_legacy_hash and 8 + len(header) > LEGACY_HASH_SPAN[0]:
             raise OutputError(f"{self.path}: header over 1 MiB: {LEGACY_HASH_KEY} would hash its own bytes")
         self._legacy = record_legacy_hash
-        fd, self._tmp = _temp_file_next_to(self.path)
+        fd, self._tmp = temp_file_next_to(self.path)
         self._fh = os.fdopen(fd, "wb")
         self._header = header
         self._closed = False
@@ -266,7 +233,7 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: could not move the finished file into place ({exc.strerror})") from None
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def _legacy_digest(self) -> str:
@@ -384,76 +351,3 @@ class ShardedWriter:
             self.abort()
         elif not self._committed:
             self.commit()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """A small file written beside `path` and renamed over it: readers see the old or the new one."""
-    path = Path(path)
-    fd, tmp = _temp_file_next_to(path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise OutputError(f"{path}: write failed ({exc.strerror})") from None
-    _fsync_dir(path.parent)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, replace_existing: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to `path`; on success it takes `path`'s place.
-
-    An existing directory is moved aside first and removed only once the new one is in place, so
-    a failure at any point leaves the old one (or nothing) there.
-    """
-    path = Path(path)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    except FileNotFoundError:
-        raise OutputError(f"{path.parent}: output directory does not exist") from None
-    except OSError as exc:
-        raise OutputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as for files: DEST gets mkdir's permissions
-        yield tmp
-        old = None
-        if path.exists() or path.is_symlink():
-            if not replace_existing:
-                raise OutputError(f"{path}: exists (use --force to replace it)")
-            if _exchange(tmp, path):  # one atomic step: no moment without a DEST, even under SIGKILL
-                _fsync_dir(path.parent)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")) / "old"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
 from ..adapter import Adapter, AdapterModule
-from ..archs.locate import Location
 from ..io.safetensors_file import DTYPES
+from .findings import BasePiece, Finding, ModuleFacts, finding
 from .fuse import column_owners, swap_halves
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
 
@@ -24,62 +23,6 @@ FP16_MAX = 65504.0
 UNDERFLOW_SHARE = 0.05  # warn when more than this share of a module's nonzero factor values are subnormal
 SCALE_RANGE = (1 / 64, 8.0)
 LOW_PRECISION = ("F16", "BF16", "F8_E4M3", "F8_E5M2")
-
-# code -> default severity; some checks raise or lower it with the evidence they have.
-CODES: dict[str, str] = {
-    "nan-inf": "error",
-    "fp16-overflow": "warning",
-    "underflow": "warning",
-    "alpha-missing": "warning",
-    "alpha-precision": "warning",
-    "scale-unusual": "warning",
-    "rank-deficient": "warning",
-    "zero-module": "warning",
-    "fused-rank-alpha": "error",
-    "unknown-key": "warning",
-    "orphan-tensor": "error",
-    "shape-mismatch": "error",
-    "base-mismatch": "error",
-    "broken-module": "error",
-    "dtype-mixed": "warning",
-    "metadata-mismatch": "warning",
-    "hash-mismatch": "warning",
-    "unknown-architecture": "info",
-}
-
-
-@dataclass(frozen=True)
-class Finding:
-    code: str
-    severity: str
-    module: str | None
-    message: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"code": self.code, "severity": self.severity, "module": self.module, "message": self.message}
-
-
-def finding(code: str, module: str | None, message: str, severity: str | None = None) -> Finding:
-    return Finding(code, severity or CODES[code], module, message)
-
-
-@dataclass
-class ModuleFacts:
-    """Numbers measured on a module's tensors."""
-
-    dw_norm: float | None = None  # ||scale * delta||_F
-    numerical_rank: int | None = None
-    singular_values: list[float] | None = None  # of scale * delta, largest first (low-rank kinds)
-    base_parameters: int | None = None  # size of the base weights it updates, when a base was given
-
-
-@dataclass
-class BasePiece:
-    """One located base weight (or row block of one) a module updates."""
-
-    location: Location
-    weight: torch.Tensor  # the rows this module touches, as stored
-    dtype: str
 
 
 def intended_alpha(value: float, dtype: str) -> float | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..adapter import Adapter, refuse_non_finite
 from ..archs import BaseArchitecture
 from ..formats import Entry, Layout, Origin
+from ..io.atomic import atomic_directory, atomic_write_text
 from ..io.safetensors_file import DTYPES, tensor_from_bytes
 from ..io.source import PEFT_CONFIG, PEFT_WEIGHTS
 from ..io.writer import (
@@ -18,8 +19,6 @@ from ..io.writer import (
     LEGACY_HASH_SPAN,
     SafetensorsWriter,
     TensorSpec,
-    atomic_directory,
-    atomic_write_text,
     encode_header,
 )
 from ..progress import Progress, Tally
