@@ -81,3 +81,27 @@ def test_no_code_asks_which_layout_it_holds() -> None:
     asking = re.compile(r"isinstance\([^)]*Layout\b")
     places = [str(p.relative_to(PACKAGE)) for p, text in _sources().items() if asking.search(text)]
     assert not places, places
+
+
+def test_row_order_is_one_rule() -> None:
+    """Single-file and canonical row orders differ only for modules whose architecture says so
+    (Flux's final modulation), and only between a native and a canonical order."""
+    import torch
+
+    from loratool.archs import get_architecture
+    from loratool.ops.fuse import halves_differ, reorder_rows
+
+    flux = get_architecture("flux1")
+    assert flux.swaps_rows("transformer.norm_out.linear")
+    assert not flux.swaps_rows("transformer.proj_out")
+    assert [halves_differ(True, a, b) for a, b in ((True, False), (False, True), (True, True), (False, False))] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert not halves_differ(False, True, False)
+    rows = torch.arange(6.0)[:, None]
+    assert reorder_rows(rows, True, False, True)[:, 0].tolist() == [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
+    assert torch.equal(reorder_rows(reorder_rows(rows, True, True, False), True, False, True), rows)
+    assert reorder_rows(rows, False, False, True) is rows

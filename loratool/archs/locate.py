@@ -19,7 +19,7 @@ class Location:
     key: str  # key in the base source
     rows: tuple[int, int] | None = None  # row block of a fused weight
     transposed: bool = False  # stored (in, out)
-    swap_halves: bool = False  # rows are the canonical halves swapped (Flux final modulation)
+    native_rows: bool = False  # a single-file key: rows in that layout's order (ops.fuse.reorder_rows)
     fused_rows: int | None = None  # rows the fused weight must have for its row blocks to add up
 
     def fits_rows(self, stored_rows: int) -> bool:
@@ -40,7 +40,7 @@ def _locate_one(
         if spec.native_weight is not None:
             key = prefix + spec.native_weight
             if key in keys:
-                return Location(key, None, spec.transposed, spec.rows == "swap_halves")
+                return Location(key, None, spec.transposed, native_rows=True)
         elif spec.fused is not None:
             group = arch.fused[spec.fused]
             key = prefix + group.weight

@@ -30,7 +30,7 @@ from ..io.destination import check_destination
 from ..io.source import TensorSource, open_source
 from ..kinds import KINDS
 from ..ops.device import resolve_device
-from ..ops.fuse import swap_halves
+from ..ops.fuse import reorder_rows
 from ..ops.svd import (
     balanced_factors,
     clamp_quantile,
@@ -252,8 +252,7 @@ def _extract_one(
     change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
     if delta_norm == 0.0 or change <= min_diff:
         return None, ModuleResult(job.name, 0, 0.0, 0.0, change)
-    if job.swap_rows:
-        delta = swap_halves(delta)
+    delta = reorder_rows(delta, job.swaps_rows, False, job.native_rows)  # to the output layout's order
     matrix = delta.flatten(1)
     cap = min(job.rank, *matrix.shape)
     if rule is not None and rule[0] == "cumulative":

@@ -12,7 +12,7 @@ import torch
 from ..archs.locate import Location
 from ..errors import ExtractError
 from ..io.source import TensorSource
-from ..ops.fuse import swap_halves
+from ..ops.fuse import reorder_rows
 from .targets import Job
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,8 +69,7 @@ class _Reader:
                 t = t[location.rows[0] : location.rows[1]]
             if location.transposed or job.type == "embedding":  # the update's (out, in) orientation
                 t = t.T
-            if location.swap_halves:
-                t = swap_halves(t)
+            t = reorder_rows(t, job.swaps_rows, location.native_rows, False)  # to the canonical order
             blocks.append(t)
         return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
 

@@ -55,8 +55,8 @@ class Job:
     tuned: tuple[Location, ...]
     rank: int  # the rank asked for (the cap, with --dynamic)
     dtype: str  # the tuned weight's stored dtype
-    native_rows: bool  # the output layout names the module by its single-file path
-    swap_rows: bool  # ... and its rows are the canonical halves swapped there (Flux final modulation)
+    native_rows: bool  # the output layout names the module by its single-file path (its row order)
+    swaps_rows: bool  # the module's single-file row order differs from the canonical one
 
 
 def plan_jobs(
@@ -106,7 +106,7 @@ def plan_jobs(
             rank=_rank_for(weight, base, selection),
             dtype=tuned.info(tuned_at[0].key).dtype,
             native_rows=native_rows,
-            swap_rows=native_rows and arch.swaps_rows(targets[0]),
+            swaps_rows=len(targets) == 1 and arch.swaps_rows(targets[0]),
         )
     return list(jobs.values())
 

@@ -20,6 +20,7 @@ from ..formats import read_adapter
 from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
 from ..kinds.base import ANY
+from ..ops.fuse import halves_differ
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Patch:
     rows: tuple[int, int] | None  # row block of the base tensor (in the update's orientation)
     up_rows: tuple[int, int] | None  # rows of the module's update that land there (None: all)
     transposed: bool  # base stores the weight (in, out)
-    swap_halves: bool  # the update's row halves are in the other order (Flux final modulation)
+    swap_halves: bool  # the update's rows and the base's are in different orders (ops.fuse.halves_differ)
     role: str = "weight"  # weight | bias (lora_B.bias) | replace (a full weight saved with the adapter)
     replacement: str | None = None  # adapter key of the full weight, for role "replace"
 
@@ -132,7 +133,7 @@ def _patches(
                 f"is {list(_squeezed(want))} in the base"
             )
         up_rows = None if len(module.targets) == 1 else (start, start + rows)
-        swap = arch.swaps_rows(target) and location.swap_halves != module.native_rows
+        swap = halves_differ(arch.swaps_rows(target), module.native_rows, location.native_rows)
         patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap)
         patches.append(patch)
         if "bias" in module.keys:

@@ -16,7 +16,7 @@ import torch
 from ..adapter import Adapter, AdapterModule
 from ..io.safetensors_file import DTYPES
 from .findings import BasePiece, Finding, ModuleFacts, finding
-from .fuse import column_owners, swap_halves
+from .fuse import column_owners, reorder_rows
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
 
 FP16_MAX = 65504.0
@@ -170,11 +170,11 @@ class Checker:
         if module.transposed:
             delta = delta.T
         peak, start = 0.0, 0
-        for piece, n in zip(base, rows, strict=True):
+        arch = self.adapter.arch
+        for target, piece, n in zip(module.targets, base, rows, strict=True):
             part = delta[start : start + n]
             start += n
-            if piece.location.swap_halves and not module.native_rows:
-                part = swap_halves(part)
+            part = reorder_rows(part, arch.swaps_rows(target), module.native_rows, piece.location.native_rows)
             weight = piece.weight.float()
             weight = weight.T if piece.location.transposed else weight
             peak = max(peak, float((weight.reshape(part.shape) + part).abs().max()))

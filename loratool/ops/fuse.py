@@ -72,3 +72,17 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """Flux's final modulation: single-file rows are (shift, scale), diffusers' are (scale, shift)."""
     half = t.shape[0] // 2
     return torch.cat([t[half:], t[:half]], dim=0)
+
+
+# -- row order ------------------------------------------------------------------------------------------
+# Names, base tensors and factors are each in single-file ("native") row order or in the canonical
+# (diffusers) one. The two differ only for modules whose architecture says so (`swaps_rows`: Flux's
+# final modulation); these two functions are the one rule every command applies between them.
+def halves_differ(swaps_rows: bool, native: bool, other_native: bool) -> bool:
+    """Whether rows in one order must have their halves swapped to be in the other."""
+    return swaps_rows and native != other_native
+
+
+def reorder_rows(t: torch.Tensor, swaps_rows: bool, from_native: bool, to_native: bool) -> torch.Tensor:
+    """A tensor indexed by the module's output rows, moved from one row order to the other."""
+    return swap_halves(t) if halves_differ(swaps_rows, from_native, to_native) else t

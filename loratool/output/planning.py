@@ -13,7 +13,7 @@ from ..adapter import Adapter
 from ..archs import BaseArchitecture
 from ..errors import ConversionError
 from ..formats import Entry, Layout
-from ..ops.fuse import swap_halves
+from ..ops.fuse import halves_differ, swap_halves
 from .units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
 
 
@@ -94,10 +94,9 @@ def _regroup(arch: BaseArchitecture, units: list[Unit], layout: Layout, load: Lo
 
 def _row_order(arch: BaseArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
     """Flux's final modulation rows are (shift, scale) in BFL files and (scale, shift) in diffusers."""
-    if len(unit.targets) != 1 or not arch.swaps_rows(unit.targets[0]):
-        return unit
     native = layout.native_rows(arch, unit.targets)
-    if native == unit.native_rows:
+    swaps = len(unit.targets) == 1 and arch.swaps_rows(unit.targets[0])
+    if not halves_differ(swaps, unit.native_rows, native):
         return unit
     pieces = dict(unit.pieces)
     for role in ("up", *ROW_ROLES):
