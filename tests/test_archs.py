@@ -1139,7 +1139,7 @@ def test_locate_flux_single_file_linear1_rows_and_swapped_final_modulation() -> 
         Location("double_blocks.4.txt_attn.qkv.weight", (10, 15), fused_rows=15)
     ]
     assert locate(a, ("transformer.norm_out.linear",), keys, shape_of) == [
-        Location("final_layer.adaLN_modulation.1.weight", swap_halves=True)
+        Location("final_layer.adaLN_modulation.1.weight", native_rows=True)
     ]
     assert locate(a, ("transformer.single_transformer_blocks.2.proj_out",), keys, shape_of) == [
         Location("single_blocks.2.linear2.weight")

@@ -19,7 +19,9 @@ class Location:
     key: str  # key in the base source
     rows: tuple[int, int] | None = None  # row block of a fused weight
     transposed: bool = False  # stored (in, out)
-    native_rows: bool = False  # a single-file key: rows in that layout's order (ops.fuse.reorder_rows)
+    # A single-file key of a module whose rows are ordered differently there (Flux's final modulation);
+    # where the orders agree it does not matter and stays False. See ops.fuse.reorder_rows.
+    native_rows: bool = False
     fused_rows: int | None = None  # rows the fused weight must have for its row blocks to add up
 
     def fits_rows(self, stored_rows: int) -> bool:
@@ -40,7 +42,7 @@ def _locate_one(
         if spec.native_weight is not None:
             key = prefix + spec.native_weight
             if key in keys:
-                return Location(key, None, spec.transposed, native_rows=True)
+                return Location(key, None, spec.transposed, native_rows=spec.rows == "swap_halves")
         elif spec.fused is not None:
             group = arch.fused[spec.fused]
             key = prefix + group.weight
