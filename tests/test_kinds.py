@@ -168,3 +168,28 @@ def test_a_kernel_is_any_conv_axis_larger_than_one() -> None:
 
     assert has_kernel((8, 4, 3, 3)) and has_kernel((8, 4, 1, 2, 2)) and has_kernel((8, 4, 3))
     assert not has_kernel((8, 4, 1, 1)) and not has_kernel((8, 4, 1, 1, 1)) and not has_kernel((8, 4))
+
+
+def test_glora_on_a_conv3d_maps_input_channels_at_every_tap() -> None:
+    """GLoRA's W @ a1 @ a2 + b1 @ b2 on a Conv3d weight (out, in, kt, kh, kw): the 1x1x1 a1/a2 act on
+    the input channels at each kernel position, b2 carries the kernel."""
+    from loratool.kinds import KINDS
+
+    glora = KINDS["glora"]
+    g = torch.Generator().manual_seed(3)
+    out, inp, r, kernel = 6, 4, 2, (2, 3, 3)
+    weight = torch.randn(out, inp, *kernel, generator=g)
+    tensors = {
+        "a1": torch.randn(inp, r, 1, 1, 1, generator=g),
+        "a2": torch.randn(r, inp, 1, 1, 1, generator=g),
+        "b1": torch.randn(out, r, 1, 1, 1, generator=g),
+        "b2": torch.randn(r, inp, *kernel, generator=g),
+    }
+    shapes = {role: tuple(t.shape) for role, t in tensors.items()}
+    assert glora.check(shapes) is None
+    assert glora.weight_shape(shapes) == (out, inp, *kernel)
+    a = tensors["a1"].flatten(1) @ tensors["a2"].flatten(1)  # (in, in)
+    mapped = torch.einsum("oituv,ij->ojtuv", weight, a)
+    low = (tensors["b1"].flatten(1) @ tensors["b2"].flatten(1)).reshape(weight.shape)
+    torch.testing.assert_close(glora.delta(tensors, weight), mapped + low)
+    assert glora.check({**shapes, "a1": (inp, r, 1, 3, 1)}) == "a1, a2 and b1 must be 1x1 convs"

@@ -26,6 +26,7 @@ class BaseArchitecture(ABC):
     hints: Mapping[str, list[str]]  # metadata key -> value prefixes that name it (ss_base_model_version, ...)
     components: Mapping[str, Component]  # separately loaded models (unet, text_encoder, ...); none for one model
     fused: Mapping[str, FusedSpec]  # weights stored as one tensor of several modules' row blocks (Flux qkv)
+    kohya_network_module: str  # the sd-scripts network module a kohya LoRA of it records (ss_network_module)
 
     @property
     def base_model_version(self) -> str | None:

@@ -57,6 +57,7 @@ def build_table(family: TableFamily, sources: dict[str, str]) -> dict:
         "generated_by": "python -m loratool.archs.generate",
         "sources": sources,
         "hints": family.hints,
+        "kohya_network_module": family.kohya_network_module,
         "components": components,
         "fused": fused,
         "modules": modules,

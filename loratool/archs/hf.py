@@ -86,6 +86,7 @@ class HFArchitecture(BaseArchitecture):
 
     lists_modules: ClassVar[bool] = False
     default_layout: ClassVar[str] = "peft"
+    kohya_network_module: ClassVar[str] = "networks.lora"
 
     name: str
     family: HFFamily | None

@@ -109,6 +109,7 @@ class Architecture(BaseArchitecture):
     fused: dict[str, FusedSpec]
     sources: dict[str, str] = field(default_factory=dict)
     order: int = 0  # where the family sorts among the others (its module's declared ORDER)
+    kohya_network_module: str = "networks.lora"
 
     @classmethod
     def load(cls, path: Path) -> Architecture:
@@ -153,7 +154,10 @@ class Architecture(BaseArchitecture):
         if not isinstance(data.get("order"), int):
             raise ValueError(f"{path}: no integer 'order' (regenerate with `python -m loratool.archs.generate`)")
         sources = data.get("sources", {})
-        return cls(data["arch"], data["title"], data["hints"], components, modules, fused, sources, data["order"])
+        network = data.get("kohya_network_module", "networks.lora")
+        return cls(
+            data["arch"], data["title"], data["hints"], components, modules, fused, sources, data["order"], network
+        )
 
     # -- names in the layouts LoRA files use ---------------------------------------------------------
     @cached_property

@@ -48,7 +48,6 @@ from ..progress import Progress, Tally
 
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64
-KOHYA_NETWORK_MODULES = {"flux1": "networks.lora_flux"}  # sd-scripts' network module per model
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # the tuned weight's dtype when it is one of these, else BF16
 
 
@@ -319,8 +318,7 @@ def _origin(
     record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
     metadata = {EXTRACTED_KEY: json.dumps(record, sort_keys=True)}
     if layout.name == "kohya":
-        module = KOHYA_NETWORK_MODULES.get(arch.name, "networks.lora")
-        metadata.update(ss_network_module=module, ss_network_dim="", ss_network_alpha="")
+        metadata.update(ss_network_module=arch.kohya_network_module, ss_network_dim="", ss_network_alpha="")
         conv_record = locon_record(units)
         if conv_record is not None:
             metadata["ss_network_args"] = json.dumps(conv_record)

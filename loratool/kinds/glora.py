@@ -27,9 +27,9 @@ class GLoRA(Kind):
 
     def check(self, shapes: Shapes) -> str | None:
         a1, a2, b1, b2, bm = (shapes.get(r) for r in ("a1", "a2", "b1", "b2", "bm"))
-        if any(len(s) not in (2, 4) for s in (a1, a2, b1, b2)):
-            return "a1, a2, b1 and b2 must be 2-D (linear) or 4-D (conv)"
-        if any(len(s) == 4 and s[2:] != (1, 1) for s in (a1, a2, b1)):
+        if any(not 2 <= len(s) <= 5 for s in (a1, a2, b1, b2)):
+            return "a1, a2, b1 and b2 must be 2-D (linear) or 3-D to 5-D (conv)"
+        if any(len(s) >= 3 and any(k != 1 for k in s[2:]) for s in (a1, a2, b1)):
             return "a1, a2 and b1 must be 1x1 convs"
         if (a1[1], a2[0], a2[1]) != (a2[0], a1[1], a1[0]):
             return f"a1 {list(a1)} and a2 {list(a2)} must be (in x r) and (r x in)"

@@ -37,6 +37,7 @@ class TableFamily:
     order: int
     hints: dict[str, list[str]]  # metadata key -> value prefixes that name the family
     components: Callable[[], list[ComponentRows]]  # builds the reference models: call only to generate
+    kohya_network_module: str = "networks.lora"  # sd-scripts' network module for the family's LoRAs
 
 
 def is_norm(mod: object) -> bool:

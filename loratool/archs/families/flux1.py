@@ -151,4 +151,5 @@ FAMILY = TableFamily(
     order=ORDER,
     hints={"ss_base_model_version": ["flux1"], "modelspec.architecture": ["flux-1"]},
     components=components,
+    kohya_network_module="networks.lora_flux",
 )
