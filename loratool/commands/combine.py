@@ -29,10 +29,10 @@ from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
 from ..output.planning import plan_units
-from ..output.units import Load, Piece, Unit, common_dtype
 from ..output.write import config_json, write_output
 from ..progress import Progress
 from ..strengths import lora_weights
+from ..units import Load, Piece, Unit, common_dtype
 
 COMBINED_KEY = "loratool.combined_from"
 

@@ -17,9 +17,9 @@ from ..errors import ConversionError
 from ..formats import LAYOUTS, Layout, read_adapter
 from ..io.destination import check_destination
 from ..output.planning import extra_entries, ignored_notes, plan_units
-from ..output.units import Unit
 from ..output.write import is_copy, write_output
 from ..progress import Progress
+from ..units import Unit
 
 
 @dataclass

@@ -42,9 +42,9 @@ from ..ops.svd import (
     squared_norm,
 )
 from ..output.factors import rank_rule, stored_piece
-from ..output.units import Unit
 from ..output.write import write_output
 from ..progress import Progress, Tally
+from ..units import Unit
 
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64

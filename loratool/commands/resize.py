@@ -27,9 +27,9 @@ from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank
 from ..output.factors import rank_rule, stored_piece
 from ..output.planning import extra_entries, ignored_notes, plan_units
-from ..output.units import Load, Unit, unit_of
 from ..output.write import config_json, write_output
 from ..progress import Progress, Tally
+from ..units import Load, Unit, unit_of
 
 RESIZED_KEY = "loratool.resized_from"
 

@@ -16,7 +16,7 @@ from ..adapter import Adapter
 from ..archs import BaseArchitecture, Targets, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table
-from ..output.units import Unit
+from ..units import Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 from .layout import DIFFUSERS_CONFIG_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value

@@ -23,7 +23,7 @@ from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
 from ..kinds import dora, suffix_table, without_lone_generics
-from ..output.units import Piece, Unit
+from ..units import Piece, Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 from .layout import (
     HF_MODULES_KEY,

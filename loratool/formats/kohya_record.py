@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from ..kinds.base import has_kernel
-from ..output.units import Unit
+from ..units import Unit
 
 
 def network_dim_alpha(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:

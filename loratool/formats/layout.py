@@ -19,7 +19,7 @@ import torch
 from ..archs import BaseArchitecture, Targets
 from ..io.safetensors_file import DTYPES
 from ..kinds import Kind
-from ..output.units import Piece, Unit
+from ..units import Piece, Unit
 from .kohya_record import network_dim_alpha
 
 # Header keys layouts write for themselves; a conversion never carries another layout's over.

@@ -15,7 +15,7 @@ from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, det
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
-from ..output.units import Unit
+from ..units import Unit
 from .base import (
     MODIFIERS,
     Claim,

@@ -10,7 +10,7 @@ import numpy
 
 from ..archs import BaseArchitecture
 from ..kinds import KINDS, dora
-from ..output.units import Piece, Unit
+from ..units import Piece, Unit
 from .layout import MATH_FIELDS, Entry, Layout, factor_pieces, reshaped
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConversionError
-from ..output.units import Unit
+from ..units import Unit
 
 PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR"}
 # Fields these configs compute; anything else a source PEFT config had is kept.

@@ -1,2 +1,2 @@
-"""What every writing command shares: output units (canonical targets, kind, alpha, one piece per
-tensor), planning them for a layout, factors computed in a file's dtype, and the writer."""
+"""What every writing command shares beside the output units (`loratool/units.py`): planning them
+for a layout, factors computed in a file's dtype, and the writer."""

@@ -9,7 +9,7 @@ from ..errors import LoratoolError
 from ..io.safetensors_file import DTYPES
 from ..ops.merge import fits
 from ..ops.svd import parse_dynamic
-from .units import Piece
+from ..units import Piece
 
 
 def rank_rule(rank: int | None, dynamic: str | None, error: type[LoratoolError]) -> tuple[str, float] | None:

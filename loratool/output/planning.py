@@ -14,7 +14,7 @@ from ..archs import BaseArchitecture
 from ..errors import ConversionError
 from ..formats import Entry, Layout
 from ..ops.fuse import halves_differ, swap_halves
-from .units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
+from ..units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
 
 
 def ignored_notes(adapter: Adapter) -> list[str]:

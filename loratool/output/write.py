@@ -22,7 +22,7 @@ from ..io.writer import (
     encode_header,
 )
 from ..progress import Progress, Tally
-from .units import Load, Piece, Unit
+from ..units import Load, Piece, Unit
 
 
 def config_json(data: dict) -> str:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..adapter import Adapter, AdapterModule
-from ..archs import BaseArchitecture, FusedSpec, Targets
-from ..errors import ConversionError
-from ..io.safetensors_file import DTYPE_NAMES, DTYPES
-from ..kinds import Kind, dora
-from ..ops import fuse
+from .adapter import Adapter, AdapterModule
+from .archs import BaseArchitecture, FusedSpec, Targets
+from .errors import ConversionError
+from .io.safetensors_file import DTYPE_NAMES, DTYPES
+from .kinds import Kind, dora
+from .ops import fuse
 
 # Tensors with one value per output row beside the factors: a fused module's row blocks split them
 # like the up factor (lora_B's bias, and DoRA's magnitude per row).
