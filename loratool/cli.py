@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +12,7 @@ from . import __version__, api
 from .api import errors
 from .plot import check_plot_destination, save_plot
 from .report import (
-    error_line,
+    one_line_errors,
     print_json,
     progress_bar,
     render_combine,
@@ -28,51 +23,6 @@ from .report import (
     render_resize,
     stdout_console,
 )
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised where the process is so that every open writer drops its temporary file."""
-
-
-def _terminate(_signum: int, _frame: object) -> None:
-    raise _Terminated
-
-
-def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Every failure becomes one line on stderr and a documented exit code, never a traceback.
-
-    Ctrl-C and SIGTERM unwind like errors, so writers remove their temporary files and DEST is
-    left as it was (SIGKILL cannot be caught: DEST is still untouched, a temporary file may stay).
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
-        try:
-            return command(*args, **kwargs)
-        except errors.LoratoolError as exc:
-            error_line(exc.message)
-            sys.exit(exc.exit_code)
-        except BrokenPipeError:
-            # `loratool ... | head`: the reader has what it wanted. Say nothing (there is no one to
-            # say it to) and let the interpreter's final flush go to /dev/null, not to a traceback.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(errors.EXIT_BROKEN_PIPE)
-        except KeyboardInterrupt:
-            error_line("interrupted")
-            sys.exit(errors.EXIT_INTERRUPTED)
-        except _Terminated:
-            error_line("terminated (SIGTERM)")
-            sys.exit(errors.EXIT_TERMINATED)
-        except MemoryError:
-            error_line("out of memory")
-            sys.exit(errors.EXIT_UNUSABLE)
-        except Exception as exc:  # anything unforeseen still must not print a traceback
-            error_line(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (please report this)")
-            sys.exit(errors.EXIT_UNUSABLE)
-
-    return wrapper
 
 
 def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,7 +66,7 @@ def main() -> None:
 @_plot_option("per-block ‖ΔW‖ and each module's singular values")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def inspect(
     path: str,
     base: str | None,
@@ -164,7 +114,7 @@ def inspect(
 @click.option("--arch", type=click.Choice(api.ARCHITECTURES), help="Architecture, when names cannot tell.")
 @_output_options
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def convert(
     src: str, to: str, dest: str, arch: str | None, force: bool, as_json: bool, quiet: bool, allow_pickle: bool
 ) -> None:
@@ -202,7 +152,7 @@ def convert(
 @click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
 @_output_options
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def merge(
     base: str,
     loras: tuple[str, ...],
@@ -261,7 +211,7 @@ def merge(
 @click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), help="Output layout (default: the first LoRA's).")
 @_output_options
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def combine(
     loras: tuple[str, ...],
     dest: str,
@@ -329,7 +279,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @_plot_option("the retained energy and rank of every module")
 @_output_options
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def extract(
     base: str,
     tuned: str,
@@ -407,7 +357,7 @@ def extract(
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
 @_output_options
 @ALLOW_PICKLE
-@_one_line_errors
+@one_line_errors
 def resize(
     lora: str,
     dest: str,
