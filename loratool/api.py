@@ -31,7 +31,11 @@ from .sizes import parse_size as parse_size
 # What the CLI's options offer (with DTYPE_CHOICES, DEVICE_CHOICES, DEFAULT_MAX_RANK and parse_size
 # above), named here so that it needs no module below the API.
 TARGET_LAYOUTS = tuple(sorted(LAYOUTS))
-ARCHITECTURES = tuple(architectures())
+
+
+def architecture_names() -> tuple[str, ...]:
+    """The names `--arch` takes (loading the tables: called by the CLI, not on `import loratool`)."""
+    return tuple(architectures())
 
 
 def inspect(

@@ -111,7 +111,7 @@ def inspect(
     required=True,
     help="Output file, or dir for peft.",
 )
-@click.option("--arch", type=click.Choice(api.ARCHITECTURES), help="Architecture, when names cannot tell.")
+@click.option("--arch", type=click.Choice(api.architecture_names()), help="Architecture, when names cannot tell.")
 @_output_options
 @ALLOW_PICKLE
 @one_line_errors

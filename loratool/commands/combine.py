@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, refuse_unusable
+from ..adapter import Adapter
 from ..errors import ConversionError
 from ..formats import LAYOUTS, read_adapter
 from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS
 from ..ops.lowrank import best_rank
-from ..output.planning import plan_units
+from ..output.planning import plan_units, refuse_lossy_input
 from ..output.write import config_json, write_output
 from ..progress import Progress
 from ..strengths import lora_weights
@@ -86,7 +86,7 @@ def combine(
         for path in loras:
             adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
             adapters.append(adapter)
-            refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
+            refuse_lossy_input(adapter, detection)
             _refuse_uncombinable(adapter)
         layout = LAYOUTS[to or adapters[0].native_layout]
         check_destination([Path(p) for p in loras], Path(dest), force, directory=layout.is_directory)

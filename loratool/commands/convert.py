@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import Adapter, refuse_unusable
+from ..adapter import Adapter
 from ..archs import hint_matches
 from ..errors import ConversionError
 from ..formats import LAYOUTS, Layout, read_adapter
 from ..io.destination import check_destination
-from ..output.planning import extra_entries, ignored_notes, plan_units
+from ..output.planning import extra_entries, ignored_notes, plan_units, refuse_lossy_input
 from ..output.write import is_copy, write_output
 from ..progress import Progress
 from ..units import Unit
@@ -59,7 +59,7 @@ def convert(
     check_destination([Path(src)], Path(dest), force, directory=layout.is_directory)
     adapter, detection = read_adapter(src, arch, allow_pickle)
     with adapter:
-        refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
+        refuse_lossy_input(adapter, detection)
         named, notes = plan_units(adapter, layout)
         notes += ignored_notes(adapter)
         if adapter.arch_tied and arch is None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, refuse_unusable
-from ..errors import ConversionError, ResizeError
+from ..adapter import Adapter
+from ..errors import ResizeError
 from ..formats import LAYOUTS, Layout, read_adapter
 from ..formats.kohya_record import updated_network_args
 from ..io.destination import check_destination
@@ -26,7 +26,7 @@ from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank
 from ..output.factors import rank_rule, stored_piece
-from ..output.planning import extra_entries, ignored_notes, plan_units
+from ..output.planning import extra_entries, ignored_notes, plan_units, refuse_lossy_input
 from ..output.write import config_json, write_output
 from ..progress import Progress, Tally
 from ..units import Load, Unit, unit_of
@@ -76,7 +76,7 @@ def resize(
     torch_device = resolve_device(device)
     adapter, detection = read_adapter(lora, allow_pickle=allow_pickle)
     with adapter:
-        refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
+        refuse_lossy_input(adapter, detection)
         layout = LAYOUTS[adapter.native_layout]
         check_destination([Path(lora)], Path(dest), force, directory=layout.is_directory)
         for module in adapter.modules.values():

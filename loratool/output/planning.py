@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..adapter import Adapter
+from ..adapter import Adapter, refuse_unusable
 from ..archs import BaseArchitecture
 from ..errors import ConversionError
-from ..formats import Entry, Layout
+from ..formats import Detection, Entry, Layout
 from ..ops.fuse import halves_differ, swap_halves
 from ..units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
 
@@ -119,3 +119,8 @@ def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
         info = adapter.source.info(key)
         out.append(Entry(key, Piece(info.dtype, info.shape, key)))
     return out
+
+
+def refuse_lossy_input(adapter: Adapter, detection: Detection) -> None:
+    """Commands that write an adapter (convert, combine, resize) never drop part of one silently."""
+    refuse_unusable(adapter, detection.unexplained, ConversionError, "converting would drop them", True)
