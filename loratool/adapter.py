@@ -8,6 +8,7 @@ header to hold.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,26 +20,68 @@ from .io.source import TensorSource
 from .kinds import Kind, dora
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One tensor of a module: a source tensor, copied byte for byte when written (its shape may
+    differ from the stored one by size-1 dims), or a computation deferred until it is written, so
+    planning holds no tensor data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    key: str | None = None
+    compute: Callable[[], torch.Tensor] | None = None
+
+    @classmethod
+    def made(cls, like: Piece, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype: str = "") -> Piece:
+        return cls(dtype or like.dtype, tuple(shape), None, compute)
+
+
 @dataclass
 class AdapterModule:
-    name: str  # as written in the file (kohya name, dotted path, ...)
+    """One module of an adapter, as read from a file or as planned for one (a split part, a fused
+    group, an extracted factorization): the same record, so every command and writer speaks of a
+    module the same way."""
+
+    name: str  # as written in the file (kohya name, dotted path, ...); for a planned module, its source(s)
     kind: Kind
-    keys: dict[str, str]  # role -> tensor key in the source
-    shapes: dict[str, tuple[int, ...]]  # role -> shape, from the header
-    dtypes: dict[str, str]  # role -> safetensors dtype, from the header
-    targets: Targets = ()  # canonical modules; empty when the architecture does not know the name
+    pieces: dict[str, Piece]  # role -> tensor: the kind's roles, "bias" (lora_B.bias) and "dora" (the magnitude)
+    # canonical modules, in row order for a fused weight; empty when the architecture does not know the name
+    targets: Targets = ()
     component: str | None = None
     alpha: float | None = None  # None: not recorded anywhere (alpha = rank then)
-    alpha_key: str | None = None  # the tensor holding alpha, when the layout stores it as a tensor
+    alpha_key: str | None = None  # the tensor holding alpha, while it is still this module's alpha
     alpha_dtype: str | None = None
     alpha_source: str = "default"  # tensor | config | metadata | default
     rslora: bool = False
     declared_rank: int | None = None  # rank from a config, for kinds whose tensors do not show one
     transposed: bool = False  # the base weight is stored (in, out) relative to the update (fan_in_fan_out, embeddings)
-    dora_key: str | None = None  # DoRA magnitude (LyCORIS dora_scale or PEFT lora_magnitude_vector)
-    dora_shape: tuple[int, ...] = ()
     embedding: bool = False  # adapts an embedding table (PEFT lora_embedding_A/B)
     native_rows: bool = False  # named after the single-file module, so its rows follow that layout's order
+    dora_columns: bool = False  # the DoRA magnitude is per input column (LyCORIS wd_on_out off)
+    notes: list[str] = field(default_factory=list)  # what planning did to it, for the report
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """role -> source tensor key, for the roles other than DoRA's magnitude."""
+        return {r: p.key for r, p in self.pieces.items() if r != dora.ROLE and p.key is not None}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {r: p.shape for r, p in self.pieces.items() if r != dora.ROLE}
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        return {r: p.dtype for r, p in self.pieces.items() if r != dora.ROLE}
+
+    @property
+    def dora_key(self) -> str | None:
+        piece = self.pieces.get(dora.ROLE)
+        return None if piece is None else piece.key
+
+    @property
+    def dora_shape(self) -> tuple[int, ...]:
+        piece = self.pieces.get(dora.ROLE)
+        return () if piece is None else piece.shape
 
     @property
     def shape_problem(self) -> str | None:
@@ -68,12 +111,6 @@ class AdapterModule:
         return None
 
     @property
-    def dora_columns(self) -> bool:
-        """A LyCORIS DoRA magnitude per input column (wd_on_out off: stored (1, in, 1..)) rather
-        than per output row; PEFT's magnitude is per output row whatever its stored shape."""
-        return dora.per_column(self.dora_key, self.dora_shape)
-
-    @property
     def rank(self) -> int | None:
         return self.kind.rank(self.shapes) or self.declared_rank
 
@@ -88,6 +125,22 @@ class AdapterModule:
     def scale(self) -> float:
         return self.kind.scale(self.alpha, self.shapes, self.rslora, self.declared_rank)
 
+    def alpha_for(self, rslora: bool) -> float | None:
+        """The alpha that gives this module's scale under a layout's rule (alpha/r or alpha/sqrt(r))."""
+        if rslora == self.rslora and self.alpha is not None:
+            return self.alpha
+        rank = self.rank
+        if rank is None:
+            return None
+        return self.scale * (math.sqrt(rank) if rslora else rank)
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(up, down) shapes of a plain LoRA/LoCon of this module's update at `rank`: up keeps its
+        1x1-conv form, and a kernel (a Tucker core's too) moves into down."""
+        weight = self.kind.weight_shape(self.shapes)
+        up = self.pieces["up"].shape
+        return (up[0], rank, *up[2:]), (rank, *weight[1:])
+
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the weight this module updates, oriented as the base model stores it."""
@@ -100,7 +153,7 @@ class AdapterModule:
 
     @property
     def kind_label(self) -> str:
-        return self.kind.name + ("+dora" if self.dora_key else "")
+        return self.kind.name + ("+dora" if dora.ROLE in self.pieces else "")
 
 
 @dataclass

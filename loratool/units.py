@@ -1,9 +1,10 @@
 """What a converted file will hold, decided before a byte is written.
 
-A `Unit` is one module of the output: the canonical modules it updates, its kind, alpha, and one
-`Piece` per tensor. A piece either names a source tensor whose bytes are copied unchanged, or
-computes a new tensor (row slices, fused factors) when the file is written, so a conversion holds
-one module's tensors at a time. Planning reads only the factors of modules that are split or fused.
+A unit is one module of the output, the same `AdapterModule` record a reader builds: the canonical
+modules it updates, its kind, alpha, and one `Piece` per tensor. A piece either names a source tensor
+whose bytes are copied unchanged, or computes a new tensor (row slices, fused factors) when the file
+is written, so a conversion holds one module's tensors at a time. Planning reads only the factors of
+modules that are split or fused.
 
 The target layout decides which canonical modules it can name; the planner splits fused modules
 the layout names part by part (Flux `qkv` for diffusers) and fuses parts the layout names only as a
@@ -14,80 +15,20 @@ expressed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 
-from .adapter import Adapter, AdapterModule
-from .archs import BaseArchitecture, FusedSpec, Targets
+from .adapter import Adapter, AdapterModule, Piece
+from .archs import BaseArchitecture, FusedSpec
 from .errors import ConversionError
 from .io.safetensors_file import DTYPE_NAMES, DTYPES
-from .kinds import Kind, dora
+from .kinds import dora
 from .ops import fuse
 
 # Tensors with one value per output row beside the factors: a fused module's row blocks split them
 # like the up factor (lora_B's bias, and DoRA's magnitude per row).
 ROW_ROLES = ("bias", dora.ROLE)
-
-
-@dataclass(frozen=True)
-class Piece:
-    dtype: str
-    shape: tuple[int, ...]
-    key: str | None = None  # a source tensor copied byte for byte (shape may differ by size-1 dims)
-    compute: Callable[[], torch.Tensor] | None = None
-
-    @classmethod
-    def made(cls, like: Piece, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype: str = "") -> Piece:
-        return cls(dtype or like.dtype, tuple(shape), None, compute)
-
-
-@dataclass
-class Unit:
-    targets: Targets  # canonical modules, in row order when the unit covers a fused weight
-    component: str | None
-    kind: Kind
-    pieces: dict[str, Piece]  # role -> tensor; kind roles plus "bias" (lora_B.bias) and "dora" (magnitude)
-    alpha: float | None  # None: not recorded (alpha = rank)
-    rslora: bool = False
-    declared_rank: int | None = None
-    alpha_key: str | None = None  # source alpha tensor still valid for this unit
-    alpha_dtype: str | None = None
-    embedding: bool = False
-    transposed: bool = False
-    native_rows: bool = False  # factor rows follow the single-file order (Flux final modulation)
-    dora_columns: bool = False  # the DoRA magnitude is per input column (LyCORIS wd_on_out off)
-    origin: str = ""  # source module(s), for messages
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {role: p.shape for role, p in self.pieces.items()}
-
-    @property
-    def rank(self) -> int | None:
-        return self.kind.rank(self.shapes) or self.declared_rank
-
-    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(up, down) shapes of a plain LoRA/LoCon of this unit's update at `rank`: up keeps its
-        1x1-conv form, and a kernel (a Tucker core's too) moves into down."""
-        weight = self.kind.weight_shape(self.shapes)
-        up = self.pieces["up"].shape
-        return (up[0], rank, *up[2:]), (rank, *weight[1:])
-
-    @property
-    def scale(self) -> float:
-        return self.kind.scale(self.alpha, self.shapes, self.rslora, self.declared_rank)
-
-    def alpha_for(self, rslora: bool) -> float | None:
-        """The alpha that gives this unit's scale under a layout's rule (alpha/r or alpha/sqrt(r))."""
-        if rslora == self.rslora and self.alpha is not None:
-            return self.alpha
-        rank = self.rank
-        if rank is None:
-            return None
-        return self.scale * (math.sqrt(rank) if rslora else rank)
 
 
 class Load:
@@ -103,50 +44,32 @@ class Load:
         return self.adapter.load(piece.key).reshape(piece.shape)
 
 
-def unit_of(module: AdapterModule, adapter: Adapter) -> Unit:
-    pieces = {role: Piece(module.dtypes[role], module.shapes[role], module.keys[role]) for role in module.keys}
-    if module.dora_key is not None:
-        info = adapter.source.info(module.dora_key)
-        pieces[dora.ROLE] = Piece(info.dtype, info.shape, module.dora_key)
-    return Unit(
-        targets=module.targets,
-        component=module.component,
-        kind=module.kind,
-        pieces=pieces,
-        alpha=module.alpha,
-        rslora=module.rslora,
-        declared_rank=module.declared_rank,
-        alpha_key=module.alpha_key,
-        alpha_dtype=module.alpha_dtype,
-        embedding=module.embedding,
-        transposed=module.transposed,
-        native_rows=module.native_rows,
-        dora_columns=module.dora_columns,
-        origin=module.name,
-    )
+def unit_of(module: AdapterModule) -> AdapterModule:
+    """The module as a unit of output: the same record, with notes of its own."""
+    return replace(module, pieces=dict(module.pieces), notes=[])
 
 
 # -- splitting a fused module into its parts -----------------------------------------------------------
-def _part_rows(unit: Unit, group: FusedSpec) -> list[int]:
+def _part_rows(unit: AdapterModule, group: FusedSpec) -> list[int]:
     """Rows of each target, from the factors' widths; refused when they cannot add up."""
     in_features = unit.pieces["down"].shape[1]
     out_features = unit.pieces["up"].shape[0]
     rows = group.row_sizes(in_features, out_features, unit.targets)
     if sum(rows) != out_features or any(r <= 0 for r in rows):
         raise ConversionError(
-            f"{unit.origin}: up has {out_features} rows, which do not split into {len(rows)} parts of "
+            f"{unit.name}: up has {out_features} rows, which do not split into {len(rows)} parts of "
             f"{in_features} input features"
         )
     return rows
 
 
-def _check_fusable(unit: Unit, action: str) -> None:
+def _check_fusable(unit: AdapterModule, action: str) -> None:
     if unit.kind.name != "lora" or "mid" in unit.pieces:
         what = unit.kind.label if unit.kind.name != "lora" else "a LoCon module with a Tucker core"
-        raise ConversionError(f"{unit.origin}: cannot {action} {what} across a fused weight's row blocks")
+        raise ConversionError(f"{unit.name}: cannot {action} {what} across a fused weight's row blocks")
 
 
-def split(arch: BaseArchitecture, unit: Unit, load: Load) -> list[Unit]:
+def split(arch: BaseArchitecture, unit: AdapterModule, load: Load) -> list[AdapterModule]:
     """One unit per target, with exactly the update the fused module gives that target's rows.
 
     The first part carries a note saying how the module was split."""
@@ -157,7 +80,7 @@ def split(arch: BaseArchitecture, unit: Unit, load: Load) -> list[Unit]:
     owners = fuse.column_owners(up, rows)
     if owners is not None and not any(owners):
         owners = None  # an all-zero module: keep it whole rather than dropping every part
-    parts: list[Unit] = []
+    parts: list[AdapterModule] = []
     start = 0
     down_piece, up_piece = unit.pieces["down"], unit.pieces["up"]
     for i, (target, n) in enumerate(zip(unit.targets, rows, strict=True)):
@@ -204,27 +127,27 @@ def split(arch: BaseArchitecture, unit: Unit, load: Load) -> list[Unit]:
             )
         )
     how = "block-diagonal up: each part keeps its own columns" if owners is not None else "shared down, rank kept"
-    parts[0].notes.insert(0, f"{unit.origin}: split into {len(parts)} parts ({how})")
+    parts[0].notes.insert(0, f"{unit.name}: split into {len(parts)} parts ({how})")
     return parts
 
 
-def _dropped(unit: Unit, target: str) -> Unit:
+def _dropped(unit: AdapterModule, target: str) -> AdapterModule:
     """A part the fused module leaves untouched: nothing to write, but the report says so."""
-    return replace(unit, targets=(target,), pieces={}, notes=[f"{target}: zero update in {unit.origin}, not written"])
+    return replace(unit, targets=(target,), pieces={}, notes=[f"{target}: zero update in {unit.name}, not written"])
 
 
-def _alpha_at_rank(unit: Unit, rank: int) -> float:
+def _alpha_at_rank(unit: AdapterModule, rank: int) -> float:
     return unit.scale * (math.sqrt(rank) if unit.rslora else rank)
 
 
 # -- fusing parts into the fused module ----------------------------------------------------------------
-def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
+def fuse_group(group: FusedSpec, parts: dict[str, AdapterModule], load: Load) -> AdapterModule:
     """The fused module from whichever of its parts the adapter has; absent parts get zero rows."""
     for unit in parts.values():
         _check_fusable(unit, "fuse")
     present = [parts.get(t) for t in group.parts]
     first = next(u for u in present if u is not None)
-    names = ", ".join(u.origin for u in present if u is not None)
+    names = ", ".join(u.name for u in present if u is not None)
     in_features = first.pieces["down"].shape[1]
     rows = []
     for target, size, unit in zip(group.parts, group.sizes, present, strict=True):
@@ -302,7 +225,8 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
                     [None if p is None else load(p).to(DTYPES[dtype]) for p in rp], rows
                 ),
             )
-    return Unit(
+    return AdapterModule(
+        name=names,
         targets=group.parts,
         component=group.component,
         kind=first.kind,
@@ -311,7 +235,6 @@ def fuse_group(group: FusedSpec, parts: dict[str, Unit], load: Load) -> Unit:
         rslora=rslora,
         alpha_key=alpha_key,
         alpha_dtype=alpha_dtype,
-        origin=names,
         notes=notes,
     )
 

@@ -105,3 +105,78 @@ def test_row_order_is_one_rule() -> None:
     assert reorder_rows(rows, True, False, True)[:, 0].tolist() == [3.0, 4.0, 5.0, 0.0, 1.0, 2.0]
     assert torch.equal(reorder_rows(reorder_rows(rows, True, True, False), True, False, True), rows)
     assert reorder_rows(rows, False, False, True) is rows
+
+
+# Small modules every layer may use: the exception family, progress callbacks, option parsers.
+UTILITIES = {"errors", "progress", "sizes", "strengths"}
+
+
+def _documented_layers() -> list[tuple[set[str], set[str]]]:
+    """(layers, what they may import) per row of docs/architecture.md's layer table, top to bottom."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            names = {n.removesuffix(".py").rstrip("/") for n in re.findall(r"`([^`]+)`", cells[0])}
+            may = re.sub(r"\([^)]*\)", "", cells[-1])  # asides name files, not layers
+            rows.append((names, set(re.findall(r"`([^`]+)`", may))))
+    return rows
+
+
+def _layer_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0].removesuffix(".py")
+
+
+def _imported_layers(path: Path) -> set[str]:
+    """The layers of ours a module imports (imports within its own package excluded)."""
+    inside = len(path.relative_to(PACKAGE).parts) > 1
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.level == 1 and inside:
+                continue
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("loratool."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("loratool."))
+    return found - {"__version__"}
+
+
+def test_imports_follow_the_documented_layer_table() -> None:
+    """Each layer imports only what its row of the table says, and only layers below it: data flows
+    down the list. The table documents the code, so a new import is a change to the docs too."""
+    rows = _documented_layers()
+    position = {name: i for i, (names, _) in enumerate(rows) for name in names}
+    allowed = {name: may for names, may in rows for name in names}
+    for name, may in allowed.items():
+        upward = {m for m in may - UTILITIES if position.get(m, -1) <= position[name]}
+        assert not upward, f"the table lets {name} import {upward}, which are not below it"
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = _layer_of(path)
+        imported = _imported_layers(path) - UTILITIES - {layer}
+        assert layer in allowed, f"{layer} is not in the layer table"
+        if layer == "__init__":
+            imported -= {"api"}
+        stray = imported - allowed[layer]
+        assert not stray, f"{path.relative_to(PACKAGE)} imports {sorted(stray)}, which its row does not list"
+
+
+def test_one_module_record() -> None:
+    """A module read from a file and a module planned for one are the same record: no second class
+    holds a module's kind, targets and alpha (conversion's Unit once copied 13 fields one by one).
+    Reports describe modules in words and numbers; they hold no `Kind`."""
+    records = []
+    for path, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                fields = {
+                    s.target.id: ast.unparse(s.annotation)
+                    for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                }
+                if fields.get("kind") == "Kind" and {"targets", "alpha"} <= fields.keys():
+                    records.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert records == ["adapter.py:AdapterModule"]

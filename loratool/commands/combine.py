@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule, Piece
 from ..errors import ConversionError
 from ..formats import LAYOUTS, read_adapter
 from ..io.destination import check_destination
@@ -32,7 +32,7 @@ from ..output.planning import plan_units, refuse_lossy_input
 from ..output.write import config_json, write_output
 from ..progress import Progress
 from ..strengths import lora_weights
-from ..units import Load, Piece, Unit, common_dtype
+from ..units import Load, common_dtype
 
 COMBINED_KEY = "loratool.combined_from"
 
@@ -56,7 +56,7 @@ class CombineReport:
 
 @dataclass
 class _Part:
-    unit: Unit
+    unit: AdapterModule
     load: Load
     weight: float
     first: bool  # from the first LoRA, whose source the writer copies bytes from
@@ -146,7 +146,7 @@ def _common_arch(adapters: list[Adapter]):
     return adapters[0].arch
 
 
-def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
+def _combined(name: str, parts: list[_Part], rank: int | None) -> AdapterModule:
     head = parts[0]
     if len(parts) == 1 and head.weight == 1.0 and (rank is None or (head.unit.rank or 0) <= rank):
         unit = head.unit
@@ -157,8 +157,8 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
             raise ConversionError(f"{name}: the LoRAs adapt it in different ways (embedding / fan_in_fan_out)")
         if _flat_shape(part.unit) != want:
             raise ConversionError(
-                f"{name}: {part.unit.origin} updates a {list(_flat_shape(part.unit))} weight but "
-                f"{head.unit.origin} a {list(want)} one; are they LoRAs of the same model?"
+                f"{name}: {part.unit.name} updates a {list(_flat_shape(part.unit))} weight but "
+                f"{head.unit.name} a {list(want)} one; are they LoRAs of the same model?"
             )
     total = sum(p.unit.rank or 0 for p in parts)
     out_rank = total if rank is None else min(rank, total)
@@ -208,7 +208,7 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
     }
     if "bias" in roles:
         pieces["bias"] = Piece(up_dtype, (up_shape[0],), None, lambda: take("bias"))
-    sources = " + ".join(f"{p.weight:g} x {p.unit.origin}" for p in parts)
+    sources = " + ".join(f"{p.weight:g} x {p.unit.name}" for p in parts)
     return replace(
         head.unit,
         kind=KINDS["lora"],
@@ -218,12 +218,12 @@ def _combined(name: str, parts: list[_Part], rank: int | None) -> Unit:
         declared_rank=out_rank,
         alpha_key=None,
         alpha_dtype=None,
-        origin=sources,
+        name=sources,
         notes=[],
     )
 
 
-def _detached(unit: Unit, load: Load) -> Unit:
+def _detached(unit: AdapterModule, load: Load) -> AdapterModule:
     """A unit of a later LoRA, read through its own source (the writer copies only from the first)."""
     pieces = {
         role: Piece(p.dtype, p.shape, None, lambda p=p: load(p)) if p.key is not None else p
@@ -241,7 +241,7 @@ def _scaled_factors(part: _Part) -> tuple[torch.Tensor, torch.Tensor]:
     return up * math.copysign(root, c), down * root
 
 
-def _flat_shape(unit: Unit) -> tuple[int, int]:
+def _flat_shape(unit: AdapterModule) -> tuple[int, int]:
     """The update as a matrix: (out, in * kh * kw), whatever the factors' conv or linear form."""
     shape = unit.kind.weight_shape(unit.shapes)
     return shape[0], math.prod(shape[1:])

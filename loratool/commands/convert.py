@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule
 from ..archs import hint_matches
 from ..errors import ConversionError
 from ..formats import LAYOUTS, Layout, read_adapter
@@ -19,7 +19,6 @@ from ..io.destination import check_destination
 from ..output.planning import extra_entries, ignored_notes, plan_units, refuse_lossy_input
 from ..output.write import is_copy, write_output
 from ..progress import Progress
-from ..units import Unit
 
 
 @dataclass
@@ -89,7 +88,7 @@ def convert(
 
 
 def _check_ambiguity(
-    src: str | os.PathLike, adapter: Adapter, layout: Layout, named: dict[str, Unit], allow_pickle: bool
+    src: str | os.PathLike, adapter: Adapter, layout: Layout, named: dict[str, AdapterModule], allow_pickle: bool
 ) -> None:
     """Names that fit several architectures are fine when every reading converts the same way."""
     mine = _signature(layout, adapter, named)
@@ -109,5 +108,5 @@ def _check_ambiguity(
                 )
 
 
-def _signature(layout: Layout, adapter: Adapter, named: dict[str, Unit]) -> list[tuple[str, tuple[int, ...]]]:
+def _signature(layout: Layout, adapter: Adapter, named: dict[str, AdapterModule]) -> list[tuple[str, tuple[int, ...]]]:
     return [(e.key, e.piece.shape) for n, u in named.items() for e in layout.entries(n, u, adapter.arch)]

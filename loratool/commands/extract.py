@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter import AdapterModule
 from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture
 from ..errors import ExtractError
@@ -44,7 +45,6 @@ from ..ops.svd import (
 from ..output.factors import rank_rule, stored_piece
 from ..output.write import write_output
 from ..progress import Progress, Tally
-from ..units import Unit
 
 EXTRACTED_KEY = "loratool.extracted_from"
 DEFAULT_MAX_RANK = 64
@@ -139,7 +139,7 @@ def extract(
         check_destination([base_path, tuned_path], Path(dest), force, directory=layout.is_directory)
         jobs = plan_jobs(arch, base_src, tuned_src, layout, selection)
         _check_components(layout, jobs)
-        units: dict[str, Unit] = {}
+        units: dict[str, AdapterModule] = {}
         results: list[ModuleResult] = []
         skipped: list[ModuleResult] = []
         job_bytes = [located_bytes(job.base, base_src) + located_bytes(job.tuned, tuned_src) for job in jobs]
@@ -241,7 +241,7 @@ def _extract_one(
     clamp: float | None,
     exact: bool,
     seed: int,
-) -> tuple[Unit | None, ModuleResult]:
+) -> tuple[AdapterModule | None, ModuleResult]:
     delta = w_tuned.to(torch.float32, copy=True).sub_(w_base)  # fp32 result, no fp32 copy of the base
     energy = squared_norm(delta)
     if not math.isfinite(energy):
@@ -281,12 +281,12 @@ def _unit(
     rank: int,
     alpha: float | None,
     shape: torch.Size,
-) -> Unit:
+) -> AdapterModule:
     dtype = job.dtype if job.dtype in FACTOR_DTYPES else "BF16"
     if len(shape) >= 3:  # LoCon: the kernel lives in down, up is a 1x1 (or 1x1x1) conv
         up, down = up.reshape(shape[0], rank, *(1,) * (len(shape) - 2)), down.reshape(rank, *shape[1:])
     pieces = {role: stored_piece(job.name, role, t, dtype, ExtractError) for role, t in (("up", up), ("down", down))}
-    return Unit(
+    return AdapterModule(
         targets=job.targets,
         component=job.component,
         kind=KINDS["lora"],
@@ -295,7 +295,7 @@ def _unit(
         embedding=job.type == "embedding",
         transposed=job.type == "embedding" or any(loc.transposed for loc in job.base),
         native_rows=job.native_rows,
-        origin=job.name,
+        name=job.name,
     )
 
 
@@ -313,7 +313,7 @@ def _origin(
     method: str,
     exact: bool,
     alpha: float | None,
-    units: dict[str, Unit],
+    units: dict[str, AdapterModule],
 ) -> _Origin:
     record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
     metadata = {EXTRACTED_KEY: json.dumps(record, sort_keys=True)}

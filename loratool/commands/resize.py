@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule
 from ..errors import ResizeError
 from ..formats import LAYOUTS, Layout, read_adapter
 from ..formats.kohya_record import updated_network_args
@@ -29,7 +29,7 @@ from ..output.factors import rank_rule, stored_piece
 from ..output.planning import extra_entries, ignored_notes, plan_units, refuse_lossy_input
 from ..output.write import config_json, write_output
 from ..progress import Progress, Tally
-from ..units import Load, Unit, unit_of
+from ..units import Load, unit_of
 
 RESIZED_KEY = "loratool.resized_from"
 
@@ -92,7 +92,7 @@ def resize(
         notes += ignored_notes(adapter)
         load = Load(adapter)
         results = []
-        resized: dict[str, Unit] = {}
+        resized: dict[str, AdapterModule] = {}
         unit_bytes = {name: _unit_bytes(unit) for name, unit in named.items()}
         tally = Tally(progress, len(named), sum(unit_bytes.values()), unit="modules")
         for name, unit in named.items():
@@ -109,18 +109,18 @@ def resize(
     return ResizeReport(str(lora), str(dest), layout.name, method, results, written, notes)
 
 
-def _unit_bytes(unit: Unit) -> int:
+def _unit_bytes(unit: AdapterModule) -> int:
     return sum(math.prod(p.shape) * dtype_size(p.dtype) for p in unit.pieces.values())
 
 
 def _resize_unit(
     name: str,
-    unit: Unit,
+    unit: AdapterModule,
     load: Load,
     rank: int | None,
     rule: tuple[str, float] | None,
     device: torch.device,
-) -> tuple[Unit, ResizedModule]:
+) -> tuple[AdapterModule, ResizedModule]:
     tensors = {role: load(p).to(device) for role, p in unit.pieces.items() if role in ("up", "down", "mid")}
     up, down = unit.kind.low_rank(tensors)
     core = core_svd(up, down)
@@ -147,11 +147,11 @@ def _resize_unit(
     return replace(unit, pieces=pieces, alpha=alpha, declared_rank=None, alpha_key=None, alpha_dtype=None), result
 
 
-def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
+def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, AdapterModule], list[str]]:
     """The output units by name. A kohya file of a model we have no table for (Wan, SD3, ...)
     keeps its own names: resizing renames nothing, so it needs no architecture."""
     if adapter.arch is None and layout.name == "kohya" and adapter.format == "kohya":
-        return {name: unit_of(module, adapter) for name, module in adapter.modules.items()}, []
+        return {name: unit_of(module) for name, module in adapter.modules.items()}, []
     if adapter.arch is None:
         raise ResizeError(
             f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); resize keeps names as they are "

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..adapter import Adapter, AdapterModule, Orphan
+from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, detect
 from ..io.source import TensorSource
 from ..kinds import Kind, dora, suffix_table
@@ -104,16 +104,11 @@ def build_modules(
             orphans.extend(Orphan(k, name, why) for k in by_suffix.values())
             continue
         keys = kind.refine(keys, source.load)
-        infos = {role: source.info(k) for role, k in keys.items()}
-        module = AdapterModule(
-            name=name,
-            kind=kind,
-            keys=keys,
-            shapes={role: i.shape for role, i in infos.items()},
-            dtypes={role: i.dtype for role, i in infos.items()},
-            dora_key=mods.get(dora.ROLE),
-            dora_shape=source.info(mods[dora.ROLE]).shape if dora.ROLE in mods else (),
-        )
+        if dora.ROLE in mods:
+            keys[dora.ROLE] = mods[dora.ROLE]
+        pieces = {role: _piece(source, k) for role, k in keys.items()}
+        module = AdapterModule(name=name, kind=kind, pieces=pieces)
+        module.dora_columns = dora.per_column(module.dora_key, module.dora_shape)
         if "alpha" in mods:
             info = source.info(mods["alpha"])
             module.alpha_key, module.alpha_dtype = mods["alpha"], info.dtype
@@ -157,3 +152,8 @@ def place_on_architecture(
         module.targets = targets
         module.component = found.arch.component_of(targets[0])
     return found
+
+
+def _piece(source: TensorSource, key: str) -> Piece:
+    info = source.info(key)
+    return Piece(info.dtype, info.shape, key)

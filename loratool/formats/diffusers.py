@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule
 from ..archs import BaseArchitecture, Targets, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table
-from ..units import Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 from .layout import DIFFUSERS_CONFIG_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
@@ -110,7 +109,9 @@ class DiffusersLayout(PeftKeyed):
     def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
         return arch is not None and not arch.components  # a single model's file keeps PEFT's own keys
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+    def metadata(
+        self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None
+    ) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
         metadata.setdefault("format", "pt")
         if not arch.components:

@@ -18,12 +18,11 @@ from dataclasses import replace
 
 import torch
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
 from ..kinds import dora, suffix_table, without_lone_generics
-from ..units import Piece, Unit
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 from .layout import (
     HF_MODULES_KEY,
@@ -137,7 +136,7 @@ class KohyaLayout(Layout):
         component = arch.component_of(targets[0])
         return component is not None and arch.components[component].kohya[0].paths == "native"
 
-    def why_not(self, unit: Unit) -> str | None:
+    def why_not(self, unit: AdapterModule) -> str | None:
         if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
         if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:
@@ -146,7 +145,7 @@ class KohyaLayout(Layout):
             return dora.why_not("kohya", unit.kind, unit.dora_columns, unit.embedding)
         return None
 
-    def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
+    def prepare(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
         """Two whole LoKr factors: PEFT scales them by alpha / r, LyCORIS applies them at scale 1,
         so the scale moves into w1 (the same product, rounded once in w1's dtype)."""
         if unit.kind.rank(unit.shapes) is not None or unit.scale == 1.0 or "w1" not in unit.pieces:
@@ -154,7 +153,7 @@ class KohyaLayout(Layout):
         w1, scale = unit.pieces["w1"], unit.scale
         dtype = DTYPES[w1.dtype]
         scaled = Piece.made(w1, w1.shape, lambda: (load(w1).double() * scale).to(dtype))
-        note = f"{unit.origin}: scale {scale:g} of its two whole LoKr factors moved into lokr_w1 (LyCORIS applies 1)"
+        note = f"{unit.name}: scale {scale:g} of its two whole LoKr factors moved into lokr_w1 (LyCORIS applies 1)"
         return replace(
             unit,
             pieces={**unit.pieces, "w1": scaled},
@@ -164,7 +163,7 @@ class KohyaLayout(Layout):
             notes=[*unit.notes, note],
         )
 
-    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
+    def entries(self, name: str, unit: AdapterModule, arch: BaseArchitecture | None) -> list[Entry]:
         factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
         if unit.kind.rank(unit.shapes) is not None:
@@ -179,7 +178,9 @@ class KohyaLayout(Layout):
             out.append(Entry(f"{name}.{dora.NAMES['kohya']}", magnitude))
         return out
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+    def metadata(
+        self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None
+    ) -> dict[str, str]:
         metadata = carried_metadata(adapter.metadata, units)
         if arch is not None and not arch.lists_modules:  # kohya names do not spell paths out: record them
             modules = {}

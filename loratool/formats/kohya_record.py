@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
+from ..adapter import AdapterModule
 from ..kinds.base import has_kernel
-from ..units import Unit
 
 
-def network_dim_alpha(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:
+def network_dim_alpha(metadata: dict[str, str], units: dict[str, AdapterModule]) -> dict[str, str]:
     """`ss_network_dim` and `ss_network_alpha`, where present, recomputed from the modules as written."""
     out = dict(metadata)
     if "ss_network_dim" in out:
@@ -20,7 +20,7 @@ def network_dim_alpha(metadata: dict[str, str], units: dict[str, Unit]) -> dict[
     return out
 
 
-def locon_record(units: dict[str, Unit]) -> dict[str, str] | None:
+def locon_record(units: dict[str, AdapterModule]) -> dict[str, str] | None:
     """`conv_dim` and `conv_alpha` when one rank and one alpha hold for every kxk conv, else None."""
     convs = [u for u in units.values() if has_kernel(u.pieces["down"].shape)]
     ranks, alphas = {u.rank for u in convs}, {u.alpha_for(False) for u in convs}
@@ -29,7 +29,7 @@ def locon_record(units: dict[str, Unit]) -> dict[str, str] | None:
     return None
 
 
-def updated_network_args(metadata: dict[str, str], units: dict[str, Unit]) -> None:
+def updated_network_args(metadata: dict[str, str], units: dict[str, AdapterModule]) -> None:
     """After a cut, the LoCon record follows the new ranks, or is dropped when no one rank holds."""
     try:
         args = json.loads(metadata.get("ss_network_args", ""))

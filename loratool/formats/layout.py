@@ -16,10 +16,10 @@ from typing import Protocol
 
 import torch
 
+from ..adapter import AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets
 from ..io.safetensors_file import DTYPES
 from ..kinds import Kind
-from ..units import Piece, Unit
 from .kohya_record import network_dim_alpha
 
 # Header keys layouts write for themselves; a conversion never carries another layout's over.
@@ -67,30 +67,32 @@ class Layout(ABC):
         return False
 
     @abstractmethod
-    def why_not(self, unit: Unit) -> str | None:
+    def why_not(self, unit: AdapterModule) -> str | None:
         """Why this layout cannot hold `unit` (None when it can)."""
 
     @abstractmethod
-    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
+    def entries(self, name: str, unit: AdapterModule, arch: BaseArchitecture | None) -> list[Entry]:
         """The unit's tensors under their keys in this layout."""
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+    def metadata(
+        self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None
+    ) -> dict[str, str]:
         return carried_metadata(adapter.metadata, units)
 
     def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
         """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
         return False
 
-    def prepare(self, unit: Unit, load: Callable[[Piece], torch.Tensor]) -> Unit:
+    def prepare(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
         """The unit as this layout stores it, when its rules need the numbers moved (same update)."""
         return unit
 
-    def check_together(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> None:
+    def check_together(self, units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> None:
         """Refuse (ConversionError naming a module) what the units cannot be as one output."""
         return None
 
 
-def carried_metadata(metadata: dict[str, str], units: dict[str, Unit]) -> dict[str, str]:
+def carried_metadata(metadata: dict[str, str], units: dict[str, AdapterModule]) -> dict[str, str]:
     """The source's own metadata (training record, modelspec), without keys a layout owns, and
     kohya's network dim/alpha fields, when present, recomputed from the modules as written."""
     return network_dim_alpha({k: v for k, v in metadata.items() if k not in OWNED_METADATA}, units)
@@ -113,7 +115,7 @@ def exact_in(value: float, dtype: str) -> bool:
     return float(torch.tensor(value, dtype=torch.float64).to(DTYPES[dtype]).double()) == value
 
 
-def alpha_piece(unit: Unit, alpha: float) -> Piece:
+def alpha_piece(unit: AdapterModule, alpha: float) -> Piece:
     """The alpha tensor: the source's own bytes when unchanged, else in the factors' dtype when
     that holds the value exactly, else in F32 (a bf16 0.1 would read back as 0.10009765625)."""
     if unit.alpha_key is not None and not unit.rslora and unit.alpha == alpha:

@@ -10,12 +10,11 @@ pipeline component it adapts.
 
 from __future__ import annotations
 
-from ..adapter import Adapter
+from ..adapter import Adapter, AdapterModule
 from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
-from ..units import Unit
 from .base import (
     MODIFIERS,
     Claim,
@@ -167,18 +166,18 @@ class PeftLayout(PeftKeyed):
     is_directory = True
     kinds = ("lora", "loha", "lokr")
 
-    def check_together(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> None:
+    def check_together(self, units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> None:
         kinds = {u.kind.name: u for u in units.values()}
         if len(kinds) > 1:
             first, second = list(kinds.values())[:2]
             raise ConversionError(
-                f"{second.origin}: {second.kind.label}, while {first.origin} is {first.kind.label}; a PEFT "
+                f"{second.name}: {second.kind.label}, while {first.name} is {first.kind.label}; a PEFT "
                 "adapter holds one adapter type (use --to kohya for a mixed file)"
             )
         if units and next(iter(units.values())).kind.name != "lora":
             self._lycoris_fields(units, arch)
 
-    def _lycoris_fields(self, units: dict[str, Unit], arch: BaseArchitecture | None) -> dict:
+    def _lycoris_fields(self, units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> dict:
         levels = self._levels(units, arch)
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
         specs = {path: arch.spec(u.targets[0]) for path, u in pairs} if arch is not None else {}
@@ -194,7 +193,7 @@ class PeftLayout(PeftKeyed):
         return fields
 
     @staticmethod
-    def _levels(units: dict[str, Unit], arch: BaseArchitecture | None) -> tuple[str, ...]:
+    def _levels(units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> tuple[str, ...]:
         return arch.optional_levels(next(iter(units.values())).component) if arch is not None else ()
 
     def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
@@ -203,13 +202,15 @@ class PeftLayout(PeftKeyed):
     def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
         return WRAPPER + arch.module_path(targets[0]) if len(targets) == 1 else None
 
-    def metadata(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict[str, str]:
+    def metadata(
+        self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None
+    ) -> dict[str, str]:
         metadata = {**carried_metadata(adapter.metadata, units), "format": "pt"}  # what PEFT writes
         if arch is not None and arch.components:  # which of the model's components the adapter wraps
             metadata[COMPONENT_KEY] = next(iter(units.values())).component
         return metadata
 
-    def config(self, units: dict[str, Unit], adapter: Origin, arch: BaseArchitecture | None) -> dict:
+    def config(self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None) -> dict:
         levels = self._levels(units, arch)
         pairs = [(name[len(WRAPPER) :], u) for name, u in units.items()]
         # A PEFT source's own config (or the one an LLM kohya file carries); a diffusers file's

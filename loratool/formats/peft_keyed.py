@@ -8,9 +8,9 @@ from collections import Counter
 
 import numpy
 
+from ..adapter import AdapterModule, Piece
 from ..archs import BaseArchitecture
 from ..kinds import KINDS, dora
-from ..units import Piece, Unit
 from .layout import MATH_FIELDS, Entry, Layout, factor_pieces, reshaped
 
 
@@ -20,7 +20,7 @@ class PeftKeyed(Layout):
     scheme = "peft"
     kinds: tuple[str, ...] = ("lora",)  # adapter kinds this layout has tensor names for
 
-    def why_not(self, unit: Unit) -> str | None:
+    def why_not(self, unit: AdapterModule) -> str | None:
         if unit.kind.name not in self.kinds:
             held = ", ".join(KINDS[k].label for k in self.kinds)
             return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only (use --to kohya)"
@@ -30,7 +30,7 @@ class PeftKeyed(Layout):
             return dora.why_not("peft", unit.kind, unit.dora_columns, unit.embedding)
         return None
 
-    def entries(self, name: str, unit: Unit, arch: BaseArchitecture | None) -> list[Entry]:
+    def entries(self, name: str, unit: AdapterModule, arch: BaseArchitecture | None) -> list[Entry]:
         if unit.kind.name != "lora":  # PEFT's LoHa/LoKr tensors have LyCORIS's names and shapes
             return [Entry(f"{name}.{s}", p) for s, p in factor_pieces(unit.kind, unit.pieces, "peft", False).items()]
         pieces = {**unit.pieces, **_fit_to_module(unit, arch)}
@@ -45,7 +45,7 @@ class PeftKeyed(Layout):
         return out
 
 
-def _fit_to_module(unit: Unit, arch: BaseArchitecture | None) -> dict[str, Piece]:
+def _fit_to_module(unit: AdapterModule, arch: BaseArchitecture | None) -> dict[str, Piece]:
     """PEFT builds layers from the model: a Linear takes 2-D factors, a Conv2d 4-D ones. Some SD2
     LoRAs carry 1x1-conv factors for linear projections; the bytes are the same, only the shape moves."""
     spec = arch.spec(unit.targets[0]) if arch is not None and len(unit.targets) == 1 else None
@@ -77,7 +77,7 @@ def short_path(path: str, optional_levels: tuple[str, ...] = ()) -> str:
     return path
 
 
-def config_alpha(value: float, unit: Unit) -> int | float:
+def config_alpha(value: float, unit: AdapterModule) -> int | float:
     """An alpha as a config number: integers as such; the alpha of an F32 tensor, unchanged, as its
     shortest float32 decimal (0.1 rather than 0.10000000149011612: what the trainer wrote); any
     other value (a config's own number, a computed one) exactly, so its scale does not move."""
@@ -103,7 +103,7 @@ def rank_alpha_fields(
     }
 
 
-def lora_config(units: list[tuple[str, Unit]], levels: tuple[str, ...], base: dict | None) -> dict:
+def lora_config(units: list[tuple[str, AdapterModule]], levels: tuple[str, ...], base: dict | None) -> dict:
     """A LoraConfig dict under which PEFT rebuilds every unit with its own rank and scale.
 
     `units` pairs each unit with its module path inside the model PEFT wraps.

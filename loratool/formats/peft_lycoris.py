@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..adapter import AdapterModule
 from ..errors import ConversionError
-from ..units import Unit
 
 PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR"}
 # Fields these configs compute; anything else a source PEFT config had is kept.
@@ -44,14 +44,14 @@ class _Kron:
     """One LoKr module's structure as stored."""
 
     path: str
-    origin: str
+    name: str  # the module's, for messages
     out_split: tuple[int, int]  # (w1 rows, w2 rows)
     in_split: tuple[int, int]  # (w1 cols, w2 input channels)
     w1_rank: int | None  # None: w1 stored whole
     w2_rank: int | None
 
 
-def _kron(path: str, unit: Unit, kernel: tuple[int, ...]) -> _Kron:
+def _kron(path: str, unit: AdapterModule, kernel: tuple[int, ...]) -> _Kron:
     """`kernel`: the layer's, for a conv whose factored w2 folds it into w2_b's columns."""
     s = unit.shapes
     w1 = s["w1"] if "w1" in s else (s["w1a"][0], s["w1b"][1])
@@ -65,7 +65,7 @@ def _kron(path: str, unit: Unit, kernel: tuple[int, ...]) -> _Kron:
             w2_in //= math.prod(kernel)
     return _Kron(
         path,
-        unit.origin,
+        unit.name,
         (w1[0], w2_out),
         (w1[1], w2_in),
         None if "w1" in s else s["w1b"][0],
@@ -90,7 +90,7 @@ def _kron_rank(module: _Kron, decompose_both: bool) -> int | None:
     return r
 
 
-def _effective_conv(units: list[tuple[str, Unit]], core: str) -> bool:
+def _effective_conv(units: list[tuple[str, AdapterModule]], core: str) -> bool:
     """`use_effective_conv2d`: on when any module keeps a Tucker core; then every conv with a
     kernel must have one (PEFT never builds a core for 1x1 convs)."""
     with_core = [(p, u) for p, u in units if core in u.pieces]
@@ -101,14 +101,14 @@ def _effective_conv(units: list[tuple[str, Unit]], core: str) -> bool:
         whole_w2 = "w2" in unit.pieces  # a whole LoKr w2 never gets a core
         if core not in unit.pieces and not whole_w2 and len(weight) > 2 and any(k > 1 for k in weight[2:]):
             raise ConversionError(
-                f"{unit.origin}: a conv without a Tucker core, while {with_core[0][1].origin} has one; "
+                f"{unit.name}: a conv without a Tucker core, while {with_core[0][1].name} has one; "
                 "PEFT builds cores for all convs of an adapter or for none"
             )
     return True
 
 
 def _lokr_settings(
-    units: list[tuple[str, Unit]], kernels: dict[str, tuple[int, ...]]
+    units: list[tuple[str, AdapterModule]], kernels: dict[str, tuple[int, ...]]
 ) -> tuple[int, bool, dict[str, int]]:
     """(decompose_factor, decompose_both, r per path) that rebuild every LoKr module."""
     modules = [_kron(path, unit, kernels.get(path, ())) for path, unit in units]
@@ -136,10 +136,10 @@ def _lokr_settings(
             for f in factors
         ):
             raise ConversionError(
-                f"{m.origin}: its Kronecker split {m.out_split[0]}x{m.out_split[1]} (out) by "
+                f"{m.name}: its Kronecker split {m.out_split[0]}x{m.out_split[1]} (out) by "
                 f"{m.in_split[0]}x{m.in_split[1]} (in) is not one PEFT's decompose_factor produces"
             )
-    raise ConversionError(f"{modules[0].origin}: no decompose_factor makes PEFT split every LoKr module as stored")
+    raise ConversionError(f"{modules[0].name}: no decompose_factor makes PEFT split every LoKr module as stored")
 
 
 def _conflict(modules: list[_Kron]) -> str:
@@ -149,14 +149,14 @@ def _conflict(modules: list[_Kron]) -> str:
     neither = [m for m in off if m in on]
     if neither:
         return (
-            f"{neither[0].origin}: its factors are factored where PEFT keeps them whole at its rank, or the "
+            f"{neither[0].name}: its factors are factored where PEFT keeps them whole at its rank, or the "
             "reverse, under any decompose_both"
         )
-    return f"{off[0].origin} needs decompose_both on and {on[0].origin} needs it off; PEFT has one setting per adapter"
+    return f"{off[0].name} needs decompose_both on and {on[0].name} needs it off; PEFT has one setting per adapter"
 
 
 def lycoris_structure(
-    kind: str, units: list[tuple[str, Unit]], kernels: dict[str, tuple[int, ...]]
+    kind: str, units: list[tuple[str, AdapterModule]], kernels: dict[str, tuple[int, ...]]
 ) -> tuple[dict, dict[str, int]]:
     """The LoHaConfig/LoKrConfig structure switches under which PEFT rebuilds each unit with its
     own shapes, and the `r` each unit needs (`kernels`: each conv's kernel size). Raises
@@ -169,5 +169,5 @@ def lycoris_structure(
         return fields, ranks
     for _, unit in units:
         if unit.shapes["w1b"][0] != unit.shapes["w2b"][0]:
-            raise ConversionError(f"{unit.origin}: its two Hadamard factors have different ranks; PEFT uses one")
+            raise ConversionError(f"{unit.name}: its two Hadamard factors have different ranks; PEFT uses one")
     return fields, {path: unit.rank for path, unit in units}

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..adapter import Adapter, refuse_unusable
+from ..adapter import Adapter, AdapterModule, Piece, refuse_unusable
 from ..archs import BaseArchitecture
 from ..errors import ConversionError
 from ..formats import Detection, Entry, Layout
 from ..ops.fuse import halves_differ, swap_halves
-from ..units import ROW_ROLES, Load, Piece, Unit, fuse_group, split, unit_of
+from ..units import ROW_ROLES, Load, fuse_group, split, unit_of
 
 
 def ignored_notes(adapter: Adapter) -> list[str]:
@@ -22,7 +22,7 @@ def ignored_notes(adapter: Adapter) -> list[str]:
     return [f"{o.key}: {o.reason}, not written" for o in adapter.orphans]
 
 
-def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[str]]:
+def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, AdapterModule], list[str]]:
     """Output units by name, and notes on every split, fuse and dropped zero part."""
     arch = adapter.arch
     if arch is None:
@@ -34,13 +34,13 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[
     for module in adapter.modules.values():
         if not module.targets:
             raise ConversionError(f"{module.name}: not a module of {arch.name} ({arch.title}); cannot name it")
-        units.append(unit_of(module, adapter))
+        units.append(unit_of(module))
     notes: list[str] = []
     load = Load(adapter)
     for unit in units:
         why = layout.why_not(unit)
         if why:
-            raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
+            raise ConversionError(f"{unit.name}: cannot write as {layout.name}: {why}")
     components = sorted({u.component for u in units if u.component is not None})
     if layout.single_component and len(components) > 1:
         other = "diffusers" if all(u.kind.name == "lora" for u in units) else "kohya"
@@ -49,14 +49,14 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[
             f"{', '.join(components)}; use --to {other} for a multi-model file"
         )
     units = _regroup(arch, units, layout, load, notes)
-    named: dict[str, Unit] = {}
+    named: dict[str, AdapterModule] = {}
     for unit in units:
         name = layout.unit_name(arch, unit.targets)
         if name in named:
-            raise ConversionError(f"{named[name].origin} and {unit.origin} both update {name}; merge them first")
+            raise ConversionError(f"{named[name].name} and {unit.name} both update {name}; merge them first")
         why = layout.why_not(unit)
         if why:
-            raise ConversionError(f"{unit.origin}: cannot write as {layout.name}: {why}")
+            raise ConversionError(f"{unit.name}: cannot write as {layout.name}: {why}")
         unit = layout.prepare(unit, load)
         named[name] = _row_order(arch, layout, unit, load)
         notes.extend(unit.notes)
@@ -64,10 +64,12 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, Unit], list[
     return named, notes
 
 
-def _regroup(arch: BaseArchitecture, units: list[Unit], layout: Layout, load: Load, notes: list[str]) -> list[Unit]:
+def _regroup(
+    arch: BaseArchitecture, units: list[AdapterModule], layout: Layout, load: Load, notes: list[str]
+) -> list[AdapterModule]:
     """Split fused modules the layout names part by part; fuse parts it names only as a whole."""
-    final: list[Unit] = []
-    pending: dict[str, dict[str, Unit]] = {}
+    final: list[AdapterModule] = []
+    pending: dict[str, dict[str, AdapterModule]] = {}
     for unit in units:
         if layout.unit_name(arch, unit.targets) is not None:
             final.append(unit)
@@ -83,16 +85,16 @@ def _regroup(arch: BaseArchitecture, units: list[Unit], layout: Layout, load: Lo
             target = part.targets[0]
             group = arch.fused_group_of(target)
             if group is None or layout.unit_name(arch, group.parts) is None:
-                raise ConversionError(f"{unit.origin}: {layout.name} has no name for {target}")
+                raise ConversionError(f"{unit.name}: {layout.name} has no name for {target}")
             slot = pending.setdefault(group.name, {})
             if target in slot:
-                raise ConversionError(f"{slot[target].origin} and {part.origin} both update {target}; merge them first")
+                raise ConversionError(f"{slot[target].name} and {part.name} both update {target}; merge them first")
             slot[target] = part
     final.extend(fuse_group(arch.fused[name], parts, load) for name, parts in pending.items())
     return final
 
 
-def _row_order(arch: BaseArchitecture, layout: Layout, unit: Unit, load: Load) -> Unit:
+def _row_order(arch: BaseArchitecture, layout: Layout, unit: AdapterModule, load: Load) -> AdapterModule:
     """Flux's final modulation rows are (shift, scale) in BFL files and (scale, shift) in diffusers."""
     native = layout.native_rows(arch, unit.targets)
     swaps = len(unit.targets) == 1 and arch.swaps_rows(unit.targets[0])
@@ -103,7 +105,7 @@ def _row_order(arch: BaseArchitecture, layout: Layout, unit: Unit, load: Load) -
         piece = pieces.get(role)
         if piece is not None:
             pieces[role] = Piece(piece.dtype, piece.shape, None, lambda p=piece: swap_halves(load(p)))
-    return replace(unit, pieces=pieces, native_rows=native, notes=[*unit.notes, f"{unit.origin}: row halves swapped"])
+    return replace(unit, pieces=pieces, native_rows=native, notes=[*unit.notes, f"{unit.name}: row halves swapped"])
 
 
 def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:

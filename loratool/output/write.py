@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..adapter import Adapter, refuse_non_finite
+from ..adapter import Adapter, AdapterModule, Piece, refuse_non_finite
 from ..archs import BaseArchitecture
 from ..formats import Entry, Layout, Origin
 from ..io.atomic import atomic_directory, atomic_write_text
@@ -22,7 +22,7 @@ from ..io.writer import (
     encode_header,
 )
 from ..progress import Progress, Tally
-from ..units import Load, Piece, Unit
+from ..units import Load
 
 
 def config_json(data: dict) -> str:
@@ -40,7 +40,7 @@ def write_output(
     adapter: Adapter | None,
     entries: list[Entry],
     metadata: dict[str, str],
-    units: dict[str, Unit],
+    units: dict[str, AdapterModule],
     origin: Origin,
     arch: BaseArchitecture | None,
     progress: Progress | None,
