@@ -1,5 +1,9 @@
 """diffusers' PEFT-style LoRA files: `<component>.<module path>.lora_A.weight` / `.lora_B.weight`.
 
+diffusers' own SD training scripts also save one component's modules with no prefix at all
+(`down_blocks.0.attentions.0...to_k.lora_A.weight`, which `unet.load_lora_adapter(prefix=None)`
+loads); such a key is read as the one component whose module paths contain it.
+
 Alphas travel in the header key `lora_adapter_metadata` (a LoraConfig dict, its keys prefixed with
 the component when a pipeline saved several). Without it, `<module>.alpha` tensors are used if the
 file has them (as diffusers does), else alpha = rank.
@@ -11,6 +15,7 @@ file has them (as diffusers does), else alpha = rank.
 from __future__ import annotations
 
 import json
+from functools import cache
 
 from ..adapter import Adapter, AdapterModule
 from ..archs import BaseArchitecture, Targets, architectures
@@ -26,6 +31,18 @@ EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 def diffusers_components() -> set[str]:
     return {c for arch in architectures().values() for c in arch.components}
+
+
+@cache
+def unprefixed_paths() -> dict[str, str]:
+    """Module path -> the component it belongs to, for paths only one component of any table has
+    (a UNet's `down_blocks...` and a text encoder's `text_model...` never meet)."""
+    owners: dict[str, set[str]] = {}
+    for arch in architectures().values():
+        for name in arch.index("diffusers"):
+            component, _, path = name.partition(".")
+            owners.setdefault(path, set()).add(component)
+    return {path: next(iter(c)) for path, c in owners.items() if len(c) == 1}
 
 
 def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
@@ -57,12 +74,12 @@ class DiffusersCodec(Codec):
     def claim(self, source: TensorSource) -> Claim:
         suffixes = suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
         components = diffusers_components()
+        bare = unprefixed_paths()
         claim = Claim(self)
         for key in source:
-            if key.partition(".")[0] in components:
-                split = split_dotted(key, suffixes)
-                if split is not None:
-                    claim.keys[key] = split
+            split = split_dotted(key, suffixes)
+            if split is not None and (key.partition(".")[0] in components or split[0] in bare):
+                claim.keys[key] = split
         return claim
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
@@ -70,8 +87,13 @@ class DiffusersCodec(Codec):
         modules, orphans = build_modules(source, claim.keys, ("peft",))
         configs = component_configs(metadata)
         embeddings = {module for module, suffix in claim.keys.values() if suffix in EMBEDDING_SUFFIXES}
+        components, bare = diffusers_components(), unprefixed_paths()
+        prefixed = {
+            name: name if name.partition(".")[0] in components or name not in bare else f"{bare[name]}.{name}"
+            for name in modules
+        }
         for name, module in modules.items():
-            component, _, path = name.partition(".")
+            component, _, path = prefixed[name].partition(".")
             config = (configs or {}).get(component, (configs or {}).get(""))
             if config is not None:
                 module.alpha = float(pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
@@ -79,13 +101,18 @@ class DiffusersCodec(Codec):
                 module.rslora = bool(config.get("use_rslora", False))
                 module.declared_rank = int(pattern_value(config.get("rank_pattern"), path, config.get("r", 8)))
             module.transposed = module.embedding = name in embeddings
-        found = place_on_architecture(modules, "diffusers", metadata, only=arch)
+        found = place_on_architecture(modules, "diffusers", metadata, prefixed.__getitem__, only=arch)
         stored_alphas = any(m.alpha_source == "tensor" for m in modules.values())
         return Adapter(
             source=source,
             format="diffusers",
             native_layout="diffusers",
-            variant="lora_adapter_metadata" if configs else (".alpha tensors" if stored_alphas else "no alphas"),
+            variant=", ".join(
+                [
+                    "lora_adapter_metadata" if configs else (".alpha tensors" if stored_alphas else "no alphas"),
+                    *(["no component prefix"] if any(prefixed[n] != n for n in modules) else []),
+                ]
+            ),
             arch=found.arch,
             arch_reason=found.reason,
             arch_tied=found.tied,

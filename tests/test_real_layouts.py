@@ -1,0 +1,116 @@
+"""Adapter files as real trainers write them (issue 19), read, converted and merged right.
+
+Each layout is built twice: from the header of a real file (`fixtures/headers/`, real keys, shapes
+and metadata, seeded values), which loratool must read and report as what it is; and on a tiny model
+by the library that writes the layout, so the library itself can say what the file means.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from from_headers import build, header
+from safetensors.torch import load_file, save_file
+from tiny_models import sd15_unet
+
+import loratool
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def lora_weights_only(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own weights under their plain names, once a LoRA is fused into them."""
+    return {
+        k.replace(".base_layer.", "."): v.detach().clone() for k, v in model.state_dict().items() if ".lora_" not in k
+    }
+
+
+def unet_folder(tmp: Path) -> Path:
+    """A diffusers folder with the tiny UNet's weights, the base both loratool and diffusers change."""
+    base = tmp / "base"
+    sd15_unet().save_pretrained(base / "unet")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (base / "model_index.json").write_text(json.dumps(index))
+    return base
+
+
+# -- diffusers files with PEFT names and no component prefix ---------------------------------------------
+NO_PREFIX = "diffusers-peft-names-no-prefix"
+
+
+@pytest.fixture(scope="module")
+def no_prefix_tiny(tmp_path_factory) -> tuple[Path, dict]:
+    """What diffusers' SD LoRA training script saves, on the tiny UNet: `get_peft_model_state_dict`
+    of the UNet (no `unet.` prefix), its LoraConfig in `lora_adapter_metadata`."""
+    tmp = tmp_path_factory.mktemp("no_prefix")
+    unet = sd15_unet()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_k", "to_q", "to_v"], init_lora_weights=False)
+    unet.add_adapter(config)
+    state_dict = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    as_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    path = tmp / "pytorch_lora_weights.safetensors"
+    save_file(state_dict, str(path), {"format": "pt", "lora_adapter_metadata": json.dumps(as_dict, sort_keys=True)})
+    return path, as_dict
+
+
+def test_real_no_prefix_file_is_read_as_the_unet_with_its_alphas(tmp_path):
+    path = build(NO_PREFIX, tmp_path / "lora.safetensors")
+    report = loratool.inspect(path)
+    assert (report.format, report.architecture) == ("diffusers", "sd1")
+    assert "no component prefix" in report.variant
+    modules = report.modules
+    assert len(modules) == len(header(NO_PREFIX)["tensors"]) // 2 == 96
+    assert {(m.component, m.rank, m.alpha, m.scale) for m in modules} == {("unet", 4, 16.0, 4.0)}
+    assert not [f for f in report.findings if f.severity != "info"]
+    for to in ("kohya", "diffusers", "peft"):
+        out = tmp_path / f"out.{to}"
+        loratool.convert(path, to, out)
+        back = loratool.inspect(out)
+        assert {(m.rank, m.scale) for m in back.modules} == {(4, 4.0)} and len(back.modules) == 96
+
+
+def test_no_prefix_merge_equals_diffusers_loading_it_without_prefix(no_prefix_tiny, tmp_path):
+    path, config = no_prefix_tiny
+    reference = sd15_unet()
+    reference.load_lora_adapter(load_file(str(path)), prefix=None, metadata=config)
+    reference.fuse_lora()
+    want = lora_weights_only(reference)
+
+    out = tmp_path / "merged"
+    report = loratool.merge(unet_folder(tmp_path), [path], out, device="cpu")
+    assert report.loras[0].unmatched == []
+    got = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    before = sd15_unet().state_dict()
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+    changed = {k.rsplit(".", 2)[-2] for k in got if not torch.equal(got[k], before[k])}
+    assert changed == {"to_q", "to_k", "to_v"}
+
+
+def test_no_prefix_converted_to_diffusers_loads_through_the_pipeline_loader(no_prefix_tiny, tmp_path):
+    """Our `--to diffusers` output carries the `unet.` prefix the pipeline loader filters on, and the
+    same factors and alphas."""
+    path, config = no_prefix_tiny
+    dest = tmp_path / "diffusers.safetensors"
+    loratool.convert(path, "diffusers", dest)
+    state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(str(dest), return_lora_metadata=True)
+    assert alphas is None
+    unet = sd15_unet()
+    unet.load_lora_adapter(state_dict, prefix="unet", metadata=metadata, adapter_name="default")
+    loaded = get_peft_model_state_dict(unet)
+    original = load_file(str(path))
+    assert loaded.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(loaded[key], value), key
+    assert (unet.peft_config["default"].r, unet.peft_config["default"].lora_alpha) == (4, config["lora_alpha"])
