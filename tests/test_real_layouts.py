@@ -114,3 +114,34 @@ def test_no_prefix_converted_to_diffusers_loads_through_the_pipeline_loader(no_p
     for key, value in original.items():
         assert torch.equal(loaded[key], value), key
     assert (unet.peft_config["default"].r, unet.peft_config["default"].lora_alpha) == (4, config["lora_alpha"])
+
+
+# -- SD1 and SD2 share every module name; the factors tell them apart -----------------------------------
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_legacy_sd15_fixture_converts_without_asking_for_the_architecture(tmp_path):
+    """Its 1x1-conv `proj_in` factors are 4-D: SD2's `proj_in` is a Linear, so only SD1 fits."""
+    src = FIXTURES / "diffusers_legacy_sd15.safetensors"
+    report = loratool.inspect(src)
+    assert report.architecture == "sd1" and "layer types match" in report.architecture_reason
+    out = loratool.convert(src, "diffusers", tmp_path / "out.safetensors")
+    assert out.architecture == "sd1" and out.modules_out == 35
+
+
+@pytest.mark.parametrize(
+    ("proj_in_shape", "expected", "tied"),
+    [
+        ((32, 32, 1, 1), "sd1", []),  # a kohya/PEFT LoRA of a 1x1 conv: only SD1 has one
+        ((32, 32), "sd1", ["sd1", "sd2"]),  # LyCORIS flattens 1x1 convs: either could be meant
+    ],
+)
+def test_layer_types_break_an_sd1_sd2_tie(proj_in_shape, expected, tied):
+    from loratool.archs import detect
+
+    block = "unet.down_blocks.0.attentions.0"
+    names = [f"{block}.proj_in", f"{block}.transformer_blocks.0.attn1.to_q"]
+    shapes = {names[0]: proj_in_shape, names[1]: (32, 32)}  # narrow: full-size shapes say nothing
+    found = detect(names, "diffusers", {}, shapes.get)
+    assert found.arch.name == expected
+    assert found.tied == tied

@@ -61,6 +61,32 @@ def hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
     return False
 
 
+def _same_type(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
+    """Whether factors can belong to the table's kind of layer: a Linear, or a conv with the same
+    kernel. 4-D factors of a 1x1 conv rule out a Linear (SD1's `proj_in` is a Linear in SD2); 2-D
+    ones rule out nothing, since LyCORIS flattens 1x1 convs."""
+    if implied is None:
+        return False
+    if len(implied) == 2 and all(k == 1 for k in full[2:]):
+        return True
+    return len(implied) == len(full) and implied[2:] == full[2:]
+
+
+def _best_fit(
+    tied: list[tuple[Architecture, dict[str, Targets]]], implied_shape: Callable[[str], tuple[int, ...] | None]
+) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
+    """Break a tie of names with the factors: first the kind of layer each module is, then the
+    full-size shapes; what still ties is reported as ambiguous."""
+    for fits, why in ((_same_type, ", layer types match"), (lambda i, f: i == f, ", full-size shapes match")):
+        scores = [
+            (sum(1 for n, t in r.items() if fits(implied_shape(n), a.modules[t[0]].shape)), a, r) for a, r in tied
+        ]
+        best = max(s for s, _, _ in scores)
+        if sum(1 for s, _, _ in scores if s == best) == 1:
+            return [next((a, r) for s, a, r in scores if s == best)], why
+    return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
+
+
 def detect(
     names: list[str],
     scheme: str,
@@ -99,13 +125,7 @@ def detect(
         if len(by_hint) == 1:
             tied, reason = by_hint, reason + ", metadata names it"
         else:
-            shape_scores = [
-                (sum(1 for n, t in r.items() if implied_shape(n) == a.modules[t[0]].shape), a, r) for a, r in tied
-            ]
-            shape_scores.sort(key=lambda s: -s[0])
-            if shape_scores[0][0] > shape_scores[1][0]:
-                tied, reason = [(shape_scores[0][1], shape_scores[0][2])], reason + ", full-size shapes match"
-            else:
-                reason += f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
+            tied, why = _best_fit(tied, implied_shape)
+            reason += why
     arch, resolved = tied[0]
     return ArchDetection(arch, resolved, scores, reason, [a.name for a, _ in tied] if len(tied) > 1 else [])
