@@ -55,6 +55,7 @@ SD1_MODULES: dict[str, tuple[int, int, tuple[int, ...]]] = {
     TE: (48, 48, ()),
     CONV: (32, 32, (3, 3)),
 }
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SD1_META = {
     "ss_network_module": "networks.lora",
     "ss_network_dim": "4",
@@ -168,6 +169,7 @@ def test_codes_and_default_severities() -> None:
         "dtype-mixed": "warning",
         "metadata-mismatch": "warning",
         "hash-mismatch": "warning",
+        "hash-placeholder": "info",
         "unknown-architecture": "info",
     }
 
@@ -627,6 +629,51 @@ def test_hash_mismatch_data_changed_after_hashing(tmp_path: Path) -> None:
     save_lora(path, sd, {**SD1_META, "sshs_model_hash": stored}, with_hash=False)
     report = loratool.inspect(path)
     assert triples(report) == [("hash-mismatch", "warning", None)]
+
+
+def test_hash_of_empty_input_is_a_placeholder_not_a_changed_file(tmp_path: Path) -> None:
+    """Some trainers write sha256(b"") as sshs_model_hash; saying the file changed would be wrong."""
+    meta = {**SD1_META, "sshs_model_hash": hashlib.sha256(b"").hexdigest()}
+    path = save_lora(tmp_path / "lora.safetensors", sd1_lora(), meta, with_hash=False)
+    report = loratool.inspect(path)
+    assert triples(report) == [("hash-placeholder", "info", None)]
+    assert "placeholder" in the_finding(report, "hash-placeholder").message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "flagged"),
+    [
+        ("ss_base_model_version", "flux1", True),
+        ("ss_base_model_version", "sdxl_base_v1-0", True),
+        ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora", True),
+        ("ss_base_model_version", "sd_v1", False),
+        ("ss_base_model_version", "sd_1.5", False),  # ai-toolkit's spelling of SD1.5
+        ("ss_base_model_version", "some-model-we-do-not-know", False),  # names nothing we could compare
+    ],
+)
+def test_metadata_naming_another_model_is_a_mismatch(tmp_path: Path, key: str, value: str, flagged: bool) -> None:
+    report = loratool.inspect(make_sd1(tmp_path, meta={key: value}))
+    if flagged:
+        assert triples(report) == [("metadata-mismatch", "warning", None)]
+        message = the_finding(report, "metadata-mismatch").message
+        assert message.startswith(f"{key} says {value!r}") and "Stable Diffusion 1.x" in message
+    else:
+        assert triples(report) == []
+
+
+def test_ai_toolkit_flux_file_that_says_sd15(tmp_path: Path) -> None:
+    """An ai-toolkit Flux LoRA (`transformer.` + diffusers names, no alphas) whose metadata says
+    `ss_base_model_version: sd_1.5` and whose hash is a placeholder: both said plainly."""
+    tensors = load_file(str(FIXTURES / "flux_diffusers.safetensors"))
+    meta = {"format": "pt", "ss_base_model_version": "sd_1.5", "sshs_model_hash": hashlib.sha256(b"").hexdigest()}
+    path = save_lora(tmp_path / "aitk.safetensors", tensors, meta, with_hash=False)
+    report = loratool.inspect(path)
+    assert report.architecture == "flux1"
+    codes = {(f.code, f.severity) for f in report.findings}
+    assert {("metadata-mismatch", "warning"), ("hash-placeholder", "info")} <= codes
+    assert "hash-mismatch" not in {c for c, _ in codes}
+    message = the_finding(report, "metadata-mismatch").message
+    assert "'sd_1.5' (Stable Diffusion 1.x)" in message and "Flux.1" in message
 
 
 def test_hash_mismatch_legacy_hash(tmp_path: Path) -> None:

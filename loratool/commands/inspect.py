@@ -30,6 +30,7 @@ from ..ops.checks import Checker
 from ..ops.findings import BasePiece, Finding, ModuleFacts, finding
 from ..progress import Progress, Tally
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()  # what trainers that never hash write as sshs_model_hash
 METADATA_SUMMARY_KEYS = (
     "ss_network_module",
     "ss_network_dim",
@@ -250,7 +251,16 @@ def _hash_findings(file: SafetensorsFile, metadata: dict[str, str], data_sha: st
     stored = metadata.get("sshs_model_hash")
     # LyCORIS writes "0x" + sha256 over its tensors in the network's own order, which the file does not
     # record, so that form cannot be checked; kohya's form is the sha256 of the data region.
-    if stored and not stored.startswith("0x") and stored.lower() != data_sha:
+    if stored and stored.lower() == EMPTY_SHA256 != data_sha:
+        out.append(
+            finding(
+                "hash-placeholder",
+                None,
+                "sshs_model_hash is the SHA-256 of empty input: the trainer wrote a placeholder, not a hash of "
+                "this file (nothing says the file changed)",
+            )
+        )
+    elif stored and not stored.startswith("0x") and stored.lower() != data_sha:
         out.append(
             finding(
                 "hash-mismatch",

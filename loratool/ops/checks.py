@@ -14,10 +14,13 @@ from collections import Counter
 import torch
 
 from ..adapter import Adapter, AdapterModule
+from ..archs import architectures
 from ..io.safetensors_file import DTYPES
 from .findings import BasePiece, Finding, ModuleFacts, finding
 from .fuse import column_owners, reorder_rows
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
+
+ARCHITECTURE_KEYS = ("ss_base_model_version", "modelspec.architecture")  # metadata that names the model
 
 FP16_MAX = 65504.0
 UNDERFLOW_SHARE = 0.05  # warn when more than this share of a module's nonzero factor values are subnormal
@@ -352,7 +355,26 @@ class Checker:
                         f"have {attr.replace('effective_', '')} {found}",
                     )
                 )
+        named = self._named_architecture()
+        if named is not None:
+            out.append(named)
         return out
+
+    def _named_architecture(self) -> Finding | None:
+        """Metadata naming another model than the modules' (ai-toolkit once wrote
+        `ss_base_model_version: sd_1.5` into its Flux LoRAs): UIs that sort by it misfile the LoRA."""
+        arch = self.adapter.arch
+        if arch is None:
+            return None
+        for key in ARCHITECTURE_KEYS:
+            value = self.adapter.metadata.get(key, "")
+            named = [a for a in architectures().values() if any(value.startswith(p) for p in a.hints.get(key, ()))]
+            if value and named and arch.name not in {a.name for a in named}:
+                titles = " or ".join(a.title for a in named)
+                return finding(
+                    "metadata-mismatch", None, f"{key} says {value!r} ({titles}), but the modules are {arch.title}'s"
+                )
+        return None
 
     def _uses_conv_dim(self, module: AdapterModule) -> bool:
         """A conv with a kernel larger than 1x1 (table shape when known, else the factors' kernel)."""

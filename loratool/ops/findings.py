@@ -28,6 +28,7 @@ CODES: dict[str, str] = {
     "dtype-mixed": "warning",
     "metadata-mismatch": "warning",
     "hash-mismatch": "warning",
+    "hash-placeholder": "info",
     "unknown-architecture": "info",
 }
 

@@ -44,6 +44,6 @@ FAMILY = TableFamily(
     name="sd1",
     title="Stable Diffusion 1.x",
     order=ORDER,
-    hints={"ss_base_model_version": ["sd_v1"], "modelspec.architecture": ["stable-diffusion-v1"]},
+    hints={"ss_base_model_version": ["sd_v1", "sd_1."], "modelspec.architecture": ["stable-diffusion-v1"]},
     components=components,
 )

@@ -48,7 +48,7 @@ FAMILY = TableFamily(
     title="Stable Diffusion 2.x",
     order=ORDER,
     hints={
-        "ss_base_model_version": ["sd_v2"],
+        "ss_base_model_version": ["sd_v2", "sd_2."],
         "modelspec.architecture": ["stable-diffusion-v2"],
         "ss_v2": ["True"],
     },
