@@ -75,6 +75,15 @@ class Kind(ABC):
         the rows being updated along with `output_rows`) and return the update in that shape.
         """
 
+    def norm_and_peak(self, tensors: Tensors, scale: float) -> tuple[float, float]:
+        """(Frobenius norm, largest |entry|) of scale * update. This forms the update, so it costs
+        `weight_shape`; a kind that knows both from its factors says so with `forms_update`."""
+        dense = scale * self.delta(tensors)
+        return float(dense.norm()), float(dense.abs().max()) if dense.numel() else 0.0
+
+    # Whether `norm_and_peak` forms the whole update (its memory is the declared weight's size).
+    forms_update: ClassVar[bool] = True
+
     def output_rows(self, tensors: Tensors) -> set[str]:
         """Roles whose first axis runs over the update's output rows: a kind that reads the base
         gets them cut to the rows of each base tensor it updates."""

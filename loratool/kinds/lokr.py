@@ -79,6 +79,17 @@ class LoKr(Kind):
             return _tucker(tensors["t2"], a, b)
         return (a @ b.flatten(1)).reshape(a.shape[0], *b.shape[1:])
 
+    forms_update: ClassVar[bool] = False
+
+    def norm_and_peak(self, tensors: Tensors, scale: float) -> tuple[float, float]:
+        """From the two factors alone: ||kron(w1, w2)|| = ||w1|| ||w2||, and every entry of the
+        product is one entry of w1 times one of w2, so a file whose Kronecker product is far larger
+        than any layer costs no more than its factors."""
+        w1, w2 = self._factor(tensors, 1), self._factor(tensors, 2)
+        norm = abs(scale) * float(w1.double().norm()) * float(w2.double().norm())
+        peak = abs(scale) * float(w1.abs().max()) * float(w2.abs().max()) if w1.numel() and w2.numel() else 0.0
+        return norm, peak
+
     def delta(self, tensors: Tensors, weight: torch.Tensor | None = None) -> torch.Tensor:
         w1, w2 = self._factor(tensors, 1), self._factor(tensors, 2)
         if w2.dim() > 2:  # conv: kron over (out, in), broadcast over the kernel

@@ -21,6 +21,9 @@ from .fuse import column_owners, reorder_rows
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
 
 ARCHITECTURE_KEYS = ("ss_base_model_version", "modelspec.architecture")  # metadata that names the model
+# The most values inspect forms for an update no table or base vouches for: Flux's fused linear1
+# (21504 x 3072) fits, a file's fantasy of 10^10 does not.
+DENSE_LIMIT = 1 << 26
 
 FP16_MAX = 65504.0
 UNDERFLOW_SHARE = 0.05  # warn when more than this share of a module's nonzero factor values are subnormal
@@ -105,9 +108,11 @@ class Checker:
             # IA3 and GLoRA change W as a function of W: with no update of their own there is no
             # norm, rank or overflow to report from the factors alone.
             return facts, out + self._fused_alpha(module, tensors)
+        oversized = self._oversized(module, base)
+        if oversized is not None:
+            return facts, [*out, oversized]
         scale = module.scale
         low = module.kind.low_rank(tensors)
-        dense: torch.Tensor | None = None
         if low is not None:
             up, down = low
             svals = core_singular_values(up, down)
@@ -125,15 +130,21 @@ class Checker:
                 )
             dw_bound = abs(scale) * float(svals[0]) if svals.numel() else 0.0  # max |x_ij| <= spectral norm
         else:
-            dense = scale * module.kind.delta(tensors)
-            facts.dw_norm = float(dense.norm())
-            dw_bound = float(dense.abs().max()) if dense.numel() else 0.0
+            elements = math.prod(module.weight_shape)
+            if module.kind.forms_update and base is None and elements > DENSE_LIMIT:
+                shape = " x ".join(map(str, module.weight_shape))
+                message = (
+                    f"declares a {shape} update ({elements:,} values), more than inspect forms for a layer nothing "
+                    f"vouches for ({DENSE_LIMIT:,}); pass --base to check it against the model"
+                )
+                return facts, [*out, finding("update-unmeasured", name, message)]
+            facts.dw_norm, dw_bound = module.kind.norm_and_peak(tensors, scale)
         if facts.dw_norm == 0:
             out.append(finding("zero-module", name, "the update is identically zero: this module changes nothing"))
         out += self._fused_alpha(module, tensors)
         if base is None:
             if dw_bound > FP16_MAX:
-                peak = dw_bound if dense is not None else max_abs_product(*low, scale=scale)
+                peak = dw_bound if low is None else max_abs_product(*low, scale=scale)
                 if peak > FP16_MAX:
                     out.append(
                         finding(
@@ -144,8 +155,34 @@ class Checker:
                         )
                     )
         else:
-            out += self._against_base(module, tensors, base, dw_bound, dense)
+            out += self._against_base(module, tensors, base, dw_bound)
         return facts, out
+
+    def _oversized(self, module: AdapterModule, base: list[BasePiece] | None) -> Finding | None:
+        """A module whose declared update is larger than the layer it names (the model's full-size
+        layer in the table, or the base's weight), or, with neither to vouch for it, larger than any
+        update inspect forms: nothing is computed from it, so no memory follows shapes a file merely
+        declares (a 3 MB LoKr can declare a 49152 x 49152 product)."""
+        shape = module.weight_shape
+        if any(d < 0 for d in shape):
+            return None
+        elements = math.prod(shape)
+        if base is not None:
+            available = sum(p.weight.numel() for p in base)
+            if elements > available:
+                where = ", ".join(f"{p.location.key}{list(_oriented(p))}" for p in base)
+                return finding("shape-mismatch", module.name, f"update is {list(shape)} but the base weight is {where}")
+            return None
+        arch = self.adapter.arch
+        specs = [arch.spec(t) for t in module.targets] if arch is not None else []
+        if specs and None not in specs:
+            full = sum(math.prod(s.shape) for s in specs)
+            if elements > full or shape[0] > sum(s.shape[0] for s in specs):
+                layer = ", ".join(f"{s.name}{list(s.shape)}" for s in specs)
+                message = f"update is {list(shape)}, larger than the model's layer {layer}"
+                return finding("shape-mismatch", module.name, message)
+            return None
+        return None
 
     def _against_base(
         self,
@@ -153,7 +190,6 @@ class Checker:
         tensors: dict[str, torch.Tensor],
         base: list[BasePiece],
         dw_bound: float,
-        dense: torch.Tensor | None,
     ) -> list[Finding]:
         name = module.name
         shape = module.weight_shape
@@ -167,8 +203,7 @@ class Checker:
         peak_base = max(float(p.weight.float().abs().max()) for p in base)
         if peak_base + dw_bound <= FP16_MAX:
             return []
-        if dense is None:
-            dense = module.scale * module.kind.delta(tensors)
+        dense = module.scale * module.kind.delta(tensors)  # the base's size: its shape matched above
         delta = dense.reshape(dense.shape[0], -1)
         if module.transposed:
             delta = delta.T

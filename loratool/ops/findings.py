@@ -23,6 +23,7 @@ CODES: dict[str, str] = {
     "unknown-key": "warning",
     "orphan-tensor": "error",
     "shape-mismatch": "error",
+    "update-unmeasured": "warning",
     "base-mismatch": "error",
     "broken-module": "error",
     "dtype-mixed": "warning",

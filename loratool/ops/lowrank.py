@@ -23,8 +23,15 @@ def _gram_root(gram: torch.Tensor) -> torch.Tensor:
 
 
 def core_singular_values(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """Singular values of up @ down (up: out x r, down: r x in), largest first, in float64."""
+    """Singular values of up @ down (up: out x r, down: r x in), largest first, in float64.
+
+    A rank above the product's own size (a file may declare r = 65536 on an 8 x 8 layer) would make
+    the r x r core the largest thing in memory: then the product itself is the smaller matrix, and
+    either way memory stays below the factors' own size."""
     up, down = up.double(), down.double()
+    rank = up.shape[1]
+    if rank * rank > up.shape[0] * down.shape[1]:
+        return torch.linalg.svdvals(up @ down)
     return torch.linalg.svdvals(_gram_root(up.T @ up) @ _gram_root(down @ down.T).T)
 
 
