@@ -30,6 +30,7 @@ class Piece:
     shape: tuple[int, ...]
     key: str | None = None
     compute: Callable[[], torch.Tensor] | None = None
+    transposed: bool = False  # the transpose of the 2-D tensor `key` or `compute` gives (mlx's factors)
 
     @classmethod
     def made(cls, like: Piece, shape: tuple[int, ...], compute: Callable[[], torch.Tensor], dtype: str = "") -> Piece:
@@ -176,7 +177,9 @@ class Adapter:
     modules: dict[str, AdapterModule]
     metadata: dict[str, str]
     config: dict | None = None  # PEFT adapter_config.json or diffusers lora_adapter_metadata
-    alpha_convention: str = "tensor"  # where this layout keeps alpha: tensor | config | none
+    alpha_convention: str = (
+        "tensor"  # where this layout keeps alpha: tensor | config | none | scale (the scale itself, mlx)
+    )
     orphans: list[Orphan] = field(default_factory=list)
     extra_keys: dict[str, str] = field(default_factory=dict)  # explained but not adapter tensors: key -> what it is
     arch_tied: list[str] = field(default_factory=list)  # architectures the module names fit equally well

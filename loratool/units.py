@@ -38,6 +38,9 @@ class Load:
         self.adapter = adapter  # None when every piece is computed (extract)
 
     def __call__(self, piece: Piece) -> torch.Tensor:
+        if piece.transposed:
+            stored = Piece(piece.dtype, piece.shape[::-1], piece.key, piece.compute)
+            return self(stored).reshape(stored.shape).T
         if piece.compute is not None:
             return piece.compute()
         assert self.adapter is not None, "a keyed piece needs the adapter it came from"

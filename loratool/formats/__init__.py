@@ -5,9 +5,12 @@ from .detect import CODECS, Detection, detect_format, read_adapter
 from .diffusers import DiffusersLayout
 from .kohya import KohyaLayout
 from .layout import Entry, Layout, Origin
+from .mlx import MlxLayout
 from .peft import PeftLayout
 
 # The layouts commands write, by the name `--to` takes.
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (KohyaLayout(), DiffusersLayout(), PeftLayout())}
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout for layout in (KohyaLayout(), DiffusersLayout(), PeftLayout(), MlxLayout())
+}
 
 __all__ = ["CODECS", "LAYOUTS", "Detection", "Entry", "Layout", "Origin", "detect_format", "read_adapter"]

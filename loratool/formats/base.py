@@ -22,6 +22,7 @@ MODIFIERS: dict[str, dict[str, str]] = {
     "kohya": {"alpha": "alpha", dora.NAMES["kohya"]: dora.ROLE},
     "peft": {"alpha": "alpha", dora.NAMES["peft"]: dora.ROLE},
     "legacy": {},
+    "mlx": {dora.NAMES["mlx"]: dora.ROLE},
 }
 
 
@@ -40,7 +41,7 @@ class Claim:
 
 class Codec(ABC):
     name: str  # the format name reported to users
-    alpha_convention = "tensor"  # where the layout keeps alpha: tensor | config | none
+    alpha_convention = "tensor"  # where the layout keeps alpha: tensor | config | none | scale (the scale itself, mlx)
 
     @abstractmethod
     def claim(self, source: TensorSource) -> Claim:

@@ -16,12 +16,21 @@ from .base import Claim, Codec
 from .diffusers import DiffusersCodec
 from .kohya import KohyaCodec
 from .legacy import LegacyCodec
+from .mlx import MlxCodec
 from .native import NativeCodec
 from .peft import PeftCodec
 from .xlabs import XLabsCodec
 
 # Order breaks ties: the more specific layout first.
-CODECS: tuple[Codec, ...] = (PeftCodec(), KohyaCodec(), DiffusersCodec(), LegacyCodec(), XLabsCodec(), NativeCodec())
+CODECS: tuple[Codec, ...] = (
+    MlxCodec(),
+    PeftCodec(),
+    KohyaCodec(),
+    DiffusersCodec(),
+    LegacyCodec(),
+    XLabsCodec(),
+    NativeCodec(),
+)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from ..adapter import AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets
 from ..io.safetensors_file import DTYPES
+from ..io.source import PEFT_WEIGHTS
 from ..kinds import Kind
 from .kohya_record import network_dim_alpha
 
@@ -57,6 +58,7 @@ class Layout(ABC):
     scheme: str  # tensor naming scheme of the kinds: kohya | peft
     single_component = False
     is_directory = False  # written as a directory (weights and the file `config` returns), not as one file
+    weights_name = PEFT_WEIGHTS  # a directory layout's weights file
 
     @abstractmethod
     def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
@@ -106,6 +108,7 @@ def factor_pieces(kind: Kind, pieces: dict[str, Piece], scheme: str, embedding_n
 
 
 def reshaped(piece: Piece, shape: tuple[int, ...]) -> Piece:
+    assert not piece.transposed, "a transposed piece is reshaped where it is made"
     if piece.key is not None:
         return Piece(piece.dtype, shape, piece.key)
     return Piece(piece.dtype, shape, None, lambda: piece.compute().reshape(shape))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .mlx_folder import MLX_WEIGHTS, is_mlx_config, reoriented_copy
 from .pickle_file import PICKLE_SUFFIXES, pickle_as_safetensors, pickle_refusal
 from .safetensors_file import SafetensorsFile, TensorInfo
 
@@ -54,7 +55,7 @@ class TensorSource:
         config: dict | None = None,
     ) -> None:
         self.path = path
-        self.container = container  # file | sharded | diffusers | peft
+        self.container = container  # file | sharded | diffusers | peft | mlx
         self._refs = refs
         self.files = files
         self.config = config
@@ -151,6 +152,13 @@ class _Opener:
         f = self.file(p)
         return TensorSource(p, container, {k: TensorRef(f, k) for k in f}, [f], config)
 
+    def mlx(self, d: Path, config: dict) -> TensorSource:
+        """An mlx-lm adapter folder, its factors turned to the orientation every other layout has."""
+        copy, directory = reoriented_copy(d / MLX_WEIGHTS)
+        self.scratch.append(directory)
+        f = SafetensorsFile(copy)
+        return TensorSource(d, "mlx", {k: TensorRef(f, k) for k in f}, [f], config)
+
     def weights(self, d: Path) -> Path | None:
         found = weights_in(d)
         if found is None:
@@ -175,6 +183,10 @@ def _read_json(p: Path) -> dict:
 def _open_dir(p: Path, opener: _Opener) -> TensorSource:
     if (p / PEFT_CONFIG).exists():
         config = _read_json(p / PEFT_CONFIG)
+        if is_mlx_config(config):
+            if not (p / MLX_WEIGHTS).is_file():
+                raise InputError(f"{p}: mlx-lm adapter folder without {MLX_WEIGHTS}")
+            return opener.mlx(p, config)
         weights = p / PEFT_WEIGHTS
         if not weights.is_file():
             weights = p / PEFT_PICKLE

@@ -17,12 +17,13 @@ import torch
 from .base import Kind
 
 ROLE = "dora"  # the magnitude's role beside the kind's own roles
-NAMES = {"kohya": "dora_scale", "peft": "lora_magnitude_vector"}  # its tensor name per naming scheme
+NAMES = {"kohya": "dora_scale", "peft": "lora_magnitude_vector", "mlx": "m"}  # its tensor name per naming scheme
 
 
 def is_lycoris(key: str) -> bool:
-    """LyCORIS's `dora_scale` (its strength rule and eps) rather than PEFT's `lora_magnitude_vector`."""
-    return not key.endswith(NAMES["peft"])
+    """LyCORIS's `dora_scale` (its strength rule and eps) rather than PEFT's `lora_magnitude_vector`
+    or mlx-lm's `m`, which both set the merged row norm to the magnitude with no eps."""
+    return key.endswith(NAMES["kohya"])
 
 
 def per_column(key: str | None, shape: tuple[int, ...]) -> bool:

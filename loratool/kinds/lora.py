@@ -30,6 +30,8 @@ class LoRA(Kind):
             "lora_embedding_B": "up",
         },
         "legacy": {"down.weight": "down", "up.weight": "up"},
+        # mlx-lm, once its source has turned lora_a (in, r) and lora_b (r, out) (io/mlx_folder.py)
+        "mlx": {"lora_a": "down", "lora_b": "up"},
     }
 
     def missing(self, roles: set[str]) -> list[str]:

@@ -329,7 +329,7 @@ class Checker:
                         f"{off:+.3%}",
                     )
                 )
-        if not module.problem:
+        if not module.problem and self.adapter.alpha_convention != "scale":  # a scale set outright is meant
             scale = module.scale
             if math.isfinite(scale) and scale != 0 and not SCALE_RANGE[0] <= abs(scale) <= SCALE_RANGE[1]:
                 out.append(

@@ -12,7 +12,7 @@ from ..archs import BaseArchitecture
 from ..formats import Entry, Layout, Origin
 from ..io.atomic import atomic_directory, atomic_write_text
 from ..io.safetensors_file import DTYPES, tensor_from_bytes
-from ..io.source import PEFT_CONFIG, PEFT_WEIGHTS
+from ..io.source import PEFT_CONFIG
 from ..io.writer import (
     HASH_KEY,
     LEGACY_HASH_KEY,
@@ -30,7 +30,12 @@ def config_json(data: dict) -> str:
 
 
 def is_copy(adapter: Adapter | None, piece: Piece) -> bool:
-    return adapter is not None and piece.key is not None and adapter.source.info(piece.key).dtype == piece.dtype
+    return (
+        adapter is not None
+        and piece.key is not None
+        and not piece.transposed
+        and adapter.source.info(piece.key).dtype == piece.dtype
+    )
 
 
 def write_output(
@@ -45,11 +50,12 @@ def write_output(
     arch: BaseArchitecture | None,
     progress: Progress | None,
 ) -> int:
-    """The layout's output: one file, or a PEFT dir (weights and adapter_config.json) built beside
-    DEST and renamed into place. Returns the bytes of tensor data written."""
+    """The layout's output: one file, or a directory (the layout's weights file and its
+    adapter_config.json: PEFT, mlx-lm) built beside DEST and renamed into place. Returns the bytes
+    of tensor data written."""
     if layout.is_directory:
         with atomic_directory(dest, force) as tmp:
-            written = write_entries(adapter, entries, metadata, tmp / PEFT_WEIGHTS, progress)
+            written = write_entries(adapter, entries, metadata, tmp / layout.weights_name, progress)
             atomic_write_text(tmp / PEFT_CONFIG, config_json(layout.config(units, origin, arch)))
         return written
     return write_entries(adapter, entries, metadata, Path(dest), progress)
