@@ -109,7 +109,7 @@ def inspect(
     "dest",
     type=click.Path(path_type=str),
     required=True,
-    help="Output file, or dir for peft.",
+    help="Output file, or dir (peft, mlx).",
 )
 @click.option("--arch", type=click.Choice(api.architecture_names()), help="Architecture, when names cannot tell.")
 @_output_options
@@ -202,7 +202,7 @@ def merge(
 @main.command()
 @click.argument("loras", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option(
-    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir (peft, mlx)."
 )
 @click.option(
     "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
@@ -257,7 +257,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("tuned", type=click.Path(path_type=str))
 @click.option(
-    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir (peft, mlx)."
 )
 @click.option("--rank", type=int, help="Rank of every module.")
 @click.option("--dynamic", help=DYNAMIC_HELP)
@@ -349,7 +349,7 @@ def extract(
 @main.command()
 @click.argument("lora", type=click.Path(path_type=str))
 @click.option(
-    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir for peft."
+    "-o", "--output", "dest", type=click.Path(path_type=str), required=True, help="Output file, or dir (peft, mlx)."
 )
 @click.option("--rank", type=int, help="New rank of every module (modules at or below it are copied).")
 @click.option("--dynamic", help=DYNAMIC_HELP)
