@@ -955,6 +955,17 @@ def _hf_models() -> dict[str, object]:
 
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=0)
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **ids)
+    encoder = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    seq2seq = dict(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
     return {
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2)),
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**small, num_key_value_heads=2)),
@@ -981,6 +992,20 @@ def _hf_models() -> dict[str, object]:
                 **ids,
             )
         ),
+        "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(**seq2seq, **ids)),
+        "whisper": lambda: tf.WhisperForConditionalGeneration(
+            tf.WhisperConfig(**seq2seq, num_mel_bins=8, max_source_positions=16, max_target_positions=16, **ids)
+        ),
+        "gptj": lambda: tf.GPTJForCausalLM(
+            tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, **ids)
+        ),
+        "mpt": lambda: tf.MptForCausalLM(tf.MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)),
+        "distilbert": lambda: tf.DistilBertModel(
+            tf.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+        ),
+        "deberta-v2": lambda: tf.DebertaV2Model(tf.DebertaV2Config(**encoder)),
+        "roberta": lambda: tf.RobertaModel(tf.RobertaConfig(**encoder)),
+        "electra": lambda: tf.ElectraModel(tf.ElectraConfig(**encoder, embedding_size=32)),
         "t5": lambda: tf.T5ForConditionalGeneration(
             tf.T5Config(
                 vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, decoder_start_token_id=0, **ids
@@ -1002,6 +1027,14 @@ HF_EXPECTED_FAMILY = {
     "bloom": "falcon",
     "opt": "opt",
     "t5": "t5",
+    "bart": "bart",
+    "whisper": "bart",
+    "gptj": "gptj",
+    "mpt": "mpt",
+    "distilbert": "distilbert",
+    "deberta-v2": "deberta-v2",
+    "roberta": "bert",
+    "electra": "bert",
 }
 
 
@@ -1032,6 +1065,25 @@ def test_detect_hf_family_from_tiny_transformers_models(model_type: str, hf_path
     assert isinstance(via_detect.arch, HFArchitecture)
     assert via_detect.arch.family is found.family
     assert via_detect.resolved == {p: (p,) for p in paths}
+
+
+@pytest.mark.parametrize("model_type", ["opt", "bart", "gptj", "distilbert"])
+def test_an_adapter_on_a_few_module_types_keeps_its_family(model_type: str, hf_paths: dict[str, list[str]]) -> None:
+    """PEFT's default targets are often only q and v (OPT: q_proj, v_proj): paths that also fit
+    Llama's patterns go to the family whose patterns say more of them."""
+    leaves = {"opt": ("q_proj", "v_proj"), "bart": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj")}
+    wanted = leaves.get(model_type, ("q_lin", "v_lin"))
+    paths = [p for p in hf_paths[model_type] if p.rsplit(".", 1)[-1] in wanted]
+    assert paths
+    found = detect_hf(paths)
+    assert found.family.model_type == HF_EXPECTED_FAMILY[model_type]
+
+
+def test_the_model_name_picks_between_families_that_fit_equally(hf_paths: dict[str, list[str]]) -> None:
+    opt_qv = [p for p in hf_paths["opt"] if p.endswith(("q_proj", "v_proj"))]
+    assert detect_hf(opt_qv, name_hint="facebook/opt-350m").name == "opt"
+    encoder_only = [p for p in hf_paths["bart"] if ".encoder." in p]
+    assert detect_hf(encoder_only, name_hint="openai/whisper-tiny").name == "whisper"
 
 
 def test_detect_hf_config_and_name_hints(hf_paths: dict[str, list[str]]) -> None:

@@ -145,3 +145,30 @@ def test_layer_types_break_an_sd1_sd2_tie(proj_in_shape, expected, tied):
     found = detect(names, "diffusers", {}, shapes.get)
     assert found.arch.name == expected
     assert found.tied == tied
+
+
+# -- family names in reports ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("family", "targets", "base_name"),
+    [("opt", ["q_proj", "v_proj"], "facebook/opt-350m"), ("distilbert", ["q_lin", "v_lin"], None)],
+)
+def test_peft_adapters_of_common_families_are_named_as_such(tmp_path, family, targets, base_name):
+    """PEFT's default targets on OPT (q_proj, v_proj) also fit Llama's paths; a distilbert adapter
+    was 'unknown'. Both are reported as the model they are, with and without the config's name."""
+    import transformers as tf
+    from peft import get_peft_model
+
+    if family == "opt":
+        sizes = dict(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4)
+        model = tf.OPTForCausalLM(tf.OPTConfig(**sizes, word_embed_proj_dim=32))
+    else:
+        model = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=64))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for name in [None, base_name] if base_name else [None]:
+        config["base_model_name_or_path"] = name
+        config_path.write_text(json.dumps(config))
+        report = loratool.inspect(tmp_path / "adapter")
+        assert report.architecture == family, (name, report.architecture_reason)

@@ -48,6 +48,24 @@ HF_FAMILIES: tuple[HFFamily, ...] = (
     ),
     HFFamily("opt", (r"decoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$", r"decoder\.layers\.\d+\.fc[12]$")),
     HFFamily(
+        "bart",
+        (
+            r"(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn)\.(q|k|v|out)_proj$",
+            r"(encoder|decoder)\.layers\.\d+\.fc[12]$",
+        ),
+        ("whisper", "mbart", "marian", "pegasus", "m2m_100"),
+    ),
+    HFFamily("gptj", (r"\bh\.\d+\.attn\.(q|k|v|out)_proj$", r"\bh\.\d+\.mlp\.fc_(in|out)$")),
+    HFFamily("mpt", (r"blocks\.\d+\.attn\.(Wqkv|out_proj)$", r"blocks\.\d+\.ffn\.(up|down)_proj$")),
+    HFFamily("distilbert", (r"layer\.\d+\.attention\.(q|k|v|out)_lin$", r"layer\.\d+\.ffn\.lin[12]$")),
+    HFFamily(
+        "deberta-v2",
+        (
+            r"layer\.\d+\.attention\.(self\.(query|key|value)_proj|output\.dense)$",
+            r"layer\.\d+\.(intermediate|output)\.dense$",
+        ),
+    ),
+    HFFamily(
         "t5",
         (
             r"block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.[qkvo]$",
@@ -60,7 +78,7 @@ HF_FAMILIES: tuple[HFFamily, ...] = (
             r"layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)$",
             r"layer\.\d+\.(intermediate|output)\.dense$",
         ),
-        ("roberta",),
+        ("roberta", "xlm-roberta", "electra", "camembert"),
     ),
     HFFamily("clip", (r"layers\.\d+\.self_attn\.(q|k|v|out)_proj$", r"layers\.\d+\.mlp\.fc[12]$")),
 )
@@ -122,17 +140,27 @@ class HFArchitecture(BaseArchitecture):
 
 
 def family_scores(paths: list[str]) -> list[tuple[HFFamily, int]]:
-    """How many of `paths` each family's patterns explain, best first."""
+    """How many of `paths` each family's patterns explain, best first. Between families that explain
+    as many, the one whose patterns say more of each path wins: OPT's `decoder.layers.N.self_attn.q_proj`
+    also fits Llama's `layers.N.self_attn.q_proj`, and a q/v-only adapter must not be read as Llama."""
     scores = []
     for family in HF_FAMILIES:
         rx = [re.compile(p) for p in family.patterns]
-        n = sum(1 for p in paths if any(r.search(p) for r in rx) or p.rsplit(".", 1)[-1] in COMMON_LEAVES)
-        scores.append((family, n))
-    return sorted(scores, key=lambda fs: -fs[1])
+        count = specific = 0
+        for path in paths:
+            spans = [len(m.group(0)) for r in rx if (m := r.search(path)) is not None]
+            if spans or path.rsplit(".", 1)[-1] in COMMON_LEAVES:
+                count += 1
+                specific += max(spans, default=0)
+        scores.append((family, count, specific))
+    scores.sort(key=lambda s: (-s[1], -s[2]))  # stable: equal scores keep the table's order
+    return [(family, count) for family, count, _ in scores]
 
 
 def detect_hf(paths: list[str], config: dict | None = None, name_hint: str | None = None) -> HFArchitecture | None:
-    """Model type from a base config.json if we have one, else from paths, sharpened by a model name."""
+    """Model type from a base config.json if we have one, else from paths, sharpened by a model name
+    (PEFT's `base_model_name_or_path`): among the families that explain the paths best, the one the
+    name names."""
     if config and isinstance(config.get("model_type"), str):
         model_type = config["model_type"]
         family = next((f for f in HF_FAMILIES if model_type in (f.model_type, *f.same_names)), None)
@@ -143,7 +171,11 @@ def detect_hf(paths: list[str], config: dict | None = None, name_hint: str | Non
         return None
     if name_hint:
         hint = name_hint.lower().replace("-", "").replace("_", "")
-        for model_type in sorted((best.model_type, *best.same_names), key=len, reverse=True):
-            if model_type.replace("_", "") in hint:
-                return HFArchitecture(model_type, best, "name")
+        tied = [f for f, n in scored if n == count]
+        named = [
+            (t, f) for f in tied for t in (f.model_type, *f.same_names) if t.replace("_", "").replace("-", "") in hint
+        ]
+        if named:
+            model_type, family = max(named, key=lambda tf: len(tf[0]))
+            return HFArchitecture(model_type, family, "name")
     return HFArchitecture(best.model_type, best, "keys")
