@@ -172,3 +172,37 @@ def test_peft_adapters_of_common_families_are_named_as_such(tmp_path, family, ta
         config_path.write_text(json.dumps(config))
         report = loratool.inspect(tmp_path / "adapter")
         assert report.architecture == family, (name, report.architecture_reason)
+
+
+# -- OneTrainer's Flux files name T5 lora_te2_ ----------------------------------------------------------
+def onetrainer_t5_names() -> list[str]:
+    """Every T5-XXL module OneTrainer trains, as it names them: 24 blocks x 7 = 168 modules."""
+    parts = [f"layer_0_SelfAttention_{p}" for p in "qkvo"] + [
+        f"layer_1_DenseReluDense_{p}" for p in ("wi_0", "wi_1", "wo")
+    ]
+    return [f"lora_te2_encoder_block_{i}_{p}" for i in range(24) for p in parts]
+
+
+def test_onetrainer_flux_t5_modules_are_read_and_written_back_as_kohya_does(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    shapes = {"wi_0": (10240, 4096), "wi_1": (10240, 4096), "wo": (4096, 10240), "attn_proj": (3072, 3072)}
+    for name in [*onetrainer_t5_names(), "lora_unet_double_blocks_0_img_attn_proj"]:
+        out, inp = next((v for k, v in shapes.items() if name.endswith(k)), (4096, 4096))
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, inp, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 2, generator=g, dtype=torch.float32).to(torch.bfloat16)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "onetrainer_flux.safetensors"
+    save_file(tensors, str(path))
+    report = loratool.inspect(path)
+    assert report.architecture == "flux1"
+    assert not [f for f in report.findings if f.code in ("unknown-key", "orphan-tensor")]
+    assert sum(1 for m in report.modules if m.component == "t5") == 168
+    loratool.convert(path, "diffusers", tmp_path / "diffusers.safetensors")
+    keys = load_file(str(tmp_path / "diffusers.safetensors")).keys()
+    assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.k.lora_A.weight" in keys
+    loratool.convert(tmp_path / "diffusers.safetensors", "kohya", tmp_path / "kohya.safetensors")
+    back = load_file(str(tmp_path / "kohya.safetensors"))
+    assert "lora_te3_encoder_block_0_layer_0_SelfAttention_k.lora_down.weight" in back  # sd-scripts' name
+    for key, value in tensors.items():
+        assert torch.equal(back[key.replace("lora_te2_", "lora_te3_")], value), key

@@ -25,18 +25,19 @@ def t5_component(
     short: str,
     config: dict,
     *,
-    kohya_prefix: str,
+    kohya_prefixes: list[str],
     file_prefixes: list[str],
     lora_prefixes: list[str],
 ) -> ComponentRows:
-    """A T5 encoder built from `config`, named by its HF paths everywhere."""
+    """A T5 encoder built from `config`, named by its HF paths everywhere; the first kohya prefix is
+    the one written, the others are read too (trainers disagree on the text encoders' numbers)."""
     from transformers import T5Config, T5EncoderModel
 
     return component(
         name,
         short,
         on_meta(lambda: T5EncoderModel(T5Config(**config))),
-        [{"prefix": kohya_prefix, "paths": "name"}],
+        [{"prefix": prefix, "paths": "name"} for prefix in kohya_prefixes],
         file_prefixes,
         lora_prefixes,
         same_name,

@@ -138,7 +138,8 @@ def components() -> list[ComponentRows]:
             "text_encoder_2",
             "t5",
             T5_XXL,
-            kohya_prefix="lora_te3_",
+            # sd-scripts writes T5 as lora_te3_; OneTrainer as lora_te2_ (its CLIP-L is lora_te1_ in both)
+            kohya_prefixes=["lora_te3_", "lora_te2_"],
             file_prefixes=["", "text_encoders.t5xxl.transformer."],
             lora_prefixes=["text_encoders.t5xxl.transformer."],
         ),
