@@ -182,6 +182,7 @@ class Adapter:
     )
     orphans: list[Orphan] = field(default_factory=list)
     extra_keys: dict[str, str] = field(default_factory=dict)  # explained but not adapter tensors: key -> what it is
+    tokens: dict[str, str] = field(default_factory=dict)  # textual-inversion embeddings: key -> token
     arch_tied: list[str] = field(default_factory=list)  # architectures the module names fit equally well
     # The layout that writes this file's own form: what combine and resize write when not told.
     native_layout: str = "kohya"

@@ -59,7 +59,6 @@ def g(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.T
         ("lycoris_loha.safetensors", "diffusers", ("LoHa",)),
         ("lycoris_lokr.safetensors", "diffusers", ("LoKr",)),
         ("kohya_sd15.safetensors", "peft", ("text_encoder, unet",)),
-        ("diffusers_legacy_sd15.safetensors", "diffusers", ("sd1", "sd2", "--arch")),
     ],
 )
 def test_unconvertible_input_is_refused_and_nothing_written(tmp_path, fixture, to, words):
@@ -69,6 +68,22 @@ def test_unconvertible_input_is_refused_and_nothing_written(tmp_path, fixture, t
     assert list(tmp_path.iterdir()) == []
 
 
+def ambiguous_proj_in(tmp_path: Path) -> Path:
+    """A narrow proj_in with 2-D factors: SD1's 1x1 conv (LyCORIS flattens those) or SD2's Linear;
+    the two diffusers outputs differ in the factors' shapes, so the reading matters."""
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    path = tmp_path / "ambiguous.safetensors"
+    save_file({f"{name}.lora_down.weight": g(4, 32), f"{name}.lora_up.weight": g(32, 4, seed=1)}, str(path))
+    return path
+
+
+def test_names_two_architectures_read_differently_are_refused(tmp_path):
+    src = ambiguous_proj_in(tmp_path)
+    result = run_cli("convert", str(src), "--to", "diffusers", "-o", str(tmp_path / "out"))
+    assert_one_line_refusal(result, "sd1", "sd2", "--arch")
+    assert list(tmp_path.iterdir()) == [src]
+
+
 def test_ambiguous_names_convert_once_the_architecture_is_given(tmp_path):
     src = FIXTURES / "diffusers_legacy_sd15.safetensors"
     dest = tmp_path / "out.safetensors"
@@ -76,6 +91,10 @@ def test_ambiguous_names_convert_once_the_architecture_is_given(tmp_path):
     assert result.returncode == 0, result.stderr
     assert_same_deltas(src, dest)
     assert metadata_of(dest)["ss_base_model_version"] == "sd_v1"  # the next reader need not guess
+    result = run_cli(
+        "convert", str(ambiguous_proj_in(tmp_path)), "--to", "diffusers", "-o", str(tmp_path / "a"), "--arch", "sd2"
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_unknown_architecture_to_kohya_is_refused(tmp_path):

@@ -206,3 +206,90 @@ def test_onetrainer_flux_t5_modules_are_read_and_written_back_as_kohya_does(tmp_
     assert "lora_te3_encoder_block_0_layer_0_SelfAttention_k.lora_down.weight" in back  # sd-scripts' name
     for key, value in tensors.items():
         assert torch.equal(back[key.replace("lora_te2_", "lora_te3_")], value), key
+
+
+# -- cloneofsimo's lora_diffusion files ---------------------------------------------------------------
+COS = "lora-diffusion-cloneofsimo"
+
+
+def test_real_lora_diffusion_file_is_placed_by_its_numbering(tmp_path):
+    """Every one of the 192 numbered modules has SD1's full-size shape at the place lora_diffusion's
+    walk puts it: a wrong order would put GEGLU's 2560 rows or a cross-attention's 768 inputs elsewhere."""
+    path = build(COS, tmp_path / "lora.safetensors")
+    report = loratool.inspect(path)
+    assert (report.format, report.architecture) == ("lora-diffusion", "sd1")
+    assert "full-size shapes match" in report.architecture_reason
+    assert {(m.rank, m.scale) for m in report.modules} == {(4, 1.0)}
+    assert not [f for f in report.findings if f.severity != "info"]
+    targets = {m.name: m.targets[0] for m in report.modules}
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    assert targets["unet:0"] == f"{block}.attn1.to_q"
+    assert targets["unet:4"] == f"{block}.ff.net.0.proj"  # old diffusers registered ff before attn2
+    assert targets["unet:6"] == f"{block}.attn2.to_k"
+    assert targets["unet:135"] == "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"  # mid last
+    assert targets["text_encoder:0"] == "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
+    assert targets["text_encoder:2"] == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def _lora_diffusion_order(unet: torch.nn.Module) -> list[str]:
+    """lora_diffusion's walk, written out independently: every module of class Attention or GEGLU
+    in model order, its nn.Linear children in registration order, with the transformer block's
+    children in the order the diffusers of its day registered them (attn1, ff, attn2)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    order = []
+    for name, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            for child in ("attn1", "ff.net.0", "attn2"):
+                sub = module.get_submodule(child)
+                order += [f"{name}.{child}.{n}" for n, m in sub.named_modules() if isinstance(m, torch.nn.Linear)]
+    return order
+
+
+def test_lora_diffusion_merge_applies_up_down_at_scale_one(tmp_path):
+    unet = sd15_unet()
+    weights = dict(unet.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    tensors, paths = {}, _lora_diffusion_order(unet)
+    for i, path in enumerate(paths):
+        out, inp = weights[f"{path}.weight"].shape
+        tensors[f"unet:{i}:down"] = torch.randn(2, inp, generator=g) * 0.1
+        tensors[f"unet:{i}:up"] = torch.randn(out, 2, generator=g) * 0.1
+    lora = tmp_path / "lora.safetensors"
+    save_file(tensors, str(lora), {"unet": json.dumps(["CrossAttention", "Attention", "GEGLU"])})
+    report = loratool.inspect(lora)
+    assert report.architecture in ("sd1", "sd2") and len(report.modules) == len(paths) == 144
+
+    loratool.merge(unet_folder(tmp_path), [lora], tmp_path / "merged", device="cpu")
+    got = load_file(str(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors"))
+    want = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    for i, path in enumerate(paths):
+        want[f"{path}.weight"] += tensors[f"unet:{i}:up"] @ tensors[f"unet:{i}:down"]
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_lora_diffusion_tokens_are_embeddings_kept_only_where_a_layout_holds_them(tmp_path):
+    path = build(COS, tmp_path / "lora.safetensors")
+    tensors = load_file(str(path))
+    tensors["<s1>"] = torch.randn(768).half()
+    with_tokens = tmp_path / "tokens.safetensors"
+    save_file(tensors, str(with_tokens), header(COS)["metadata"])
+    report = loratool.inspect(with_tokens)
+    assert report.summary["other_tensors"] == {"<s1>": "textual-inversion token embedding"}
+
+    loratool.convert(with_tokens, "kohya", tmp_path / "kohya.safetensors")
+    kohya = load_file(str(tmp_path / "kohya.safetensors"))
+    assert torch.equal(kohya["bundle_emb.<s1>.string_to_param.*"], tensors["<s1>"][None])
+    again = loratool.inspect(tmp_path / "kohya.safetensors")
+    assert again.summary["other_tensors"] == {"bundle_emb.<s1>.string_to_param.*": "textual-inversion token embedding"}
+    assert not any(k.startswith("unet") or k.startswith("text_encoder") for k in again.summary["metadata"])
+    from loratool.errors import ConversionError, MergeError
+
+    for src in (with_tokens, tmp_path / "kohya.safetensors"):
+        with pytest.raises(ConversionError, match="token embedding; diffusers files have no place for it"):
+            loratool.convert(src, "diffusers", tmp_path / "d.safetensors")
+        with pytest.raises(ConversionError, match="token embedding"):
+            loratool.combine([src, src], tmp_path / "c.safetensors")
+    with pytest.raises(MergeError, match="<s1>: a textual-inversion token embedding"):
+        loratool.merge(unet_folder(tmp_path), [with_tokens], tmp_path / "m", device="cpu")

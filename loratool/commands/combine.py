@@ -125,6 +125,11 @@ def combine(
 
 
 def _refuse_uncombinable(adapter: Adapter) -> None:
+    for key in adapter.tokens:
+        raise ConversionError(
+            f"{key}: a textual-inversion token embedding; combining LoRAs cannot merge tokens "
+            "(convert each file --to kohya to keep its tokens)"
+        )
     for module in adapter.modules.values():
         if module.kind.name != "lora":
             raise ConversionError(

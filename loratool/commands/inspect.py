@@ -311,7 +311,7 @@ def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base
         "trainable_parameters": trainable,
         "targeted_base_parameters": targeted,
         "parameter_ratio": trainable / targeted if targeted else None,
-        "other_tensors": dict(adapter.extra_keys),
+        "other_tensors": {**adapter.extra_keys, **{k: "textual-inversion token embedding" for k in adapter.tokens}},
         "file_size": report.file_size,
         "tensors": report.tensors,
         "findings": {s: report.count(s) for s in ("error", "warning", "info")},

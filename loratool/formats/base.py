@@ -23,6 +23,7 @@ MODIFIERS: dict[str, dict[str, str]] = {
     "peft": {"alpha": "alpha", dora.NAMES["peft"]: dora.ROLE},
     "legacy": {},
     "mlx": {dora.NAMES["mlx"]: dora.ROLE},
+    "lora_diffusion": {},
 }
 
 

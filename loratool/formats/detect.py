@@ -16,6 +16,7 @@ from .base import Claim, Codec
 from .diffusers import DiffusersCodec
 from .kohya import KohyaCodec
 from .legacy import LegacyCodec
+from .lora_diffusion import LoraDiffusionCodec
 from .mlx import MlxCodec
 from .native import NativeCodec
 from .peft import PeftCodec
@@ -28,6 +29,7 @@ CODECS: tuple[Codec, ...] = (
     KohyaCodec(),
     DiffusersCodec(),
     LegacyCodec(),
+    LoraDiffusionCodec(),
     XLabsCodec(),
     NativeCodec(),
 )

@@ -13,6 +13,7 @@ in the header so the file converts back exactly.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -38,6 +39,9 @@ from .layout import (
 )
 
 PREFIXES = ("lora_", "lycoris_")
+# Textual-inversion embeddings bundled with the LoRA, as sd-scripts and A1111 keep them.
+BUNDLED = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
+TOKEN_WHAT = "textual-inversion token embedding"
 # kohya names cannot be turned back into paths of a model with no table (an LLM), so files we write
 # for one carry the map (kohya name -> {"path", "type"}) and the PEFT config fields that are not math.
 
@@ -70,6 +74,8 @@ class KohyaCodec(Codec):
             module, dot, suffix = key.partition(".")
             if dot and module.startswith(PREFIXES) and suffix in known:
                 claim.keys[key] = (module, suffix)
+            elif BUNDLED.match(key):
+                claim.extra[key] = TOKEN_WHAT
         claim.keys = without_lone_generics(claim.keys)
         return claim
 
@@ -112,7 +118,8 @@ class KohyaCodec(Codec):
             config=config,
             alpha_convention=self.alpha_convention,
             orphans=orphans,
-            extra_keys=dict(claim.extra),
+            extra_keys={k: v for k, v in claim.extra.items() if v != TOKEN_WHAT},
+            tokens={k: BUNDLED.match(k)[1] for k, v in claim.extra.items() if v == TOKEN_WHAT},
         )
 
 
@@ -131,6 +138,9 @@ class KohyaLayout(Layout):
             return None
         naming = arch.components[group.component].kohya[0]
         return naming.prefix + kohya_flat(group.native) if naming.paths == "native" else None
+
+    def token_key(self, token: str) -> str | None:
+        return f"bundle_emb.{token}.string_to_param.*"
 
     def native_rows(self, arch: BaseArchitecture, targets: Targets) -> bool:
         component = arch.component_of(targets[0])

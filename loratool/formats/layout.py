@@ -9,6 +9,7 @@ writers.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ PEFT_CONFIG_KEY = "loratool.peft_config"  # kohya file of an LLM: the PEFT confi
 COMPONENT_KEY = "loratool.component"  # PEFT dir of a diffusion model: the pipeline component it adapts
 WRAPPER = "base_model.model."  # PEFT's prefix before a single model's module paths
 OWNED_METADATA = (DIFFUSERS_CONFIG_KEY, HF_MODULES_KEY, PEFT_CONFIG_KEY, COMPONENT_KEY)
+# lora_diffusion's record of its wrapped classes and numbered ranks: true only of its own numbering.
+LORA_DIFFUSION_KEYS = re.compile(r"^(unet|text_encoder)(:\d+:rank)?$")
 
 EMBEDDING_NAMES = {"down": "lora_embedding_A", "up": "lora_embedding_B"}
 # The PEFT config fields convert owns: recomputed from the modules, whatever the source config said.
@@ -81,6 +84,10 @@ class Layout(ABC):
     ) -> dict[str, str]:
         return carried_metadata(adapter.metadata, units)
 
+    def token_key(self, token: str) -> str | None:
+        """Where this layout keeps a textual-inversion token's embedding (None: it has no place)."""
+        return None
+
     def carries_full_weights(self, arch: BaseArchitecture | None) -> bool:
         """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
         return False
@@ -97,7 +104,8 @@ class Layout(ABC):
 def carried_metadata(metadata: dict[str, str], units: dict[str, AdapterModule]) -> dict[str, str]:
     """The source's own metadata (training record, modelspec), without keys a layout owns, and
     kohya's network dim/alpha fields, when present, recomputed from the modules as written."""
-    return network_dim_alpha({k: v for k, v in metadata.items() if k not in OWNED_METADATA}, units)
+    kept = {k: v for k, v in metadata.items() if k not in OWNED_METADATA and not LORA_DIFFUSION_KEYS.match(k)}
+    return network_dim_alpha(kept, units)
 
 
 def factor_pieces(kind: Kind, pieces: dict[str, Piece], scheme: str, embedding_names: bool) -> dict[str, Piece]:

@@ -32,6 +32,7 @@ class LoRA(Kind):
         "legacy": {"down.weight": "down", "up.weight": "up"},
         # mlx-lm, once its source has turned lora_a (in, r) and lora_b (r, out) (io/mlx_folder.py)
         "mlx": {"lora_a": "down", "lora_b": "up"},
+        "lora_diffusion": {"down": "down", "up": "up"},  # cloneofsimo's `unet:N:down`
     }
 
     def missing(self, roles: set[str]) -> list[str]:

@@ -76,6 +76,11 @@ def open_lora(
 
 
 def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> LoraMatch:
+    for key in adapter.tokens:
+        raise MergeError(
+            f"{key}: a textual-inversion token embedding; a merged checkpoint has no place for it "
+            "(convert --to kohya keeps it as bundle_emb)"
+        )
     found = LoraMatch(str(adapter.source.path), adapter, strength)
     # Saved full weights stand in for the base's before any update is added to them.
     found.patches.extend(_replacement(adapter, key, lora, base) for key in adapter.extra_keys)

@@ -109,17 +109,27 @@ def _row_order(arch: BaseArchitecture, layout: Layout, unit: AdapterModule, load
 
 
 def extra_entries(adapter: Adapter, layout: Layout) -> list[Entry]:
-    """Full tensors PEFT saves beside the adapter (modules_to_save, resized embeddings): only a
-    layout with PEFT's own keys can carry them."""
-    if not adapter.extra_keys:
-        return []
-    key, what = next(iter(adapter.extra_keys.items()))
-    if not layout.carries_full_weights(adapter.arch):
-        raise ConversionError(f"{key}: {what}; {layout.name} files have no place for it")
+    """What travels beside the modules: full tensors PEFT saves with the adapter (modules_to_save,
+    resized embeddings), which only a layout with PEFT's own keys can carry, and textual-inversion
+    tokens, which go where the layout keeps them (kohya's `bundle_emb`). Anything else is refused
+    by name: nothing is dropped silently."""
     out = []
-    for key in adapter.extra_keys:
+    for key, token in adapter.tokens.items():
+        name = layout.token_key(token)
+        if name is None:
+            raise ConversionError(
+                f"{key}: a textual-inversion token embedding; {layout.name} files have no place for it "
+                "(--to kohya bundles it as bundle_emb)"
+            )
         info = adapter.source.info(key)
-        out.append(Entry(key, Piece(info.dtype, info.shape, key)))
+        out.append(Entry(name, Piece(info.dtype, info.shape if len(info.shape) == 2 else (1, *info.shape), key)))
+    if adapter.extra_keys:
+        key, what = next(iter(adapter.extra_keys.items()))
+        if not layout.carries_full_weights(adapter.arch):
+            raise ConversionError(f"{key}: {what}; {layout.name} files have no place for it")
+        for key in adapter.extra_keys:
+            info = adapter.source.info(key)
+            out.append(Entry(key, Piece(info.dtype, info.shape, key)))
     return out
 
 
