@@ -8,12 +8,13 @@ header to hold.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from .archs import BaseArchitecture, Targets
+from .archs.base_keys import base_architecture, base_key_index
 from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
@@ -186,6 +187,26 @@ class Adapter:
     arch_tied: list[str] = field(default_factory=list)  # architectures the module names fit equally well
     # The layout that writes this file's own form: what combine and resize write when not told.
     native_layout: str = "kohya"
+
+    def place_on_base(self, base_keys: Iterable[str], error: type[LoratoolError]) -> None:
+        """No table knows the modules: find each name among a base checkpoint's own keys
+        (archs/base_keys.py), refusing a name two base weights spell alike. Names it does not
+        find stay unplaced, as with a table."""
+        index = base_key_index(base_keys)
+        resolved = {}
+        for name in self.modules:
+            paths = index.get(name, set())
+            if len(paths) > 1:
+                first, second = sorted(paths)[:2]
+                raise error(f"{name}: the base's {first}.weight and {second}.weight both spell this name; cannot tell")
+            if paths:
+                resolved[name] = next(iter(paths))
+        if not resolved:
+            return
+        for name, path in resolved.items():
+            self.modules[name].targets = (path,)
+        self.arch = base_architecture()
+        self.arch_reason = f"{len(resolved)} of {len(self.modules)} module names found among the base's keys"
 
     def load(self, key: str) -> torch.Tensor:
         """A tensor of the adapter, refused when it holds NaN or inf: every command that writes

@@ -136,6 +136,8 @@ class BaseWeights:
 
     def __init__(self, path: str | os.PathLike, adapter: Adapter, allow_pickle: bool = False) -> None:
         self.source: TensorSource = open_source(path, allow_pickle)
+        if adapter.arch is None:  # no table knows the names: the base's own keys may
+            adapter.place_on_base(self.source, InputError)
         self.arch = adapter.arch
         self.other_arch: Architecture | None = None  # the base is a different model than the LoRA's
         if self.arch is not None and not self.arch.lists_modules and self.source.config:
@@ -252,14 +254,8 @@ def _hash_findings(file: SafetensorsFile, metadata: dict[str, str], data_sha: st
     # LyCORIS writes "0x" + sha256 over its tensors in the network's own order, which the file does not
     # record, so that form cannot be checked; kohya's form is the sha256 of the data region.
     if stored and stored.lower() == EMPTY_SHA256 != data_sha:
-        out.append(
-            finding(
-                "hash-placeholder",
-                None,
-                "sshs_model_hash is the SHA-256 of empty input: the trainer wrote a placeholder, not a hash of "
-                "this file (nothing says the file changed)",
-            )
-        )
+        why = "the SHA-256 of empty input: the trainer wrote a placeholder, not a hash of this file"
+        out.append(finding("hash-placeholder", None, f"sshs_model_hash is {why} (nothing says the file changed)"))
     elif stored and not stored.startswith("0x") and stored.lower() != data_sha:
         out.append(
             finding(

@@ -58,6 +58,8 @@ def open_lora(
     adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
     try:
         refuse_unusable(adapter, detection.unexplained, MergeError, "merging would ignore them", False)
+        if adapter.arch is None:
+            adapter.place_on_base(base, MergeError)
         best = match(adapter, lora, strength, base)
         for other in adapter.arch_tied:
             if adapter.arch is None or other == adapter.arch.name:
