@@ -293,3 +293,14 @@ def test_lora_diffusion_tokens_are_embeddings_kept_only_where_a_layout_holds_the
             loratool.combine([src, src], tmp_path / "c.safetensors")
     with pytest.raises(MergeError, match="<s1>: a textual-inversion token embedding"):
         loratool.merge(unet_folder(tmp_path), [with_tokens], tmp_path / "m", device="cpu")
+
+
+def test_real_lycoris_lokr_file_reads_with_its_sd_scripts_record(tmp_path):
+    """The LyCORIS author's own LoKr (kohya names, full ss_* metadata): every module placed at SD1's
+    full size, the recorded dim/alpha agree with the tensors. Only the hash differs: the values are
+    ours, not the file's."""
+    report = loratool.inspect(build("lycoris-lokr-sd15", tmp_path / "lokr.safetensors"))
+    assert (report.format, report.architecture) == ("lycoris", "sd1")
+    assert "full-size shapes match" in report.architecture_reason
+    assert len(report.modules) == 350 and {m.kind for m in report.modules} == {"lokr"}
+    assert [(f.code, f.severity) for f in report.findings] == [("hash-mismatch", "warning")]
