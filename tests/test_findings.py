@@ -165,6 +165,7 @@ def test_codes_and_default_severities() -> None:
         "orphan-tensor": "error",
         "shape-mismatch": "error",
         "update-unmeasured": "warning",
+        "widened-input": "info",
         "base-mismatch": "error",
         "broken-module": "error",
         "dtype-mixed": "warning",

@@ -304,3 +304,73 @@ def test_real_lycoris_lokr_file_reads_with_its_sd_scripts_record(tmp_path):
     assert "full-size shapes match" in report.architecture_reason
     assert len(report.modules) == 350 and {m.kind for m in report.modules} == {"lokr"}
     assert [(f.code, f.severity) for f in report.findings] == [("hash-mismatch", "warning")]
+
+
+# -- BFL's Flux control LoRAs (Depth, Canny) -------------------------------------------------------------
+def test_bfl_control_lora_merges_as_comfyui_applies_it(tmp_path):
+    """img_in takes the control image's channels too (lora_A has twice the model's input columns):
+    the base's img_in is widened with zero columns, then updated; `lora_B.bias` adds to the biases;
+    the q/k norm scales replace the base's (at strength s: W + s (S - W))."""
+    from test_merge_diffusers import base_checkpoint
+    from tiny_models import flux_transformer
+
+    from loratool.archs import get_architecture
+
+    flux = get_architecture("flux1")
+    base_sd = base_checkpoint(flux, {"transformer": flux_transformer()})
+    base = tmp_path / "flux.safetensors"
+    save_file(base_sd, str(base))
+    hidden, channels = base_sd["img_in.weight"].shape
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    qkv_rows = base_sd["double_blocks.0.img_attn.qkv.weight"].shape[0]
+    lora = {
+        "img_in.lora_A.weight": r(4, 2 * channels),
+        "img_in.lora_B.weight": r(hidden, 4),
+        "img_in.lora_B.bias": r(hidden),
+        "double_blocks.0.img_attn.qkv.lora_A.weight": r(4, hidden),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": r(qkv_rows, 4),
+        "double_blocks.0.img_attn.qkv.lora_B.bias": r(qkv_rows),
+    }
+    for norm in ("double_blocks.0.img_attn.norm.key_norm", "single_blocks.0.norm.query_norm"):
+        lora[f"{norm}.scale"] = 1 + r(*base_sd[f"{norm}.scale"].shape)
+    path = tmp_path / "control.safetensors"
+    save_file(lora, str(path))
+
+    report = loratool.inspect(path, base=base)  # narrow widths: only the base says img_in is wider
+    assert {m.kind for m in report.modules} == {"lora", "set"}
+    codes = {(f.code, f.module) for f in report.findings}
+    assert ("widened-input", "img_in") in codes and not [f for f in report.findings if f.severity == "error"]
+
+    for strength in (1.0, 0.5):
+        out = tmp_path / f"merged_{strength}.safetensors"
+        merged_report = loratool.merge(base, [path], out, weights=[strength], device="cpu")
+        assert any("img_in.weight: widened from" in n for n in merged_report.loras[0].notes)
+        got = load_file(str(out))
+        want = dict(base_sd)
+        wide = torch.zeros(hidden, 2 * channels)
+        wide[:, :channels] = base_sd["img_in.weight"]
+        want["img_in.weight"] = wide + strength * lora["img_in.lora_B.weight"] @ lora["img_in.lora_A.weight"]
+        want["img_in.bias"] = base_sd["img_in.bias"] + strength * lora["img_in.lora_B.bias"]
+        q = "double_blocks.0.img_attn.qkv"
+        want[f"{q}.weight"] = (
+            base_sd[f"{q}.weight"] + strength * lora[f"{q}.lora_B.weight"] @ lora[f"{q}.lora_A.weight"]
+        )
+        want[f"{q}.bias"] = base_sd[f"{q}.bias"] + strength * lora[f"{q}.lora_B.bias"]
+        for norm in ("double_blocks.0.img_attn.norm.key_norm", "single_blocks.0.norm.query_norm"):
+            key = f"{norm}.scale"
+            want[key] = base_sd[key] + strength * (lora[key] - base_sd[key])
+        assert got.keys() == want.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+    from loratool.errors import ConversionError
+
+    set_only = tmp_path / "norms.safetensors"
+    save_file({k: v for k, v in lora.items() if k.endswith(".scale")}, str(set_only))
+    for to in ("kohya", "diffusers", "peft"):
+        with pytest.raises(ConversionError, match=r"set weight has no .*form"):
+            loratool.convert(set_only, to, tmp_path / f"out_{to}")

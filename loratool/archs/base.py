@@ -27,6 +27,7 @@ class BaseArchitecture(ABC):
     components: Mapping[str, Component]  # separately loaded models (unet, text_encoder, ...); none for one model
     fused: Mapping[str, FusedSpec]  # weights stored as one tensor of several modules' row blocks (Flux qkv)
     kohya_network_module: str  # the sd-scripts network module a kohya LoRA of it records (ss_network_module)
+    widened_inputs: tuple[str, ...]  # input layers a LoRA may widen (Flux img_in); see `widens`
 
     @property
     def base_model_version(self) -> str | None:
@@ -66,6 +67,11 @@ class BaseArchitecture(ABC):
         diffusers disagree on (Flux's final modulation: (shift, scale) against (scale, shift))."""
         spec = self.spec(target)
         return spec is not None and spec.rows == "swap_halves"
+
+    def widens(self, target: str) -> bool:
+        """Whether a LoRA may give this input layer more input channels than the model has (Flux's
+        img_in for control and fill LoRAs); the base weight is then widened with zero columns."""
+        return target in self.widened_inputs
 
     def module_path(self, target: str) -> str:
         """The module's path inside the model it belongs to (what PEFT wraps and names)."""

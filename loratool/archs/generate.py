@@ -58,6 +58,7 @@ def build_table(family: TableFamily, sources: dict[str, str]) -> dict:
         "sources": sources,
         "hints": family.hints,
         "kohya_network_module": family.kohya_network_module,
+        "widens": list(family.widens),
         "components": components,
         "fused": fused,
         "modules": modules,

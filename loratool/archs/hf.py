@@ -105,6 +105,7 @@ class HFArchitecture(BaseArchitecture):
     lists_modules: ClassVar[bool] = False
     default_layout: ClassVar[str] = "peft"
     kohya_network_module: ClassVar[str] = "networks.lora"
+    widened_inputs: ClassVar[tuple[str, ...]] = ()
 
     name: str
     family: HFFamily | None

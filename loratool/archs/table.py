@@ -110,6 +110,7 @@ class Architecture(BaseArchitecture):
     sources: dict[str, str] = field(default_factory=dict)
     order: int = 0  # where the family sorts among the others (its module's declared ORDER)
     kohya_network_module: str = "networks.lora"
+    widened_inputs: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> Architecture:
@@ -156,7 +157,16 @@ class Architecture(BaseArchitecture):
         sources = data.get("sources", {})
         network = data.get("kohya_network_module", "networks.lora")
         return cls(
-            data["arch"], data["title"], data["hints"], components, modules, fused, sources, data["order"], network
+            data["arch"],
+            data["title"],
+            data["hints"],
+            components,
+            modules,
+            fused,
+            sources,
+            data["order"],
+            network,
+            tuple(data.get("widens", ())),
         )
 
     # -- names in the layouts LoRA files use ---------------------------------------------------------

@@ -24,6 +24,7 @@ MODIFIERS: dict[str, dict[str, str]] = {
     "legacy": {},
     "mlx": {dora.NAMES["mlx"]: dora.ROLE},
     "lora_diffusion": {},
+    "bfl": {},
 }
 
 

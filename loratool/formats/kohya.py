@@ -147,6 +147,8 @@ class KohyaLayout(Layout):
         return component is not None and arch.components[component].kohya[0].paths == "native"
 
     def why_not(self, unit: AdapterModule) -> str | None:
+        if "kohya" not in unit.kind.names:
+            return f"{unit.kind.label} has no kohya/LyCORIS form (no layout loratool writes holds it; merge it)"
         if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
         if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:

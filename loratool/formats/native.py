@@ -2,7 +2,8 @@
 
 Module paths are the LDM/sgm/BFL/OpenCLIP ones (`diffusion_model.double_blocks.0.img_attn.qkv`,
 `text_encoders.clip_l.transformer.text_model...`), with either kohya tensor names
-(`lora_down.weight`, `alpha`) or PEFT ones (`lora_A.weight`).
+(`lora_down.weight`, `alpha`) or PEFT ones (`lora_A.weight`). BFL's Flux control LoRAs (Depth,
+Canny) add `*_norm.scale` tensors that replace the base's (kinds/set_weight.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class NativeCodec(Codec):
 
     def claim(self, source: TensorSource) -> Claim:
         suffixes = suffixes_longest_first(
-            suffix_table("kohya"), suffix_table("peft"), MODIFIERS["kohya"], MODIFIERS["peft"]
+            suffix_table("kohya"), suffix_table("peft"), suffix_table("bfl"), MODIFIERS["kohya"], MODIFIERS["peft"]
         )
         known = set().union(*(arch.native_index for arch in architectures().values()))
         claim = Claim(self)
@@ -32,7 +33,7 @@ class NativeCodec(Codec):
         return claim
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
-        modules, orphans = build_modules(source, claim.keys, ("kohya", "peft"))
+        modules, orphans = build_modules(source, claim.keys, ("kohya", "peft", "bfl"))
         found = place_on_architecture(modules, "native", source.metadata, only=arch)
         for module in modules.values():
             module.native_rows = True

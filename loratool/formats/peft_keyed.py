@@ -23,7 +23,8 @@ class PeftKeyed(Layout):
     def why_not(self, unit: AdapterModule) -> str | None:
         if unit.kind.name not in self.kinds:
             held = ", ".join(KINDS[k].label for k in self.kinds)
-            return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only (use --to kohya)"
+            advice = "use --to kohya" if "kohya" in unit.kind.names else "no layout loratool writes holds it; merge it"
+            return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only ({advice})"
         if "mid" in unit.pieces:
             return "PEFT has no Tucker core (lora_mid); use --to kohya"
         if dora.ROLE in unit.pieces:

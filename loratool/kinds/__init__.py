@@ -10,8 +10,11 @@ from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
 from .norm import NormDiff
+from .set_weight import SetWeight
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA())}
+KINDS: dict[str, Kind] = {
+    k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA(), SetWeight())
+}
 
 
 def suffix_table(scheme: str) -> dict[str, tuple[Kind, str]]:

@@ -34,6 +34,7 @@ class Patch:
     swap_halves: bool  # the update's rows and the base's are in different orders (ops.fuse.halves_differ)
     role: str = "weight"  # weight | bias (lora_B.bias) | replace (a full weight saved with the adapter)
     replacement: str | None = None  # adapter key of the full weight, for role "replace"
+    widen: tuple[int, ...] | None = None  # the base weight's new shape: zero columns added (Flux img_in)
 
     @property
     def name(self) -> str:
@@ -94,8 +95,15 @@ def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> L
         if locations is None:
             found.unmatched.append(module.name)
             continue
-        found.patches.extend(_patches(arch, module, locations, lora, base))
+        patches = _patches(arch, module, locations, lora, base)
+        found.patches.extend(patches)
         found.matched.append(module.name)
+        for p in patches:
+            if p.widen is not None:
+                found.notes.append(
+                    f"{p.key}: widened from {list(base.info(p.key).shape)} to {list(p.widen)} with zero columns for "
+                    f"the channels {module.name} adds (a control or fill LoRA), as ComfyUI does"
+                )
     return found
 
 
@@ -133,7 +141,15 @@ def _patches(
         got = (rows, *update[1:])
         if len(got) == 2 and len(want) > 2 and ANY not in got:  # LoHa/LoKr without Tucker fold the kernel into `in`
             want = (want[0], math.prod(want[1:]))
-        if not _fits(want, got):
+        widen = None
+        if len(module.targets) == 1 and arch.widens(target) and len(want) == len(got) == 2 and got[1] > want[1]:
+            widen = (want[0], got[1]) if not transposed and got[0] == want[0] else None
+            if widen is not None and base.container == "diffusers":
+                raise MergeError(
+                    f"{module.name}: widens {location.key} from {want[1]} to {got[1]} input channels, which a "
+                    "diffusers folder's config.json would also have to say (in_channels); merge into the single file"
+                )
+        if widen is None and not _fits(want, got):
             where = location.key + (f" rows {location.rows[0]}:{location.rows[1]}" if location.rows else "")
             raise MergeError(
                 f"{module.name}: its update is {list(_squeezed((update[0], *update[1:])))} but {where} "
@@ -141,7 +157,7 @@ def _patches(
             )
         up_rows = None if len(module.targets) == 1 else (start, start + rows)
         swap = halves_differ(arch.swaps_rows(target), module.native_rows, location.native_rows)
-        patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap)
+        patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap, widen=widen)
         patches.append(patch)
         if "bias" in module.keys:
             patches.append(_bias_patch(patch, base))
@@ -171,7 +187,7 @@ def _bias_patch(patch: Patch, base: TensorSource) -> Patch:
     bias = stem + "bias" if stem is not None else None
     if bias is None or bias not in base:
         raise MergeError(f"{patch.name}: has lora_B.bias but the base has no bias for {key}")
-    return replace(patch, key=bias, transposed=False, role="bias")
+    return replace(patch, key=bias, transposed=False, role="bias", widen=None)
 
 
 def _replacement(adapter: Adapter, key: str, lora: int, base: TensorSource) -> Patch:

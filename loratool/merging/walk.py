@@ -57,9 +57,13 @@ class MergeWalk:
         self.device = device
         self.out_dtype = out_dtype
         self.patches: dict[str, list[Patch]] = {}
+        self.widened: dict[str, tuple[int, ...]] = {}  # base key -> its shape once zero columns are added
         for m in matches:
             for p in m.patches:
                 self.patches.setdefault(p.key, []).append(p)
+                if p.widen is not None:
+                    wider = max(self.widened.get(p.key, p.widen), p.widen, key=lambda s: s[1])
+                    self.widened[p.key] = wider
         # A module's factors stay on the device from its first patch to its last (fused modules
         # merged into a diffusers folder touch several tensors).
         self._uses = Counter(id(p.module) for ps in self.patches.values() for p in ps if p.module is not None)
@@ -71,7 +75,8 @@ class MergeWalk:
 
     def _spec(self, entry: Entry) -> TensorSpec:
         info = entry.file.info(entry.name)
-        return TensorSpec(entry.name, output_dtype(info.dtype, self.out_dtype), info.shape)
+        shape = self.widened.get(entry.key, info.shape)
+        return TensorSpec(entry.name, output_dtype(info.dtype, self.out_dtype), shape)
 
     def write_file(self, out: OutFile, path: Path) -> None:
         specs = [self._spec(e) for e in out.entries]
@@ -142,7 +147,14 @@ class MergeWalk:
         return self._out[: spec.nbytes].view(DTYPES[spec.dtype]).reshape(spec.shape)
 
     def _merge_into(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
-        if self.device.type == "cpu" and stored.dim() >= 1 and all(_row_local(p) for p in patches):
+        if key in self.widened:  # the base's columns, then zeros for the channels a LoRA adds
+            weight = torch.zeros(self.widened[key], device=self.device, dtype=torch.float32)
+            weight[:, : stored.shape[1]] = stored.to(device=self.device, dtype=torch.float32)
+            for patch in patches:
+                self._apply(weight if patch.widen else weight[:, : stored.shape[1]], patch)
+            self._check(weight, key, patches, out.dtype)
+            out.copy_(weight)
+        elif self.device.type == "cpu" and stored.dim() >= 1 and all(_row_local(p) for p in patches):
             self._merge_by_rows(out, key, stored, patches)
         else:
             weight = stored.to(device=self.device, dtype=torch.float32)

@@ -108,7 +108,10 @@ class Checker:
             # IA3 and GLoRA change W as a function of W: with no update of their own there is no
             # norm, rank or overflow to report from the factors alone.
             return facts, out + self._fused_alpha(module, tensors)
-        oversized = self._oversized(module, base)
+        widened = self._widened(module, base)
+        if widened is not None:
+            out.append(widened)
+        oversized = None if widened else self._oversized(module, base)
         if oversized is not None:
             return facts, [*out, oversized]
         scale = module.scale
@@ -154,9 +157,26 @@ class Checker:
                             f"{FP16_MAX:.0f}: an fp16 merge gives inf",
                         )
                     )
-        else:
+        elif widened is None:  # a widened input is checked against the zero-padded weight at merge
             out += self._against_base(module, tensors, base, dw_bound)
         return facts, out
+
+    def _widened(self, module: AdapterModule, base: list[BasePiece] | None) -> Finding | None:
+        """An input layer the family lets LoRAs widen (Flux's img_in in BFL's control LoRAs: 64
+        channels + 64 of the control image), with the same output rows and more input columns."""
+        arch = self.adapter.arch
+        if arch is None or len(module.targets) != 1 or not arch.widens(module.targets[0]):
+            return None
+        shape = module.weight_shape
+        spec = arch.spec(module.targets[0])
+        layer = _oriented(base[0]) if base else spec.shape if spec is not None else None
+        if layer is None or len(shape) != 2 or len(layer) != 2 or shape[0] != layer[0] or shape[1] <= layer[1]:
+            return None
+        message = (
+            f"takes {shape[1]} input channels where the model's layer has {layer[1]}: a control or fill LoRA; "
+            "merge widens the base weight with zero columns for the new channels, as ComfyUI does"
+        )
+        return finding("widened-input", module.name, message)
 
     def _oversized(self, module: AdapterModule, base: list[BasePiece] | None) -> Finding | None:
         """A module whose declared update is larger than the layer it names (the model's full-size

@@ -24,6 +24,7 @@ CODES: dict[str, str] = {
     "orphan-tensor": "error",
     "shape-mismatch": "error",
     "update-unmeasured": "warning",
+    "widened-input": "info",
     "base-mismatch": "error",
     "broken-module": "error",
     "dtype-mixed": "warning",

@@ -38,6 +38,9 @@ class TableFamily:
     hints: dict[str, list[str]]  # metadata key -> value prefixes that name the family
     components: Callable[[], list[ComponentRows]]  # builds the reference models: call only to generate
     kohya_network_module: str = "networks.lora"  # sd-scripts' network module for the family's LoRAs
+    # Input layers whose LoRAs may take more input channels than the model (Flux control and fill
+    # LoRAs concatenate a control image: img_in 64 -> 128); merge widens the base with zero columns.
+    widens: tuple[str, ...] = ()
 
 
 def is_norm(mod: object) -> bool:

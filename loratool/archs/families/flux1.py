@@ -153,4 +153,5 @@ FAMILY = TableFamily(
     hints={"ss_base_model_version": ["flux1"], "modelspec.architecture": ["flux-1"]},
     components=components,
     kohya_network_module="networks.lora_flux",
+    widens=("transformer.x_embedder",),  # img_in: BFL's Depth/Canny LoRAs take 128 channels (64 + control)
 )
