@@ -128,3 +128,29 @@ def test_inspect_with_the_base_checks_modules_against_its_keys(tmp_path) -> None
     assert "found among the base's keys" in report.architecture_reason
     problems = {(f.code, f.module) for f in report.findings if f.severity == "error"}
     assert problems == {("shape-mismatch", "lora_unet_out")}  # 3 x 6 update, 3 x 5 weight
+
+
+@pytest.mark.parametrize("to", ["kohya", "peft"])
+def test_extract_from_a_model_no_table_knows_and_merge_back(tmp_path, to) -> None:
+    """The base's own Linear and conv weights are the modules: a rank-2 change of every layer is
+    extracted at rank 2 and merges back into the tuned weights."""
+    base_sd = custom().state_dict()
+    g = torch.Generator().manual_seed(4)
+    tuned_sd = dict(base_sd)
+    for key, value in base_sd.items():
+        if key.endswith(".weight"):
+            flat = value.reshape(value.shape[0], -1)
+            delta = torch.randn(flat.shape[0], 2, generator=g) @ torch.randn(2, flat.shape[1], generator=g)
+            tuned_sd[key] = value + 0.05 * delta.reshape(value.shape)
+    base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file(base_sd, str(base))
+    save_file(tuned_sd, str(tuned))
+    out = tmp_path / ("lora.safetensors" if to == "kohya" else "lora")
+    report = loratool.extract(base, tuned, out, rank=2, conv_rank=2, to=to, device="cpu")
+    assert report.architecture == "base checkpoint" and len(report.modules) == 6
+    merged = loratool.merge(base, [out], tmp_path / "merged.safetensors", device="cpu")
+    assert merged.loras[0].unmatched == []
+    got = load_file(str(tmp_path / "merged.safetensors"))
+    for key in base_sd:
+        if key.endswith(".weight"):
+            torch.testing.assert_close(got[key], tuned_sd[key], rtol=1e-4, atol=1e-5)

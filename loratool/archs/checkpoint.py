@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..io.source import TensorSource
 from . import architectures, hint_matches
+from .base_keys import base_architecture
 from .hf import COMMON_LEAVES, EMBEDDING_LEAVES, HFArchitecture, detect_hf
 from .locate import Location, locate
 from .table import MODULE_NDIMS, Architecture
@@ -50,14 +51,15 @@ def checkpoint_architecture(source: TensorSource) -> Architecture | HFArchitectu
 
 
 def _hf(source: TensorSource) -> HFArchitecture:
+    """A transformers family, else the checkpoint's own keys as the table (a model no table knows:
+    its Linear and conv weights by path)."""
     paths = [k.removesuffix(".weight") for k in source if k.endswith(".weight") and len(source.info(k).shape) == 2]
     arch = detect_hf(paths, source.config)
-    if arch is None:
-        raise InputError(
-            f"{source.path}: not a checkpoint of a known model (no SD, SDXL or Flux table and no transformers "
-            "family explains its weights)"
-        )
-    return arch
+    if arch is not None:
+        return arch
+    if not any(k.endswith(".weight") and 2 <= len(source.info(k).shape) <= 5 for k in source):
+        raise InputError(f"{source.path}: no weights a LoRA could adapt (no 2-D to 5-D `.weight` tensors)")
+    return base_architecture()
 
 
 def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource) -> list[Weight]:
@@ -82,8 +84,13 @@ def _hf_weights(arch: HFArchitecture, source: TensorSource) -> list[Weight]:
     family = arch.family
     patterns = [re.compile(p) for p in family.patterns] if family is not None else []
     out = []
+    own_keys = arch.source == "base"  # no family: the checkpoint's own layers, convs too
     for key in source:
-        if not key.endswith(".weight") or len(source.info(key).shape) != 2:
+        ndim = len(source.info(key).shape) if key.endswith(".weight") else 0
+        if own_keys and 3 <= ndim <= 5:
+            out.append(Weight(key.removesuffix(".weight"), "conv", "conv", Location(key)))
+            continue
+        if ndim != 2:
             continue
         path = key.removesuffix(".weight")
         leaf = path.rsplit(".", 1)[-1]
