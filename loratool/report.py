@@ -250,6 +250,8 @@ def render_merge(report: MergeReport, console: Console) -> None:
             console.print(f"  [yellow]unmatched[/yellow] {escape(name)} [dim]({escape(lora.path)})[/dim]")
         if len(lora.unmatched) > MAX_LISTED_NOTES:
             console.print(f"  [dim]+{len(lora.unmatched) - MAX_LISTED_NOTES} more unmatched (--json lists all)[/dim]")
+        for note in lora.notes[:MAX_LISTED_NOTES]:
+            console.print(f"  [dim]{escape(note)}[/dim]")
     for path in report.skipped:
         console.print(f"  [dim]left out {escape(path)}: weights the merge does not read (another variant)[/dim]")
 

@@ -367,7 +367,13 @@ def test_bfl_control_lora_merges_as_comfyui_applies_it(tmp_path):
         for key in got:
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
+    from click.testing import CliRunner
+
+    from loratool.cli import main
     from loratool.errors import ConversionError
+
+    shown = CliRunner().invoke(main, ["merge", str(base), str(path), "-o", str(tmp_path / "cli.safetensors"), "-q"])
+    assert shown.exit_code == 0 and "img_in.weight: widened from" in shown.stdout
 
     set_only = tmp_path / "norms.safetensors"
     save_file({k: v for k, v in lora.items() if k.endswith(".scale")}, str(set_only))
