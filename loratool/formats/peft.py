@@ -32,7 +32,7 @@ from .peft_keyed import PeftKeyed, config_alpha, lora_config, rank_alpha_fields,
 from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, lycoris_structure
 from .peft_lycoris import PEFT_TYPES as PEFT_TYPE_OF_KIND
 
-PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
+PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3-peft"}
 ALPHA_FIELD = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 # The pipeline component a PEFT dir of a diffusion model adapts. PEFT records none, and a text
@@ -88,13 +88,15 @@ class PeftCodec(Codec):
             module.embedding = name in embeddings
             if config is None:
                 continue  # a bare state dict: alpha = rank, as every reader assumes
+            module.transposed = module.embedding or bool(config.get("fan_in_fan_out", False))
+            if kind_name not in ALPHA_FIELD:
+                continue  # IA3: a vector with no rank or alpha
             module.alpha = float(
                 pattern_value(config.get("alpha_pattern"), name, config.get(ALPHA_FIELD[kind_name], 8))
             )
             module.alpha_source = "config"
             module.declared_rank = int(pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
             module.rslora = bool(config.get("use_rslora", False))
-            module.transposed = module.embedding or bool(config.get("fan_in_fan_out", False))
         found = _place(modules, source, config or {}, arch)
         return Adapter(
             source=source,

@@ -10,10 +10,11 @@ from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
 from .norm import NormDiff
+from .peft_ia3 import PeftIA3
 from .set_weight import SetWeight
 
 KINDS: dict[str, Kind] = {
-    k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA(), SetWeight())
+    k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA(), SetWeight(), PeftIA3())
 }
 
 
