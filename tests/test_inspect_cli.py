@@ -135,19 +135,19 @@ def _inputs(d: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,')
     _peft_lora_weights(broken / "adapter_model.safetensors")
     bad["peft broken config"] = inspect(broken)
-    ia3 = d / "peft_ia3"
-    ia3.mkdir()
-    config = {"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-    (ia3 / "adapter_config.json").write_text(json.dumps(config))
+    vera = d / "peft_vera"  # an adapter type loratool does not read yet (issue 20)
+    vera.mkdir()
+    config = {"peft_type": "VERA", "r": 4, "target_modules": ["k_proj"], "save_projection": False}
+    (vera / "adapter_config.json").write_text(json.dumps(config))
     save_file(
         {
-            "base_model.model.model.layers.0.self_attn.k_proj.ia3_l": torch.ones(16, 1),
-            "base_model.model.model.layers.0.mlp.down_proj.ia3_l": torch.ones(1, 64),
+            "base_model.model.model.layers.0.self_attn.k_proj.vera_lambda_b": torch.ones(16),
+            "base_model.model.model.layers.0.self_attn.k_proj.vera_lambda_d": torch.ones(4),
         },
-        str(ia3 / "adapter_model.safetensors"),
+        str(vera / "adapter_model.safetensors"),
         metadata={"format": "pt"},
     )
-    bad["peft IA3"] = inspect(ia3)
+    bad["peft VeRA"] = inspect(vera)
     bad["base missing"] = inspect(clean, "--base", str(d / "no_such_base"))
     return ok, bad
 
@@ -166,14 +166,14 @@ EXPECTED_WORDS = {
     "pickle ckpt": ["pickle"],
     "pickle named .safetensors": ["pickle_named.safetensors"],
     "peft broken config": ["adapter_config.json"],
-    "peft IA3": ["IA3"],
+    "peft VeRA": ["VERA"],
     "base missing": ["no_such_base"],
 }
 
 
 # The installed command, run as a real process, for a subset: it pays the interpreter and torch start-up
 # each time (seconds), so the rest runs in-process through the same click entry point.
-PROCESS_CASES = ("json", "version", "truncated data", "not a LoRA", "peft IA3")
+PROCESS_CASES = ("json", "version", "truncated data", "not a LoRA", "peft VeRA")
 
 
 @dataclass
