@@ -168,6 +168,9 @@ class Orphan:
     severity: str = "error"
 
 
+TOKEN_WHAT = "textual-inversion token embedding"  # how reports name what `Adapter.tokens` holds
+
+
 @dataclass
 class Adapter:
     source: TensorSource

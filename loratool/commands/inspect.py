@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, AdapterModule
+from ..adapter import TOKEN_WHAT, Adapter, AdapterModule
 from ..archs import Architecture
 from ..archs.checkpoint import checkpoint_architecture
 from ..archs.hf import detect_hf
@@ -307,7 +307,7 @@ def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base
         "trainable_parameters": trainable,
         "targeted_base_parameters": targeted,
         "parameter_ratio": trainable / targeted if targeted else None,
-        "other_tensors": {**adapter.extra_keys, **{k: "textual-inversion token embedding" for k in adapter.tokens}},
+        "other_tensors": {**adapter.extra_keys, **{k: TOKEN_WHAT for k in adapter.tokens}},
         "file_size": report.file_size,
         "tensors": report.tensors,
         "findings": {s: report.count(s) for s in ("error", "warning", "info")},

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from ..adapter import Adapter, AdapterModule, Piece
+from ..adapter import TOKEN_WHAT, Adapter, AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
@@ -41,7 +41,6 @@ from .layout import (
 PREFIXES = ("lora_", "lycoris_")
 # Textual-inversion embeddings bundled with the LoRA, as sd-scripts and A1111 keep them.
 BUNDLED = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
-TOKEN_WHAT = "textual-inversion token embedding"
 # kohya names cannot be turned back into paths of a model with no table (an LLM), so files we write
 # for one carry the map (kohya name -> {"path", "type"}) and the PEFT config fields that are not math.
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import re
 
-from ..adapter import Adapter, AdapterModule
+from ..adapter import TOKEN_WHAT, Adapter, AdapterModule
 from ..archs import Architecture, architectures
 from ..errors import FormatError
 from ..io.source import TensorSource
 from .base import Claim, Codec, build_modules
-from .kohya import TOKEN_WHAT
 
 KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 TOKEN = re.compile(r"^<[^<>]+>$")

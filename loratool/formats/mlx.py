@@ -23,7 +23,7 @@ from ..io.mlx_folder import MLX_WEIGHTS
 from ..io.source import TensorSource
 from ..kinds import dora, suffix_table
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
-from .layout import Entry, Layout, Origin, carried_metadata, reshaped
+from .layout import Entry, Layout, Origin, reshaped
 
 TURNED = {"lora_a": "down", "lora_b": "up"}  # mlx's tensors, each the transpose of a canonical factor
 LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # mlx-lm's `keys` are paths inside one layer
@@ -126,11 +126,6 @@ class MlxLayout(Layout):
         if magnitude is not None:
             out.append(Entry(f"{name}.{dora.NAMES['mlx']}", reshaped(magnitude, (unit.pieces["up"].shape[0],))))
         return out
-
-    def metadata(
-        self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None
-    ) -> dict[str, str]:
-        return carried_metadata(adapter.metadata, units)
 
     def config(self, units: dict[str, AdapterModule], adapter: Origin, arch: BaseArchitecture | None) -> dict:
         first = next(iter(units.values()))
