@@ -106,7 +106,8 @@ class AdapterModule:
             if 0 in self.shapes[role]:
                 return f"{role} is empty (shape {list(self.shapes[role])})"
         shown = self.kind.rank(self.shapes)
-        if self.declared_rank is not None and shown is not None and shown != self.declared_rank:
+        declared = self.declared_rank if self.kind.declares_factor_rank else None
+        if declared is not None and shown is not None and shown != declared:
             return f"the adapter config gives r={self.declared_rank} but the factors have rank {shown}"
         if self.alpha is not None and not math.isfinite(self.alpha):
             return f"alpha is {self.alpha}"
@@ -121,7 +122,7 @@ class AdapterModule:
         """The alpha the math uses: the stored one, or the rank when none is stored."""
         if self.alpha is not None:
             return self.alpha
-        return None if self.rank is None else float(self.rank)
+        return None if self.rank is None or not self.kind.has_alpha else float(self.rank)
 
     @property
     def scale(self) -> float:
@@ -255,7 +256,8 @@ def refuse_unusable(
             f"{consequence}"
         )
     for orphan in adapter.orphans:
-        if orphan.severity == "error" or (writes_a_file and not orphan.key.endswith("alpha")):
+        dropped = writes_a_file and orphan.severity == "warning" and not orphan.key.endswith("alpha")
+        if orphan.severity == "error" or dropped:
             raise error(f"{orphan.module}: {orphan.reason}")
     for module in adapter.modules.values():
         if module.problem:

@@ -138,6 +138,8 @@ def render_inspect(report: InspectReport, console: Console, show_keys: bool) -> 
     overview.add_row("modules", f"{s['modules']}: {_fmt_counts(s['components'])}")
     overview.add_row("kinds", _fmt_counts(s["kinds"]))
     overview.add_row("rank", _fmt_counts(s["ranks"]))
+    if s["block_sizes"]:
+        overview.add_row("block size", _fmt_counts(s["block_sizes"]))
     overview.add_row("alpha", _fmt_counts(s["alphas"]))
     overview.add_row("scale", _fmt_counts(s["scales"]) + (" [dim](rsLoRA)[/dim]" if s["rslora"] else ""))
     overview.add_row("dtype", _fmt_counts(s["dtypes"]))
@@ -173,7 +175,7 @@ def _modules_table(report: InspectReport) -> Table:
         table.add_row(
             f"{escape(m.name)}\n[dim]-> {target}[/dim]" if m.target != m.name else escape(m.name),
             m.kind,
-            str(m.rank or "-"),
+            str(m.rank or (f"b{m.block_size}" if m.block_size else "-")),
             "-" if m.alpha is None else f"{m.alpha:g}",
             "-" if m.scale is None else f"{m.scale:.4g}",
             m.dtype,

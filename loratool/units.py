@@ -23,7 +23,7 @@ from .adapter import Adapter, AdapterModule, Piece
 from .archs import BaseArchitecture, FusedSpec
 from .errors import ConversionError
 from .io.safetensors_file import DTYPE_NAMES, DTYPES
-from .kinds import dora
+from .kinds import KINDS, dora
 from .ops import fuse
 
 # Tensors with one value per output row beside the factors: a fused module's row blocks split them
@@ -47,9 +47,39 @@ class Load:
         return self.adapter.load(piece.key).reshape(piece.shape)
 
 
-def unit_of(module: AdapterModule) -> AdapterModule:
-    """The module as a unit of output: the same record, with notes of its own."""
-    return replace(module, pieces=dict(module.pieces), notes=[])
+def unit_of(module: AdapterModule, load: Load) -> AdapterModule:
+    """The module as a unit of output: the same record, with notes of its own. A low-rank product
+    stored another way (AdaLoRA's B @ diag(E) @ A) becomes the plain LoRA it equals, its scale
+    carried as alpha, since no layout writes those forms."""
+    kind = module.kind
+    if kind.name == "lora" or not kind.low_rank_product:
+        return replace(module, pieces=dict(module.pieces), notes=[])
+    roles = [r for r in module.pieces if r not in kind.flag_roles]
+
+    def factor(index: int) -> torch.Tensor:
+        tensors = {r: load(module.pieces[r]) for r in roles}
+        return kind.low_rank(tensors)[index].contiguous()
+
+    rank = module.kind.rank(module.shapes)
+    out_features, in_features = kind.weight_shape(module.shapes)[:2]
+    dtype = common_dtype([module.pieces[r].dtype for r in roles])
+    pieces = {
+        "up": Piece(dtype, (out_features, rank), None, lambda: factor(0)),
+        "down": Piece(dtype, (rank, in_features), None, lambda: factor(1)),
+    }
+    note = f"{module.name}: {kind.label} written as the plain LoRA it equals (rank {rank}, scale {module.scale:.6g})"
+    return replace(
+        module,
+        kind=KINDS["lora"],
+        pieces=pieces,
+        alpha=module.scale * rank,
+        alpha_key=None,
+        alpha_dtype=None,
+        alpha_source="computed",
+        declared_rank=None,
+        rslora=False,
+        notes=[note],
+    )
 
 
 # -- splitting a fused module into its parts -----------------------------------------------------------

@@ -131,7 +131,7 @@ def _refuse_uncombinable(adapter: Adapter) -> None:
             "(convert each file --to kohya to keep its tokens)"
         )
     for module in adapter.modules.values():
-        if module.kind.name != "lora":
+        if not module.kind.low_rank_product:
             raise ConversionError(
                 f"{module.name}: combine stacks LoRA factors, and {module.kind.label} updates do not add up to "
                 f"one {module.kind.label} module; merge it into the base instead"

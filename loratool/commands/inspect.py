@@ -81,6 +81,7 @@ class ModuleReport:
     dw_norm: float | None = None
     numerical_rank: int | None = None
     singular_values: list[float] | None = None  # of the update, largest first (LoRA-type modules)
+    block_size: int | None = None  # OFT and BOFT: the size of each rotation block (they have no rank)
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -196,6 +197,7 @@ def _module_report(adapter: Adapter, module: AdapterModule, facts: ModuleFacts) 
         dw_norm=facts.dw_norm,
         numerical_rank=facts.numerical_rank,
         singular_values=facts.singular_values,
+        block_size=module.kind.block_size(module.shapes) if ok else None,
     )
 
 
@@ -300,6 +302,7 @@ def _summary(report: InspectReport, adapter: Adapter, detection: Detection, base
         "kinds": dict(Counter(m.kind for m in modules)),
         "components": dict(Counter(m.component or "unknown" for m in modules)),
         "ranks": _counts(m.rank for m in modules),
+        "block_sizes": _counts(m.block_size for m in modules if m.block_size is not None),
         "alphas": _counts(m.alpha for m in modules),
         "scales": _counts(None if m.scale is None else round(m.scale, 6) for m in modules),
         "dtypes": dict(Counter(dt for m in adapter.modules.values() for dt in m.dtypes.values())),

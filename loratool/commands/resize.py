@@ -80,7 +80,7 @@ def resize(
         layout = LAYOUTS[adapter.native_layout]
         check_destination([Path(lora)], Path(dest), force, directory=layout.is_directory)
         for module in adapter.modules.values():
-            if module.kind.name != "lora":
+            if not module.kind.low_rank_product:
                 raise ResizeError(
                     f"{module.name}: resize works on LoRA and LoCon modules; {module.kind.label} has no rank to cut"
                 )
@@ -151,7 +151,8 @@ def _units(adapter: Adapter, layout: Layout) -> tuple[dict[str, AdapterModule], 
     """The output units by name. A kohya file of a model we have no table for (Wan, SD3, ...)
     keeps its own names: resizing renames nothing, so it needs no architecture."""
     if adapter.arch is None and layout.name == "kohya" and adapter.format == "kohya":
-        return {name: unit_of(module) for name, module in adapter.modules.items()}, []
+        load = Load(adapter)
+        return {name: unit_of(module, load) for name, module in adapter.modules.items()}, []
     if adapter.arch is None:
         raise ResizeError(
             f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); resize keeps names as they are "

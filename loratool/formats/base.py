@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, detect
 from ..io.source import TensorSource
-from ..kinds import Kind, dora, suffix_table
+from ..kinds import KINDS, Kind, dora, suffix_table
 
 # Tensors that modify a module of any kind rather than being one of its factors.
 MODIFIERS: dict[str, dict[str, str]] = {
@@ -107,9 +107,12 @@ def build_modules(
             orphans.extend(Orphan(k, name, why) for k in by_suffix.values())
             continue
         keys = kind.refine(keys, source.load)
+        if kind.alpha_role is not None and "alpha" in mods:
+            keys[kind.alpha_role] = mods["alpha"]
         if dora.ROLE in mods:
             keys[dora.ROLE] = mods[dora.ROLE]
-        pieces = {role: _piece(source, k) for role, k in keys.items()}
+        pieces = {role: piece_of(source, k) for role, k in keys.items()}
+        kind = KINDS[kind.variant({role: p.shape for role, p in pieces.items()})]
         module = AdapterModule(name=name, kind=kind, pieces=pieces)
         module.dora_columns = dora.per_column(module.dora_key, module.dora_shape)
         if "alpha" in mods:
@@ -157,6 +160,6 @@ def place_on_architecture(
     return found
 
 
-def _piece(source: TensorSource, key: str) -> Piece:
+def piece_of(source: TensorSource, key: str) -> Piece:
     info = source.info(key)
     return Piece(info.dtype, info.shape, key)

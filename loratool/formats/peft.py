@@ -10,17 +10,19 @@ pipeline component it adapts.
 
 from __future__ import annotations
 
-from ..adapter import Adapter, AdapterModule
+from ..adapter import Adapter, AdapterModule, Orphan
 from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS
+from ..kinds.vera import SHARED
 from .base import (
     MODIFIERS,
     Claim,
     Codec,
     build_modules,
     implied_shape_of,
+    piece_of,
     place_on_architecture,
     split_dotted,
     suffixes_longest_first,
@@ -32,8 +34,19 @@ from .peft_keyed import PeftKeyed, config_alpha, lora_config, rank_alpha_fields,
 from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, lycoris_structure
 from .peft_lycoris import PEFT_TYPES as PEFT_TYPE_OF_KIND
 
-PEFT_TYPES = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3-peft"}
+PEFT_TYPES = {
+    "LORA": "lora",
+    "LOHA": "loha",
+    "LOKR": "lokr",
+    "IA3": "ia3-peft",
+    "ADALORA": "adalora",
+    "VERA": "vera",
+    "OFT": "oft-peft",
+    "BOFT": "boft-peft",
+}
 ALPHA_FIELD = {"lora": "lora_alpha", "loha": "alpha", "lokr": "alpha"}
+ADALORA_INIT_R = 12  # AdaLoraConfig's default init_r
+VERA_SHARED = "base_model."  # where PEFT saves VeRA's shared projections: base_model.vera_A
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 # The pipeline component a PEFT dir of a diffusion model adapts. PEFT records none, and a text
 # encoder's module paths fit a bare transformers model (and SDXL's two encoders) equally well.
@@ -67,6 +80,9 @@ class PeftCodec(Codec):
         suffixes = suffixes_longest_first(kind.names["peft"], MODIFIERS["peft"])
         saved = tuple((config or {}).get("modules_to_save") or ())
         for key in source:
+            if kind.name == "vera" and key.startswith(VERA_SHARED) and key[len(VERA_SHARED) :] in SHARED:
+                claim.keys[key] = ("", key[len(VERA_SHARED) :])  # one tensor every module reads
+                continue
             if not key.startswith(WRAPPER):
                 continue
             rest = key[len(WRAPPER) :]
@@ -82,13 +98,28 @@ class PeftCodec(Codec):
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         config = self._config(source)
         kind_name = self._kind_name(source, config)
-        modules, orphans = build_modules(source, claim.keys, ("peft",))
+        shared = {suffix: key for key, (module, suffix) in claim.keys.items() if module == ""}
+        keys = {key: claimed for key, claimed in claim.keys.items() if claimed[0] != ""}
+        modules, orphans = build_modules(source, keys, ("peft",))
+        if kind_name == "vera":
+            _attach_projections(modules, shared, config or {}, source)
+        if kind_name == "adalora":
+            orphans += _pruned_away(modules)
         embeddings = {module for key, (module, suffix) in claim.keys.items() if suffix in EMBEDDING_SUFFIXES}
+        if kind_name == "oft-peft" and config is not None and "oft_block_size" not in config:
+            raise FormatError(
+                f"{source.path}: an OFT adapter from PEFT before 0.14 (no oft_block_size in its config); "
+                "PEFT itself no longer loads these"
+            )
         for name, module in modules.items():
             module.embedding = name in embeddings
+            module.kind = module.kind.configured(config or {})
             if config is None:
                 continue  # a bare state dict: alpha = rank, as every reader assumes
             module.transposed = module.embedding or bool(config.get("fan_in_fan_out", False))
+            if kind_name == "adalora":
+                _adalora_scale(module, config, source)
+                continue
             if kind_name not in ALPHA_FIELD:
                 continue  # IA3: a vector with no rank or alpha
             module.alpha = float(
@@ -114,6 +145,50 @@ class PeftCodec(Codec):
             orphans=orphans,
             extra_keys=dict(claim.extra),
         )
+
+
+def _attach_projections(
+    modules: dict[str, AdapterModule], shared: dict[str, str], config: dict, source: TensorSource
+) -> None:
+    """Give every VeRA module the shared projections. PEFT saves them only with `save_projection`;
+    otherwise it regenerates them from `projection_prng_key` with torch's generator, which is not a
+    file's content and not something loratool reproduces."""
+    if set(shared) != set(SHARED):
+        key = config.get("projection_prng_key", 0)
+        raise FormatError(
+            f"{source.path}: this VeRA adapter was saved without its shared projections vera_A/vera_B "
+            f"(save_projection is {str(config.get('save_projection', False)).lower()}); PEFT regenerates "
+            f"them from projection_prng_key={key} at load time. Save it again with save_projection=True"
+        )
+    for module in modules.values():
+        for suffix, role in SHARED.items():
+            module.pieces[role] = piece_of(source, shared[suffix])
+
+
+def _pruned_away(modules: dict[str, AdapterModule]) -> list[Orphan]:
+    """AdaLoRA modules whose rank allocation kept no rank: PEFT saves them with zero-size factors,
+    and they change nothing. They leave the adapter as notes, not as modules of rank 0."""
+    gone = [name for name, m in modules.items() if m.kind.name == "adalora" and m.shapes["down"][0] == 0]
+    orphans = []
+    for name in gone:
+        module = modules.pop(name)
+        why = "AdaLoRA pruned every rank of this module (zero-size factors): no update"
+        orphans += [Orphan(p.key, name, why, "info") for p in module.pieces.values() if p.key is not None]
+    return orphans
+
+
+def _adalora_scale(module: AdapterModule, config: dict, source: TensorSource) -> None:
+    """AdaLoRA scales by lora_alpha / (ranknum + 1e-5): ranknum is the rank the layer was made with
+    (`init_r`; a `ranknum` tensor where an older PEFT saved one), whatever rank pruning left. A
+    lora_alpha of 0 means the rank that is left, as PEFT's `scaling` has it."""
+    alpha = config.get("lora_alpha", 8)
+    module.alpha = float(alpha) if alpha > 0 else None
+    module.alpha_source = "config"
+    ranknum = module.pieces.get("ranknum")
+    if ranknum is not None and ranknum.key is not None:
+        module.declared_rank = round(float(source.load(ranknum.key).float().reshape(-1)[0]))
+    else:
+        module.declared_rank = int(config.get("init_r", ADALORA_INIT_R))
 
 
 def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) -> ArchDetection:

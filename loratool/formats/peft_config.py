@@ -24,15 +24,22 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) ->
     return default
 
 
+def _rank_or_mask(value: Any) -> bool:
+    """A rank, or AdaLoRA's mask of the ranks its allocation kept."""
+    if isinstance(value, list):
+        return all(isinstance(x, bool) for x in value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # Fields whose type the readers rely on: name -> (accepts, what it must be).
 _NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number")
 _FIELDS: dict[str, tuple[Any, str]] = {
-    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "lora_alpha": _NUMBER,
     "alpha": _NUMBER,
     "rank_pattern": (
-        lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool) for x in v.values()),
-        "an object of integer ranks",
+        lambda v: isinstance(v, dict) and all(_rank_or_mask(x) for x in v.values()),
+        "an object of integer ranks (or AdaLoRA's lists of kept ranks)",
     ),
     "alpha_pattern": (lambda v: isinstance(v, dict) and all(_NUMBER[0](x) for x in v.values()), "an object of numbers"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
@@ -53,4 +60,7 @@ def checked_config(config: dict, where: object) -> dict:
         value = config.get(name)
         if value is not None and not accepts(value):
             raise FormatError(f"{where}: {name} must be {want}, got {value!r}")
+    masks = [k for k, v in (config.get("rank_pattern") or {}).items() if isinstance(v, list)]
+    if masks and config.get("peft_type") != "ADALORA":
+        raise FormatError(f"{where}: rank_pattern[{masks[0]!r}] is a list; only AdaLoRA keeps masks there")
     return config

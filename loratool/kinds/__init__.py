@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .adalora import AdaLoRA
 from .base import Kind
+from .boft import BOFT
 from .full import FullDiff
 from .glora import GLoRA
 from .ia3 import IA3
@@ -10,11 +12,32 @@ from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
 from .norm import NormDiff
+from .oft import DiagOFT
+from .peft_boft import PeftBOFT
 from .peft_ia3 import PeftIA3
+from .peft_oft import PeftOFT
 from .set_weight import SetWeight
+from .vera import VeRA
 
 KINDS: dict[str, Kind] = {
-    k.name: k for k in (LoRA(), LoHa(), LoKr(), FullDiff(), NormDiff(), IA3(), GLoRA(), SetWeight(), PeftIA3())
+    k.name: k
+    for k in (
+        LoRA(),
+        LoHa(),
+        LoKr(),
+        FullDiff(),
+        NormDiff(),
+        IA3(),
+        GLoRA(),
+        SetWeight(),
+        PeftIA3(),
+        AdaLoRA(),
+        VeRA(),
+        DiagOFT(),
+        BOFT(),
+        PeftOFT(),
+        PeftBOFT(),
+    )
 }
 
 

@@ -42,8 +42,36 @@ class Kind(ABC):
     # Tensor names too generic to claim on their own (IA3's `weight`): suffix -> the companion
     # suffix a module must also have (LyCORIS detects IA3 by `on_input` the same way).
     companions: ClassVar[dict[str, str]] = {}
+    # The scale is alpha / rank: False for kinds that scale by nothing (VeRA's vectors, OFT's
+    # rotations; OFT's alpha is a norm constraint, read as one of its tensors).
+    has_alpha: ClassVar[bool] = True
+    # The update is one low-rank product (LoRA, and AdaLoRA's B @ diag(E) @ A): `low_rank` gives it,
+    # so combine stacks it and resize truncates it as the plain LoRA it equals.
+    low_rank_product: ClassVar[bool] = False
+    # A config's `r` is the factors' rank and must match them (PEFT refuses otherwise); AdaLoRA's
+    # config rank is the divisor of its scale instead.
+    declares_factor_rank: ClassVar[bool] = True
+    # The role alpha's tensor plays when alpha is a setting of the math rather than a scale (LyCORIS
+    # OFT's norm constraint): readers put the tensor among the module's pieces under this role.
+    alpha_role: ClassVar[str | None] = None
+    # Strength acts inside the update, not on it (OFT's rotations are interpolated toward the
+    # identity): merge asks `merged` for the new weight instead of adding strength * delta.
+    strength_inside: ClassVar[bool] = False
+    # The update mixes the weight's rows (LyCORIS OFT rotates blocks of output rows), so it needs a
+    # module's whole weight at once, never one row block of a fused weight.
+    whole_weight: ClassVar[bool] = False
     # Roles that hold a setting rather than weights (IA3's `on_input`): any dtype, never a factor.
     flag_roles: ClassVar[tuple[str, ...]] = ()
+
+    def configured(self, config: dict) -> Kind:
+        """The kind under an adapter config's settings of its math (PEFT OFT's COFT and Cayley
+        options); kinds whose tensors say everything return themselves."""
+        return self
+
+    def variant(self, shapes: Shapes) -> str:
+        """The name of the kind these tensors are, for kinds that share tensor names (LyCORIS's OFT
+        and BOFT both store `oft_blocks`, told apart by its number of axes)."""
+        return self.name
 
     def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
         """The roles once the values of tiny flag tensors are known (IA3's `on_input` decides which
@@ -62,6 +90,11 @@ class Kind(ABC):
     def rank(self, shapes: Shapes) -> int | None:
         """The rank alpha is divided by (None when the kind has no rank, e.g. LoKr with two full factors)."""
 
+    def block_size(self, shapes: Shapes) -> int | None:
+        """The size of each rotation block, for kinds that rotate the weight (OFT, BOFT) instead of
+        adding a product of some rank."""
+        return None
+
     @abstractmethod
     def weight_shape(self, shapes: Shapes) -> tuple[int, ...]:
         """Shape of the update as the factors define it: (out, in[, kernel...]); kernels the factors
@@ -74,6 +107,10 @@ class Kind(ABC):
         Kinds that read the base take `weight` (fp32, (rows, in * kh * kw), already restricted to
         the rows being updated along with `output_rows`) and return the update in that shape.
         """
+
+    def merged(self, tensors: Tensors, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """The new weight at `strength` for kinds whose strength acts inside the update."""
+        return weight + strength * self.delta(tensors, weight)
 
     def norm_and_peak(self, tensors: Tensors, scale: float) -> tuple[float, float]:
         """(Frobenius norm, largest |entry|) of scale * update. This forms the update, so it costs

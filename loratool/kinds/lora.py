@@ -20,6 +20,7 @@ NDIMS = (2, 3, 4, 5)
 class LoRA(Kind):
     name = "lora"
     label = "LoRA/LoCon"
+    low_rank_product = True
     names: ClassVar[dict[str, dict[str, str]]] = {
         "kohya": {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"},
         "peft": {

@@ -132,6 +132,11 @@ def _patches(
             )
         oriented = (stored[1], stored[0]) if transposed else stored
         rows = location.rows[1] - location.rows[0] if location.rows else oriented[0]
+        if len(module.targets) > 1 and module.kind.whole_weight:
+            raise MergeError(
+                f"{module.name}: {module.kind.label} transforms its whole weight at once, and the base stores "
+                f"{', '.join(module.targets)} as separate weights"
+            )
         if len(module.targets) > 1 and module.dora_columns:
             raise MergeError(
                 f"{module.name}: its DoRA magnitude normalizes input columns across {', '.join(module.targets)}, "

@@ -235,7 +235,10 @@ class MergeWalk:
             return
         rows = kind.output_rows(factors.tensors)
         tensors = {role: _module_rows(patch, t) if role in rows else t for role, t in factors.tensors.items()}
-        target.add_(kind.delta(tensors, target), alpha=factor)
+        if kind.strength_inside:
+            target.copy_(kind.merged(tensors, target, factor))
+        else:
+            target.add_(kind.delta(tensors, target), alpha=factor)
 
     def _factors_of(self, patch: Patch) -> _Factors:
         module = patch.module

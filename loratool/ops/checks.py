@@ -326,7 +326,12 @@ class Checker:
                     f"{self.adapter.arch.name} has no module with this name; loaders skip it ('lora key not loaded')",
                 )
             )
-        if module.alpha is None and self.adapter.alpha_convention != "none" and module.kind.rank(module.shapes):
+        if (
+            module.alpha is None
+            and self.adapter.alpha_convention != "none"
+            and module.kind.has_alpha
+            and module.kind.rank(module.shapes)
+        ):
             severity = "warning" if self.adapter.alpha_convention == "tensor" else "info"
             out.append(
                 finding(

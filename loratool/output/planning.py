@@ -30,13 +30,13 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, AdapterModul
             f"{adapter.source.path}: unknown architecture ({adapter.arch_reason}); {layout.name} names "
             "depend on it (pass --arch if you know it)"
         )
+    load = Load(adapter)
     units = []
     for module in adapter.modules.values():
         if not module.targets:
             raise ConversionError(f"{module.name}: not a module of {arch.name} ({arch.title}); cannot name it")
-        units.append(unit_of(module))
+        units.append(unit_of(module, load))
     notes: list[str] = []
-    load = Load(adapter)
     for unit in units:
         why = layout.why_not(unit)
         if why:
