@@ -535,3 +535,34 @@ def test_rotations_are_not_combined_or_resized(built, tmp_path, name: str, label
     with pytest.raises(LoratoolError, match=label):
         loratool.resize(case.adapter, tmp_path / "resized", rank=2)
     assert not (tmp_path / "combined").exists() and not (tmp_path / "resized").exists()
+
+
+@pytest.mark.parametrize("name", ["oft-block8", "oft-coft", "oft-block-share", "boft-size4", "boft-num4"])
+def test_rotations_convert_to_a_peft_dir_peft_merges_the_same(built, tmp_path, name: str) -> None:
+    """A PEFT dir can hold OFT and BOFT: the copy carries the config whose settings decide the math."""
+    from peft import PeftModel
+
+    case = built(name)
+    loratool.convert(case.adapter, "peft", tmp_path / "copy")
+    reloaded = state(PeftModel.from_pretrained(llama(), tmp_path / "copy").merge_and_unload())
+    for key, value in reloaded.items():
+        close(value, case.oracle[key], key)
+
+
+def test_vera_is_refused_by_peft_output_too(built, tmp_path) -> None:
+    """VeRA's projections are shared by every module; loratool writes no VeRA dir (merge it)."""
+    with pytest.raises(ConversionError, match="VeRA"):
+        loratool.convert(built("vera").adapter, "peft", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ADALORA)
+def test_adalora_combines_and_resizes_as_the_lora_it_is(built, base, before, tmp_path, name: str) -> None:
+    """AdaLoRA is a low-rank product: combining it with itself at 0.5 + 0.5 merges to the oracle,
+    and resizing to its own largest rank changes nothing."""
+    case = built(name)
+    loratool.combine([case.adapter, case.adapter], tmp_path / "combined", weights=[0.5, 0.5])
+    check_merge(merged(base, tmp_path / "combined", tmp_path / "m1"), before, case)
+    rank = max(m.rank for m in loratool.inspect(case.adapter).modules)
+    loratool.resize(case.adapter, tmp_path / "resized", rank=rank)
+    check_merge(merged(base, tmp_path / "resized", tmp_path / "m2"), before, case)

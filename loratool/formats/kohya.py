@@ -23,7 +23,7 @@ from ..adapter import TOKEN_WHAT, Adapter, AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
-from ..kinds import dora, suffix_table, without_lone_generics
+from ..kinds import KINDS, dora, peft_ia3, suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 from .layout import (
     HF_MODULES_KEY,
@@ -156,6 +156,20 @@ class KohyaLayout(Layout):
             return dora.why_not("kohya", unit.kind, unit.dora_columns, unit.embedding)
         return None
 
+    def adopt(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
+        """PEFT's IA3 as LyCORIS's: w = l - 1 on the same axis, with its `on_input` flag."""
+        if unit.kind.name != "ia3-peft":
+            return unit
+        vector = unit.pieces["vector"]
+        axis = "out" if vector.shape[-1] == 1 else "in"
+        flag = Piece("I64", (), None, lambda: torch.tensor(int(axis == "in")))
+        pieces = {
+            axis: Piece.made(vector, (max(vector.shape),), lambda: peft_ia3.as_lycoris(load(vector))[1]),
+            "on_input": flag,
+        }
+        note = f"{unit.name}: PEFT's IA3 written as LyCORIS's (weight = ia3_l - 1)"
+        return replace(unit, kind=KINDS["ia3"], pieces=pieces, notes=[*unit.notes, note])
+
     def prepare(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
         """Two whole LoKr factors: PEFT scales them by alpha / r, LyCORIS applies them at scale 1,
         so the scale moves into w1 (the same product, rounded once in w1's dtype)."""
@@ -196,7 +210,8 @@ class KohyaLayout(Layout):
         if arch is not None and not arch.lists_modules:  # kohya names do not spell paths out: record them
             modules = {}
             for name, unit in units.items():
-                kind = "embedding" if unit.embedding else ("conv" if len(unit.pieces["down"].shape) >= 3 else "linear")
+                conv = len(unit.kind.weight_shape(unit.shapes)) >= 3
+                kind = "embedding" if unit.embedding else ("conv" if conv else "linear")
                 modules[name] = {"path": unit.targets[0], "type": kind}
             metadata[HF_MODULES_KEY] = json.dumps(modules, sort_keys=True)
             config = {k: v for k, v in (adapter.config or {}).items() if k not in MATH_FIELDS}

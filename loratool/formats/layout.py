@@ -92,6 +92,11 @@ class Layout(ABC):
         """Whether PEFT's saved full weights (modules_to_save, embedding layers) keep their keys here."""
         return False
 
+    def adopt(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
+        """The unit as a kind this layout has names for, where another library's kind holds the
+        same update (IA3: PEFT's l is LyCORIS's 1 + w); planned before anything is split or named."""
+        return unit
+
     def prepare(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
         """The unit as this layout stores it, when its rules need the numbers moved (same update)."""
         return unit
@@ -110,6 +115,7 @@ def carried_metadata(metadata: dict[str, str], units: dict[str, AdapterModule]) 
 
 def factor_pieces(kind: Kind, pieces: dict[str, Piece], scheme: str, embedding_names: bool) -> dict[str, Piece]:
     names = {role: suffix for suffix, role in kind.names[scheme].items() if not suffix.startswith("lora_embedding")}
+    names.update({alias: names[role] for alias, role in kind.aliases.items() if role in names})
     if embedding_names:
         names.update(EMBEDDING_NAMES)
     return {names[role]: piece for role, piece in pieces.items() if role in names}

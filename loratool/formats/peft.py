@@ -10,11 +10,16 @@ pipeline component it adapts.
 
 from __future__ import annotations
 
-from ..adapter import Adapter, AdapterModule, Orphan
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
-from ..kinds import KINDS
+from ..kinds import KINDS, peft_ia3
 from ..kinds.vera import SHARED
 from .base import (
     MODIFIERS,
@@ -32,8 +37,9 @@ from .layout import COMPONENT_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
 from .peft_keyed import PeftKeyed, config_alpha, lora_config, rank_alpha_fields, short_path
 from .peft_lycoris import LOKR_FIELDS, LYCORIS_FIELDS, lycoris_structure
-from .peft_lycoris import PEFT_TYPES as PEFT_TYPE_OF_KIND
 
+LYCORIS_KINDS = ("loha", "lokr")  # PEFT's LoHa and LoKr: LyCORIS's tensors, PEFT's config rules
+ROTATIONS = ("oft-peft", "boft-peft")  # kinds whose math lives in the config they were trained with
 PEFT_TYPES = {
     "LORA": "lora",
     "LOHA": "loha",
@@ -225,6 +231,17 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{component}.{m}", only=arch)
 
 
+def _ia3_config(pairs: list[tuple[str, AdapterModule]], levels: tuple[str, ...], base: dict | None) -> dict:
+    """An IA3Config: every module a target, those scaled per input column feed-forward modules."""
+    config = {k: v for k, v in (base or {}).items() if k not in ("target_modules", "feedforward_modules")}
+    config["target_modules"] = sorted({short_path(p, levels) for p, _ in pairs})
+    config["feedforward_modules"] = sorted(
+        {short_path(p, levels) for p, u in pairs if u.pieces["vector"].shape[0] == 1}
+    )
+    config.setdefault("fan_in_fan_out", False)
+    return config
+
+
 def saved_parameter(key: str) -> str:
     """The base-model parameter a full weight saved with the adapter stands for (modules_to_save,
     or an embedding's `base_layer` saved by save_embedding_layers)."""
@@ -241,7 +258,7 @@ class PeftLayout(PeftKeyed):
     name = "peft"
     single_component = True
     is_directory = True
-    kinds = ("lora", "loha", "lokr")
+    kinds = ("lora", "loha", "lokr", "ia3-peft", "oft-peft", "boft-peft")
 
     def check_together(self, units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> None:
         kinds = {u.kind.name: u for u in units.values()}
@@ -251,8 +268,21 @@ class PeftLayout(PeftKeyed):
                 f"{second.name}: {second.kind.label}, while {first.name} is {first.kind.label}; a PEFT "
                 "adapter holds one adapter type (use --to kohya for a mixed file)"
             )
-        if units and next(iter(units.values())).kind.name != "lora":
+        if units and next(iter(units.values())).kind.name in LYCORIS_KINDS:
             self._lycoris_fields(units, arch)
+
+    def adopt(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
+        """LyCORIS's IA3 of a linear layer as PEFT's: ia3_l = 1 + w, (out, 1) or (1, in)."""
+        if unit.kind.name != "ia3" or unit.transposed:
+            return unit
+        axis = "in" if "in" in unit.pieces else "out"
+        vector = unit.pieces[axis]
+        if len(vector.shape) != 1:
+            return unit  # a conv's (1, C, 1, 1): PEFT's IA3 of a conv is another layout (why_not names it)
+        shape = (vector.shape[0], 1) if axis == "out" else (1, vector.shape[0])
+        factor = Piece.made(vector, shape, lambda: peft_ia3.from_lycoris(axis, load(vector)))
+        note = f"{unit.name}: LyCORIS's IA3 written as PEFT's (ia3_l = 1 + weight)"
+        return replace(unit, kind=KINDS["ia3-peft"], pieces={"vector": factor}, notes=[*unit.notes, note])
 
     def _lycoris_fields(self, units: dict[str, AdapterModule], arch: BaseArchitecture | None) -> dict:
         levels = self._levels(units, arch)
@@ -295,13 +325,22 @@ class PeftLayout(PeftKeyed):
         single_model = arch is not None and not arch.components
         base = adapter.config if adapter.format == "peft" or single_model else None
         kind = pairs[0][1].kind.name
-        peft_type = PEFT_TYPE_OF_KIND.get(kind, "LORA")
+        peft_type = next(t for t, k in PEFT_TYPES.items() if k == kind)
         if (base or {}).get("peft_type", "LORA") != peft_type:
             base = None  # another adapter type's fields would not be this config's
         if kind == "lora":
             config = lora_config(pairs, levels, base)
             config.setdefault("bias", "none")
             config.setdefault("fan_in_fan_out", any(u.transposed and not u.embedding for u in units.values()))
+        elif kind == "ia3-peft":
+            config = _ia3_config(pairs, levels, base)
+        elif kind in ROTATIONS:
+            if base is None:
+                raise ConversionError(
+                    f"{pairs[0][1].name}: {pairs[0][1].kind.label} needs the PEFT config it was trained with "
+                    "(block sizes, COFT and Cayley settings), and the source has none"
+                )
+            config = dict(base)
         else:
             config = {k: v for k, v in (base or {}).items() if k not in (*LYCORIS_FIELDS, *LOKR_FIELDS)}
             fields = self._lycoris_fields(units, arch)

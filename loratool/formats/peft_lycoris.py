@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from ..adapter import AdapterModule
 from ..errors import ConversionError
 
-PEFT_TYPES = {"loha": "LOHA", "lokr": "LOKR"}
 # Fields these configs compute; anything else a source PEFT config had is kept.
 LYCORIS_FIELDS = ("r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d", "decompose_both")
 LOKR_FIELDS = ("decompose_factor",)

@@ -60,6 +60,9 @@ class Kind(ABC):
     # The update mixes the weight's rows (LyCORIS OFT rotates blocks of output rows), so it needs a
     # module's whole weight at once, never one row block of a fused weight.
     whole_weight: ClassVar[bool] = False
+    # Roles `refine` gives a tensor, and the role whose name it is written under (IA3's vector is
+    # read as "vector" and refined to "out" or "in" by its `on_input` flag).
+    aliases: ClassVar[dict[str, str]] = {}
     # Roles that hold a setting rather than weights (IA3's `on_input`): any dtype, never a factor.
     flag_roles: ClassVar[tuple[str, ...]] = ()
 

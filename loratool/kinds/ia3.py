@@ -25,6 +25,7 @@ class IA3(Kind):
     stores_alpha = False
     companions: ClassVar[dict[str, str]] = {"weight": "on_input"}  # a bare `.weight` is any checkpoint's
     flag_roles: ClassVar[tuple[str, ...]] = ("on_input",)
+    aliases: ClassVar[dict[str, str]] = {axis: "vector" for axis in AXES}
 
     def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
         if "vector" not in keys or "on_input" not in keys:

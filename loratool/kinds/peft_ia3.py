@@ -4,6 +4,9 @@ W' = W * l: per output row for most modules (`ia3_l` stored (out, 1)), per input
 config's `feedforward_modules` (stored (1, in)). Unlike LyCORIS's IA3 (W * (1 + w), kinds/ia3.py)
 the vector is the factor itself, so the update is W * (l - 1), and a merge at strength s gives
 W * (1 + s (l - 1)): PEFT's own merge at 1, the base at 0. No rank, no alpha.
+
+LyCORIS's IA3 holds the same update as w = l - 1, per output row or (`on_input`) per input column,
+at every strength, so convert writes one as the other (`as_lycoris`, `from_lycoris`).
 """
 
 from __future__ import annotations
@@ -46,3 +49,15 @@ class PeftIA3(Kind):
             raise ValueError("IA3 multiplies the base weight; its update needs the weight")
         vector = tensors["vector"].float()
         return weight * (vector.reshape(-1, 1) - 1 if vector.shape[1] == 1 else vector.reshape(1, -1) - 1)
+
+
+def as_lycoris(vector: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """PEFT's `ia3_l` as LyCORIS's IA3: (the axis it scales, w = l - 1 as a vector)."""
+    axis = "out" if vector.shape[-1] == 1 else "in"
+    return axis, vector.float().reshape(-1) - 1
+
+
+def from_lycoris(axis: str, vector: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's IA3 vector w as PEFT's `ia3_l` = 1 + w, (out, 1) per row or (1, in) per column."""
+    factor = 1 + vector.float().reshape(-1)
+    return factor.reshape(-1, 1) if axis == "out" else factor.reshape(1, -1)

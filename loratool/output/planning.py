@@ -35,7 +35,7 @@ def plan_units(adapter: Adapter, layout: Layout) -> tuple[dict[str, AdapterModul
     for module in adapter.modules.values():
         if not module.targets:
             raise ConversionError(f"{module.name}: not a module of {arch.name} ({arch.title}); cannot name it")
-        units.append(unit_of(module, load))
+        units.append(layout.adopt(unit_of(module, load), load))
     notes: list[str] = []
     for unit in units:
         why = layout.why_not(unit)
