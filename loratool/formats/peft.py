@@ -271,6 +271,11 @@ class PeftLayout(PeftKeyed):
         if units and next(iter(units.values())).kind.name in LYCORIS_KINDS:
             self._lycoris_fields(units, arch)
 
+    def why_not(self, unit: AdapterModule) -> str | None:
+        if unit.kind.name == "ia3":  # what `adopt` left as LyCORIS's
+            return "LyCORIS's IA3 of a conv or a transposed weight has no PEFT IA3 form here (use --to kohya)"
+        return super().why_not(unit)
+
     def adopt(self, unit: AdapterModule, load: Callable[[Piece], torch.Tensor]) -> AdapterModule:
         """LyCORIS's IA3 of a linear layer as PEFT's: ia3_l = 1 + w, (out, 1) or (1, in)."""
         if unit.kind.name != "ia3" or unit.transposed:
