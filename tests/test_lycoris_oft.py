@@ -290,3 +290,14 @@ def test_combine_and_resize_refuse_naming_the_kind(built, tmp_path, name):
         message = str(caught.value)
         assert names_kind(message, item.config.algo, exact_case=False), message
         assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["diag-oft", "boft"])
+def test_a_negative_strength_is_refused_naming_the_kind(built, tmp_path, name):
+    """m R + (1 - m) I with m < 0 is no rotation and no undo: refused, nothing written."""
+    item = built(name)
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(LoratoolError) as caught:
+        loratool.merge(item.base, [item.lora], out, weights=[-1.0], device="cpu")
+    assert names_kind(str(caught.value), item.config.algo, exact_case=True) and "negative" in str(caught.value)
+    assert not out.exists()

@@ -538,12 +538,16 @@ def test_rotations_are_not_combined_or_resized(built, tmp_path, name: str, label
 
 
 @pytest.mark.parametrize("name", ["oft-block8", "oft-coft", "oft-block-share", "boft-size4", "boft-num4"])
-def test_rotations_convert_to_a_peft_dir_peft_merges_the_same(built, tmp_path, name: str) -> None:
+def test_rotations_convert_to_a_peft_dir_peft_merges_the_same(built, tmp_path, monkeypatch, name: str) -> None:
     """A PEFT dir can hold OFT and BOFT: the copy carries the config whose settings decide the math."""
     from peft import PeftModel
+    from peft.tuners.boft import layer
 
     case = built(name)
     loratool.convert(case.adapter, "peft", tmp_path / "copy")
+    # One stage, as the file holds; and no attempt to compile the CUDA kernel, whose build imports
+    # setuptools, whose vendored packages then shadow the installed ones for the rest of the session.
+    monkeypatch.setattr(layer, "get_fbd_cuda", lambda: None)
     reloaded = state(PeftModel.from_pretrained(llama(), tmp_path / "copy").merge_and_unload())
     for key, value in reloaded.items():
         close(value, case.oracle[key], key)
@@ -566,3 +570,10 @@ def test_adalora_combines_and_resizes_as_the_lora_it_is(built, base, before, tmp
     rank = max(m.rank for m in loratool.inspect(case.adapter).modules)
     loratool.resize(case.adapter, tmp_path / "resized", rank=rank)
     check_merge(merged(base, tmp_path / "resized", tmp_path / "m2"), before, case)
+
+
+@pytest.mark.parametrize(("name", "label"), [("oft-block8", r"OFT \(PEFT\)"), ("boft-size4", r"BOFT \(PEFT\)")])
+def test_rotations_refuse_a_negative_strength(built, base, tmp_path, name: str, label: str) -> None:
+    with pytest.raises(LoratoolError, match=label + ".*negative"):
+        merged(base, built(name).adapter, tmp_path / "out", strength=-0.5)
+    assert not (tmp_path / "out").exists()

@@ -57,6 +57,9 @@ class Kind(ABC):
     # Strength acts inside the update, not on it (OFT's rotations are interpolated toward the
     # identity): merge asks `merged` for the new weight instead of adding strength * delta.
     strength_inside: ClassVar[bool] = False
+    # A negative strength means something (an exact subtract for additive kinds, the same formula
+    # for IA3 and DoRA, as their trainers apply it); rotations have no meaningful negative.
+    negative_strength: ClassVar[bool] = True
     # The update mixes the weight's rows (LyCORIS OFT rotates blocks of output rows), so it needs a
     # module's whole weight at once, never one row block of a fused weight.
     whole_weight: ClassVar[bool] = False

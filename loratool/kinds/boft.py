@@ -25,6 +25,7 @@ class BOFT(Kind):
     label = "BOFT"
     names: ClassVar[dict[str, dict[str, str]]] = NAMES
     reads_base = True
+    negative_strength = False
     has_alpha = False
     alpha_role = "constraint"
     strength_inside = True

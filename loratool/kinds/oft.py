@@ -39,6 +39,7 @@ class DiagOFT(Kind):
     label = "OFT"
     names: ClassVar[dict[str, dict[str, str]]] = NAMES
     reads_base = True
+    negative_strength = False
     has_alpha = False
     alpha_role = "constraint"
     strength_inside = True

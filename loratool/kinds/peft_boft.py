@@ -38,6 +38,7 @@ class PeftBOFT(Kind):
     label = "BOFT (PEFT)"
     names: ClassVar[dict[str, dict[str, str]]] = {"peft": {"boft_R": "blocks", "boft_s": "s"}}
     reads_base = True
+    negative_strength = False
     stores_alpha = False
     has_alpha = False
 

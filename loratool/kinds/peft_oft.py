@@ -34,6 +34,7 @@ class PeftOFT(Kind):
     label = "OFT (PEFT)"
     names: ClassVar[dict[str, dict[str, str]]] = {"peft": {"oft_R.weight": "packed"}}
     reads_base = True
+    negative_strength = False
     stores_alpha = False
     has_alpha = False
 

@@ -89,6 +89,11 @@ def match(adapter: Adapter, lora: int, strength: float, base: TensorSource) -> L
     found.patches.extend(_replacement(adapter, key, lora, base) for key in adapter.extra_keys)
     arch = adapter.arch
     for module in adapter.modules.values():
+        if strength < 0 and not module.kind.negative_strength:
+            raise MergeError(
+                f"{module.name}: {module.kind.label} rotates the weight; a negative strength ({strength:g}) "
+                "neither undoes the rotation nor rotates back"
+            )
         locations = None
         if arch is not None and module.targets:
             locations = locate(arch, module.targets, base, lambda key: base.info(key).shape)
