@@ -24,7 +24,7 @@ from loratool.archs.hf import HF_FAMILIES, HFArchitecture, detect_hf
 from loratool.archs.locate import Location, locate
 from loratool.archs.table import TABLES, level_variants
 
-ARCHS = ("sd1", "sd2", "sdxl", "flux1")
+ARCHS = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large")
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,11 @@ def test_tables_load_and_have_expected_sizes() -> None:
     assert len(sd1_attn) == 16  # 6 down + 1 mid + 9 up transformer blocks
     sdxl_attn = [m for m in arch("sdxl").modules if m.endswith(".attn1.to_q")]
     assert len(sdxl_attn) == 70  # down 2x2 + 2x10, mid 10, up 3x10 + 3x2 transformer blocks
+    # SD3 Medium and SD3.5 Large: 24 and 38 joint blocks; SD3.5 Medium's second attention in blocks 0-12
+    for name, blocks in (("sd3", 24), ("sd3.5-medium", 24), ("sd3.5-large", 38)):
+        assert sum(1 for g in arch(name).fused if g.endswith(".x_block.attn.qkv")) == blocks
+    assert sum(1 for g in arch("sd3.5-medium").fused if g.endswith(".x_block.attn2.qkv")) == 13
+    assert not [g for g in arch("sd3").fused if ".attn2." in g]
 
 
 def test_families_are_discovered_and_tables_sorted_by_their_declared_order() -> None:
@@ -568,6 +573,9 @@ def test_known_real_kohya_names(name: str, kohya: str, targets: tuple[str, ...] 
         assert index[kohya] == targets
 
 
+SD3_TEXT = {"text_encoder": 12 * 2 + 1, "text_encoder_2": 32 * 2 + 1, "text_encoder_3": 24 * 2 + 1}
+
+
 def test_norm_rows() -> None:
     """Every normalization layer with a learned weight is a row of its own: 1-D, never a default target."""
     # Independent counts from the block structure: 2 GroupNorms per ResNet, a GroupNorm per attention,
@@ -578,6 +586,11 @@ def test_norm_rows() -> None:
         "sdxl": {"unet": 17 * 2 + 11 + 70 * 3 + 1, "text_encoder": 12 * 2 + 1, "text_encoder_2": 32 * 2 + 1},
         # Flux: only the q/k RMSNorms carry weights (its LayerNorms are modulated, without affine).
         "flux1": {"transformer": 19 * 4 + 38 * 2, "text_encoder": 12 * 2 + 1, "text_encoder_2": 24 * 2 + 1},
+        # SD3: modulated LayerNorms only; SD3.5's q/k RMSNorms of both streams, 4 per block, plus SD3.5
+        # Medium's attn2 q/k in blocks 0-12.
+        "sd3": {"transformer": 0, **SD3_TEXT},
+        "sd3.5-medium": {"transformer": 24 * 4 + 13 * 2, **SD3_TEXT},
+        "sd3.5-large": {"transformer": 38 * 4, **SD3_TEXT},
     }
     for name in ARCHS:
         a = arch(name)

@@ -452,17 +452,20 @@ LINEAR1_PARTS = {
 }
 
 
-def diffusers_kohya_flux(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+def diffusers_kohya_flux(
+    sd: dict[str, torch.Tensor], linear1: str = "_linear1."
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """diffusers' kohya Flux conversion, and the modules it could not convert.
 
     diffusers 0.42 splits single-block `linear1` with the full model's widths hard-coded
-    (dims=[3072, 3072, 3072, 12288]) and fails an assert on the narrow model: convert without linear1 then,
+    (dims=[3072, 3072, 3072, 12288]) and fails an assert on the narrow model: convert without linear1
+    (keys containing `linear1`: kohya's `_linear1.`, or `.linear1.` under `diffusion_model.`) then,
     and leave its parts out of the comparison."""
     try:
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(sd), return_alphas=True)
         skipped: set[str] = set()
     except AssertionError:
-        rest = {k: v for k, v in sd.items() if "_linear1." not in k}
+        rest = {k: v for k, v in sd.items() if linear1 not in k}
         converted, alphas = FluxLoraLoaderMixin.lora_state_dict(rest, return_alphas=True)
         skipped = LINEAR1_PARTS
     assert alphas is None  # kohya Flux: diffusers bakes alpha / rank into the factors

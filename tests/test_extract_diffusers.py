@@ -670,3 +670,21 @@ def test_kohya_cannot_leave_out_part_of_a_fused_module(flux, tmp_path):
     names = {m.name for m in report.modules}
     assert "transformer.transformer_blocks.0.attn.to_k" not in names
     assert "transformer.transformer_blocks.0.attn.to_q" in names
+
+
+# -- ComfyUI's layout: the same factors under the names ComfyUI reads ------------------------------------------------
+def test_flux_extract_to_comfyui_is_the_kohya_extract_renamed(flux, tmp_path):
+    kohya, comfy = tmp_path / "kohya.safetensors", tmp_path / "comfy.safetensors"
+    extract(flux.base, flux.tuned, kohya, rank=RANK, include=FLUX_INCLUDE, exact=True)
+    report = extract(flux.base, flux.tuned, comfy, rank=RANK, include=FLUX_INCLUDE, exact=True, to="comfyui")
+    assert report.target == "comfyui"
+    ours, theirs = lora_file(comfy)[0], lora_file(kohya)[0]
+    suffixes = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+    def as_kohya(key: str) -> str:
+        suffix = next(s for s in suffixes if key.endswith(s))
+        return "lora_unet_" + key.removeprefix("diffusion_model.").removesuffix(suffix).replace(".", "_") + suffix
+
+    assert all(k.startswith("diffusion_model.") for k in ours)
+    assert {as_kohya(k): v for k, v in ours.items()}.keys() == theirs.keys()
+    assert all(torch.equal(v, theirs[as_kohya(k)]) for k, v in ours.items())

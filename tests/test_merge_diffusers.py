@@ -99,7 +99,7 @@ def base_checkpoint(arch: Architecture, models: dict[str, nn.Module], dtype: tor
             continue
         prefix = arch.components[spec.component].file_prefixes[0]
         bias = param(spec.name, ".bias")
-        if spec.rows == "swap_halves":
+        if spec.rows == "swap_halves" and prefix + spec.native_weight in sd:  # narrow models may lack it
             sd[prefix + spec.native_weight] = swap_halves(sd[prefix + spec.native_weight]).contiguous()
             bias = None if bias is None else swap_halves(bias)
         if bias is not None and spec.weight is None:
@@ -111,7 +111,7 @@ def base_checkpoint(arch: Architecture, models: dict[str, nn.Module], dtype: tor
         if all(b is not None for b in biases):
             prefix = arch.components[group.component].file_prefixes[0]
             sd[prefix + group.weight.removesuffix("weight") + "bias"] = torch.cat(biases)
-    if "transformer" in models:  # Flux q/k RMSNorm scales: parameters, not modules
+    if arch.name == "flux1" and "transformer" in models:  # Flux q/k RMSNorm scales: parameters, not modules
         flux = models["transformer"]
         norms = {}  # BFL norm -> diffusers (query, key) RMSNorms
         for i in range(len(flux.transformer_blocks)):

@@ -76,14 +76,16 @@ def _best_fit(
     tied: list[tuple[Architecture, dict[str, Targets]]], implied_shape: Callable[[str], tuple[int, ...] | None]
 ) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
     """Break a tie of names with the factors: first the kind of layer each module is, then the
-    full-size shapes; what still ties is reported as ambiguous."""
+    full-size shapes, each step keeping only the architectures that fit best; what still ties is
+    reported as ambiguous."""
     for fits, why in ((_same_type, ", layer types match"), (lambda i, f: i == f, ", full-size shapes match")):
         scores = [
             (sum(1 for n, t in r.items() if fits(implied_shape(n), a.modules[t[0]].shape)), a, r) for a, r in tied
         ]
         best = max(s for s, _, _ in scores)
-        if sum(1 for s, _, _ in scores if s == best) == 1:
-            return [next((a, r) for s, a, r in scores if s == best)], why
+        tied = [(a, r) for s, a, r in scores if s == best]
+        if len(tied) == 1:
+            return tied, why
     return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
 
 

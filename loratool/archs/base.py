@@ -87,6 +87,10 @@ class BaseArchitecture(ABC):
         """The fused weight a module is one row block of, if any."""
         return None
 
+    def comfyui_name(self, targets: Targets) -> str | None:
+        """The module name ComfyUI reads for these targets (None: ComfyUI loads no such model)."""
+        return None
+
     # -- names in kohya files ----------------------------------------------------------------------------
     @abstractmethod
     def kohya_name(self, target: str) -> str:

@@ -3,7 +3,9 @@
     python -m loratool.archs.generate
 
 Every module of `loratool.archs.families` whose name does not start with `_` is one family and
-exposes `FAMILY`; the families are found by listing that package, so adding one is adding a module.
+exposes `FAMILY`, or `VARIANTS` when the family's models differ in width, depth or modules (SD3
+Medium, SD3.5 Medium and Large): one table each, named after the module (`sd3`, `sd3.5-large`). The
+families are found by listing that package, so adding one is adding a module.
 Each family's models are built on the meta device from their published configs (no weights, no
 downloads) with diffusers and transformers, and every Linear, Conv and Embedding module becomes one
 table row, as does every normalization layer with a learned weight (type and target "norm", which
@@ -28,15 +30,20 @@ TABLES = Path(__file__).with_name("tables")
 
 
 def families() -> list[TableFamily]:
-    """Every family module's `FAMILY`, in declared order (importing them builds no model)."""
+    """Every family module's `FAMILY` (or its `VARIANTS`), in declared order (importing them builds
+    no model)."""
     found = []
     for info in pkgutil.iter_modules(families_package.__path__):
         if info.name.startswith("_"):
             continue
-        family = importlib.import_module(f"{families_package.__name__}.{info.name}").FAMILY
-        if family.name != info.name:
-            raise ValueError(f"families/{info.name}.py declares the family {family.name!r}: name it after the module")
-        found.append(family)
+        module = importlib.import_module(f"{families_package.__name__}.{info.name}")
+        declared = getattr(module, "VARIANTS", None) or (module.FAMILY,)
+        for family in declared:
+            if family.name != info.name and not (len(declared) > 1 and family.name.startswith(info.name)):
+                raise ValueError(
+                    f"families/{info.name}.py declares the family {family.name!r}: name it after the module"
+                )
+            found.append(family)
     found.sort(key=lambda f: f.order)
     orders = [f.order for f in found]
     if len(set(orders)) != len(orders):

@@ -44,6 +44,7 @@ class Component:
     file_prefixes: tuple[str, ...]  # prefixes of this component's keys in single-file checkpoints
     lora_prefixes: tuple[str, ...]  # prefixes LoRA files use with single-file module paths
     optional_levels: tuple[str, ...] = ()  # path levels some library versions omit (CLIP's text_model.)
+    comfyui: KohyaNaming | None = None  # what ComfyUI reads: prefix + single-file ("native") or HF ("name") paths
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class Architecture(BaseArchitecture):
                 file_prefixes=tuple(c["file_prefixes"]),
                 lora_prefixes=tuple(c["lora_prefixes"]),
                 optional_levels=tuple(c.get("optional_levels", ())),
+                comfyui=KohyaNaming(c["comfyui"]["prefix"], c["comfyui"]["paths"]) if "comfyui" in c else None,
             )
             for c in data["components"]
         }
@@ -217,7 +219,24 @@ class Architecture(BaseArchitecture):
         for group in self.fused.values():
             for prefix in self.components[group.component].lora_prefixes:
                 _add(index, prefix + group.native, group.parts)
+        for spec in self.modules.values():  # ComfyUI's text encoder names: its prefix + the HF path
+            naming = self.components[spec.component].comfyui
+            if naming is not None and naming.paths == "name":
+                _add(index, naming.prefix + spec.path, (spec.name,))
         return index
+
+    def comfyui_name(self, targets: Targets) -> str | None:
+        """The module name ComfyUI reads for one module or a whole fused weight (None: a row block
+        of a fused weight, or a component ComfyUI has no naming for)."""
+        spec = self.modules[targets[0]]
+        naming = self.components[spec.component].comfyui
+        if naming is None:
+            return None
+        if len(targets) > 1:
+            group = self.fused_group(targets)
+            return naming.prefix + group.native if group is not None and naming.paths == "native" else None
+        path = spec.native if naming.paths == "native" else spec.path
+        return None if path is None else naming.prefix + path
 
     def index(self, scheme: str) -> dict[str, Targets]:
         return {"kohya": self.kohya_index, "diffusers": self.path_index, "native": self.native_index}[scheme]

@@ -6,11 +6,12 @@ from .diffusers import DiffusersLayout
 from .kohya import KohyaLayout
 from .layout import Entry, Layout, Origin
 from .mlx import MlxLayout
+from .native import ComfyLayout
 from .peft import PeftLayout
 
 # The layouts commands write, by the name `--to` takes.
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for layout in (KohyaLayout(), DiffusersLayout(), PeftLayout(), MlxLayout())
+    layout.name: layout for layout in (KohyaLayout(), DiffusersLayout(), PeftLayout(), MlxLayout(), ComfyLayout())
 }
 
 __all__ = ["CODECS", "LAYOUTS", "Detection", "Entry", "Layout", "Origin", "detect_format", "read_adapter"]

@@ -4,15 +4,22 @@ Module paths are the LDM/sgm/BFL/OpenCLIP ones (`diffusion_model.double_blocks.0
 `text_encoders.clip_l.transformer.text_model...`), with either kohya tensor names
 (`lora_down.weight`, `alpha`) or PEFT ones (`lora_A.weight`). BFL's Flux control LoRAs (Depth,
 Canny) add `*_norm.scale` tensors that replace the base's (kinds/set_weight.py).
+
+`ComfyLayout` writes the layout ComfyUI's maintainers ask trainers to ship: the denoiser's modules
+under `diffusion_model.` with their single-file names (ComfyUI's generic rule loads them for any
+model it knows), each text encoder's under the prefix ComfyUI keeps it at
+(`text_encoders.clip_l.transformer.` + HF path), and kohya/LyCORIS tensor names with `alpha`, so
+every kind and every scale travels exactly.
 """
 
 from __future__ import annotations
 
 from ..adapter import Adapter
-from ..archs import BaseArchitecture, architectures
+from ..archs import BaseArchitecture, Targets, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .kohya import KohyaLayout
 
 
 class NativeCodec(Codec):
@@ -43,6 +50,7 @@ class NativeCodec(Codec):
         return Adapter(
             source=source,
             format=self.name,
+            native_layout="comfyui",
             variant=", ".join(p or "(no prefix)" for p in prefixes),
             arch=found.arch,
             arch_reason=found.reason,
@@ -56,5 +64,23 @@ class NativeCodec(Codec):
 
 def _prefix_of(name: str, arch: BaseArchitecture | None) -> str:
     components = arch.components.values() if arch is not None else ()
-    prefixes = sorted({p for c in components for p in c.lora_prefixes}, key=len, reverse=True)
+    named = {p for c in components for p in c.lora_prefixes} | {c.comfyui.prefix for c in components if c.comfyui}
+    prefixes = sorted(named, key=len, reverse=True)
     return next((p for p in prefixes if p and name.startswith(p)), "")
+
+
+class ComfyLayout(KohyaLayout):
+    """kohya's tensors under the module names ComfyUI reads (see the module docstring)."""
+
+    name = "comfyui"
+
+    def unit_name(self, arch: BaseArchitecture, targets: Targets) -> str | None:
+        return arch.comfyui_name(targets)
+
+    def native_rows(self, arch: BaseArchitecture, targets: Targets) -> bool:
+        spec = arch.spec(targets[0])
+        naming = arch.components[spec.component].comfyui if spec is not None else None
+        return naming is not None and naming.paths == "native"
+
+    def token_key(self, token: str) -> str | None:
+        return None  # ComfyUI loads embeddings as their own files, not from a LoRA

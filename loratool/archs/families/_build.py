@@ -26,6 +26,16 @@ NativeRule = Callable[[str], dict]
 FUSED_SIZES = {"in_proj": ["in", "in", "in"], "qkv": ["in", "in", "in"], "linear1": ["in", "in", "in", "rest"]}
 
 
+# ComfyUI's generic rule: a LoRA module named `diffusion_model.` + a base key's module path loads.
+DENOISER_COMFYUI = {"prefix": "diffusion_model.", "paths": "native"}
+
+
+def comfyui_text_encoder(name: str) -> dict:
+    """ComfyUI reads a text encoder's LoRA under `text_encoders.` + its own state-dict prefix
+    (`clip_l.transformer.`, `t5xxl.transformer.`) + the HF path."""
+    return {"prefix": f"text_encoders.{name}.transformer.", "paths": "name"}
+
+
 @dataclass(frozen=True)
 class TableFamily:
     """One model family, as its module declares it: the generator writes `tables/<name>.json` from
@@ -104,6 +114,7 @@ def component(
     target: Callable[[str], str],
     add_level: str = "",
     optional_levels: tuple[str, ...] = (),
+    comfyui: dict | None = None,
 ) -> ComponentRows:
     """The rows of one component (diffusers name `name`, users' name `short`) of a family.
 
@@ -112,6 +123,9 @@ def component(
     `lora_prefixes` what LoRA files put before its single-file paths. `native` names each module in
     the single-file layout and `target` says whether trainers adapt it by default. `add_level` is
     prefixed to paths a library version leaves it off; `optional_levels` are levels files may omit.
+    `comfyui` is the naming ComfyUI reads for the component ({"prefix", "paths": "native" | "name"}):
+    a denoiser's single-file names under `diffusion_model.` (the default), a text encoder's HF
+    paths under `text_encoders.<its name in ComfyUI>.transformer.`.
     """
     rows: list[Row] = []
     fused: dict[str, Row] = {}
@@ -155,6 +169,7 @@ def component(
         "file_prefixes": file_prefixes,
         "lora_prefixes": lora_prefixes,
     }
+    info["comfyui"] = comfyui or DENOISER_COMFYUI
     if optional_levels:
         info["optional_levels"] = list(optional_levels)
     return info, rows, fused

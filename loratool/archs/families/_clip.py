@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import re
 
-from ._build import ComponentRows, component, on_meta, same_name, text_encoder_target
+from ._build import ComponentRows, comfyui_text_encoder, component, on_meta, same_name, text_encoder_target
 
 # OpenAI CLIP ViT-L/14's text tower: SD1's encoder, SDXL's first and Flux's CLIP.
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+
+# OpenCLIP ViT-bigG/14's text tower, as transformers configures it: SDXL's second encoder, SD3's CLIP-G.
+OPENCLIP_BIGG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+    projection_dim=1280,
+)
 
 # Inside an encoder layer: HF name -> OpenCLIP name (q/k/v are handled as the fused in_proj).
 OPENCLIP_PARTS = {
@@ -52,9 +62,11 @@ def clip_component(
     kohya_prefix: str,
     file_prefixes: list[str],
     lora_prefixes: list[str],
+    comfyui: str,
 ) -> ComponentRows:
     """A CLIP text encoder built from `config` (with the text projection when the family's pipeline
-    loads `CLIPTextModelWithProjection`), named in OpenCLIP's layout when `openclip`.
+    loads `CLIPTextModelWithProjection`), named in OpenCLIP's layout when `openclip`; `comfyui` is
+    ComfyUI's name for it (clip_l, clip_g, clip_h).
 
     Modules are always named with `text_model.`, as single files and kohya do. transformers 5 dropped
     that level from CLIPTextModel (not from CLIPTextModelWithProjection), so for CLIP-L files written
@@ -74,4 +86,5 @@ def clip_component(
         text_encoder_target,
         add_level="text_model.",
         optional_levels=() if with_projection else ("text_model.",),
+        comfyui=comfyui_text_encoder(comfyui),
     )

@@ -5,7 +5,7 @@ transformers' `T5EncoderModel`; single files keep its HF names, so there is no r
 
 from __future__ import annotations
 
-from ._build import ComponentRows, component, on_meta, same_name, text_encoder_target
+from ._build import ComponentRows, comfyui_text_encoder, component, on_meta, same_name, text_encoder_target
 
 # Google's T5 v1.1 XXL encoder.
 T5_XXL = dict(
@@ -28,6 +28,7 @@ def t5_component(
     kohya_prefixes: list[str],
     file_prefixes: list[str],
     lora_prefixes: list[str],
+    comfyui: str = "t5xxl",
 ) -> ComponentRows:
     """A T5 encoder built from `config`, named by its HF paths everywhere; the first kohya prefix is
     the one written, the others are read too (trainers disagree on the text encoders' numbers)."""
@@ -42,4 +43,5 @@ def t5_component(
         lora_prefixes,
         same_name,
         text_encoder_target,
+        comfyui=comfyui_text_encoder(comfyui),
     )

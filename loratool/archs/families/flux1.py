@@ -133,6 +133,7 @@ def components() -> list[ComponentRows]:
             kohya_prefix="lora_te1_",
             file_prefixes=["", "text_encoders.clip_l.transformer."],
             lora_prefixes=["text_encoders.clip_l.transformer."],
+            comfyui="clip_l",
         ),
         t5_component(
             "text_encoder_2",

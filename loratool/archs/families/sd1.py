@@ -36,6 +36,7 @@ def components() -> list[ComponentRows]:
             kohya_prefix="lora_te_",
             file_prefixes=["cond_stage_model.transformer."],
             lora_prefixes=["cond_stage_model.transformer.", "text_encoders.clip_l.transformer."],
+            comfyui="clip_l",
         ),
     ]
 

@@ -39,6 +39,7 @@ def components() -> list[ComponentRows]:
             kohya_prefix="lora_te_",
             file_prefixes=["cond_stage_model.model."],
             lora_prefixes=["cond_stage_model.model."],
+            comfyui="clip_h",
         ),
     ]
 

@@ -7,7 +7,7 @@ prefix resolve too, so the UNet lists both namings, sgm first (the one loratool 
 from __future__ import annotations
 
 from ._build import ComponentRows, TableFamily
-from ._clip import CLIP_L, clip_component
+from ._clip import CLIP_L, OPENCLIP_BIGG, clip_component
 from ._unet import unet_component
 
 ORDER = 30
@@ -26,15 +26,6 @@ SDXL_UNET = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-# OpenCLIP ViT-bigG/14's text tower, as transformers configures it.
-OPENCLIP_BIGG = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
 
 
 def components() -> list[ComponentRows]:
@@ -51,6 +42,7 @@ def components() -> list[ComponentRows]:
             kohya_prefix="lora_te1_",
             file_prefixes=["conditioner.embedders.0.transformer."],
             lora_prefixes=["conditioner.embedders.0.transformer.", "text_encoders.clip_l.transformer."],
+            comfyui="clip_l",
         ),
         clip_component(
             "text_encoder_2",
@@ -61,6 +53,7 @@ def components() -> list[ComponentRows]:
             kohya_prefix="lora_te2_",
             file_prefixes=["conditioner.embedders.1.model."],
             lora_prefixes=["conditioner.embedders.1.model."],
+            comfyui="clip_g",
         ),
     ]
 
