@@ -483,7 +483,8 @@ def test_completion_of_a_command_name(info_runs):
 
 
 def test_completion_of_layout_choices(info_runs):
-    assert sorted(completions(info_runs["complete layout"].result())) == ["diffusers", "kohya", "mlx", "peft"]
+    layouts = ["comfyui", "diffusers", "kohya", "mlx", "peft"]
+    assert sorted(completions(info_runs["complete layout"].result())) == layouts
 
 
 def test_completion_of_an_option(info_runs):
@@ -509,7 +510,7 @@ def test_bash_completion_script_completes_in_bash(info_runs, tmp_path):
     assert (result.returncode, result.stderr) == (0, "")
     lines = result.stdout.splitlines()
     assert lines[0].startswith("complete ") and lines[0].endswith(" _loratool_completion loratool")
-    assert sorted(line.removeprefix("reply:") for line in lines[1:]) == ["diffusers", "kohya", "mlx", "peft"]
+    assert sorted(line.removeprefix("reply:") for line in lines[1:]) == ["comfyui", "diffusers", "kohya", "mlx", "peft"]
 
 
 # -- every command, as the executable --------------------------------------------------------------

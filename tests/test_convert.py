@@ -326,7 +326,9 @@ def diffusers_flux(tmp_path: Path, parts: dict[str, tuple[torch.Tensor, torch.Te
     pattern = {"^" + re.escape(p): a for p, a in alphas.items()}
     meta = {"transformer.r": 4, "transformer.lora_alpha": 4, "transformer.alpha_pattern": pattern}
     src = tmp_path / "diffusers_flux.safetensors"
-    save_file(tensors, str(src), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    # Narrow attention-only factors fit SD3's names as well as Flux's: the metadata says which model.
+    metadata = {"lora_adapter_metadata": json.dumps(meta), "modelspec.architecture": "flux-1-dev"}
+    save_file(tensors, str(src), metadata=metadata)
     return src
 
 
