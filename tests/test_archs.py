@@ -24,7 +24,7 @@ from loratool.archs.hf import HF_FAMILIES, HFArchitecture, detect_hf
 from loratool.archs.locate import Location, locate
 from loratool.archs.table import TABLES, level_variants
 
-ARCHS = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large")
+ARCHS = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large", "qwen_image")
 
 
 @pytest.fixture(scope="module")
@@ -591,6 +591,8 @@ def test_norm_rows() -> None:
         "sd3": {"transformer": 0, **SD3_TEXT},
         "sd3.5-medium": {"transformer": 24 * 4 + 13 * 2, **SD3_TEXT},
         "sd3.5-large": {"transformer": 38 * 4, **SD3_TEXT},
+        # Qwen-Image: q/k RMSNorms of both streams in its 60 blocks, and the text input's RMSNorm.
+        "qwen_image": {"transformer": 60 * 4 + 1},
     }
     for name in ARCHS:
         a = arch(name)

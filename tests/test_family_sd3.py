@@ -17,6 +17,7 @@ import json
 
 import pytest
 import torch
+from dit_oracle import tiny_dit
 from safetensors.torch import load_file, save_file
 from test_archs import _rows_marker
 from test_merge_diffusers import base_checkpoint
@@ -122,20 +123,10 @@ def tiny_transformer() -> SD3Transformer2DModel:
 def tiny(tmp_path_factory) -> dict:
     """The tiny model as a diffusers folder and as an original single file; a diffusers-saved LoRA; and
     diffusers' fused weights with it."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     root = tmp_path_factory.mktemp("sd3")
     model = tiny_transformer()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    folder = root / "model"
-    model.save_pretrained(folder / "transformer")
-    (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
-    )
-    arch = get_architecture("sd3.5-medium")
     single = root / "sd35m_tiny.safetensors"
-    checkpoint = base_checkpoint(arch, {"transformer": model})
+    checkpoint = base_checkpoint(get_architecture("sd3.5-medium"), {"transformer": model})
     checkpoint["model.diffusion_model.pos_embed"] = model.pos_embed.pos_embed.clone()  # a buffer, not a module
     # The tiny model's last block is block 2; an original file swaps its text modulation's halves there
     # (the full-size table knows that block as 23).
@@ -144,7 +135,6 @@ def tiny(tmp_path_factory) -> dict:
         half = checkpoint[stem + suffix].shape[0] // 2
         checkpoint[stem + suffix] = torch.cat([checkpoint[stem + suffix][half:], checkpoint[stem + suffix][:half]])
     save_file(checkpoint, str(single))
-
     # Every block but the last (whose text stream the full-size table knows as block 23 or 37, where
     # the original file swaps its modulation halves); attn2 where the tiny model has it (block 0).
     last = TINY["num_layers"] - 1
@@ -155,26 +145,8 @@ def tiny(tmp_path_factory) -> dict:
         if t not in ("norm_out.linear", "proj_out") and (not t.startswith("attn2.") or i == 0)
     ]
     targets += ["norm_out.linear", "proj_out"]
-    config = LoraConfig(
-        r=4, lora_alpha=6, target_modules=targets, init_lora_weights=False, rank_pattern={"proj_out": 2}
-    )
-    model.add_adapter(config)
-    lora = root / "lora"
-    SD3LoraLoaderMixin.save_lora_weights(
-        lora,
-        transformer_lora_layers=get_peft_model_state_dict(model),
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
-    model.fuse_lora()
-    fused = {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
-    return dict(
-        folder=folder,
-        single=single,
-        lora=lora / "pytorch_lora_weights.safetensors",
-        before=before,
-        fused=fused,
-        targets=targets,
-    )
+    dit = tiny_dit(root, model, "StableDiffusion3Pipeline", SD3LoraLoaderMixin, targets)
+    return dict(folder=dit.folder, single=single, lora=dit.lora, before=dit.before, fused=dit.fused, targets=targets)
 
 
 def test_diffusers_lora_is_read_as_sd35_medium(tiny) -> None:

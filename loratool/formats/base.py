@@ -25,6 +25,7 @@ MODIFIERS: dict[str, dict[str, str]] = {
     "mlx": {dora.NAMES["mlx"]: dora.ROLE},
     "lora_diffusion": {},
     "bfl": {},
+    "diffsynth": {},
 }
 
 

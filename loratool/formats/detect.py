@@ -13,6 +13,7 @@ from ..adapter import Adapter
 from ..errors import FormatError
 from ..io.source import TensorSource, open_source
 from .base import Claim, Codec
+from .diffsynth import DiffSynthCodec
 from .diffusers import DiffusersCodec
 from .kohya import KohyaCodec
 from .legacy import LegacyCodec
@@ -32,6 +33,7 @@ CODECS: tuple[Codec, ...] = (
     LoraDiffusionCodec(),
     XLabsCodec(),
     NativeCodec(),
+    DiffSynthCodec(),
 )
 
 

@@ -25,10 +25,11 @@ from .kohya import KohyaLayout
 class NativeCodec(Codec):
     name = "comfyui"
     alpha_convention = "tensor"
+    schemes: tuple[str, ...] = ("kohya", "peft", "bfl")  # the tensor names this layout's files use
 
     def claim(self, source: TensorSource) -> Claim:
         suffixes = suffixes_longest_first(
-            suffix_table("kohya"), suffix_table("peft"), suffix_table("bfl"), MODIFIERS["kohya"], MODIFIERS["peft"]
+            *(suffix_table(s) for s in self.schemes), *(MODIFIERS[s] for s in self.schemes)
         )
         known = set().union(*(arch.native_index for arch in architectures().values()))
         claim = Claim(self)
@@ -40,7 +41,7 @@ class NativeCodec(Codec):
         return claim
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
-        modules, orphans = build_modules(source, claim.keys, ("kohya", "peft", "bfl"))
+        modules, orphans = build_modules(source, claim.keys, self.schemes)
         found = place_on_architecture(modules, "native", source.metadata, only=arch)
         for module in modules.values():
             module.native_rows = True
@@ -50,7 +51,7 @@ class NativeCodec(Codec):
         return Adapter(
             source=source,
             format=self.name,
-            native_layout="comfyui",
+            native_layout=ComfyLayout.name,
             variant=", ".join(p or "(no prefix)" for p in prefixes),
             arch=found.arch,
             arch_reason=found.reason,

@@ -34,6 +34,8 @@ class LoRA(Kind):
         # mlx-lm, once its source has turned lora_a (in, r) and lora_b (r, out) (io/mlx_folder.py)
         "mlx": {"lora_a": "down", "lora_b": "up"},
         "lora_diffusion": {"down": "down", "up": "up"},  # cloneofsimo's `unet:N:down`
+        # DiffSynth-Studio saves PEFT's state dict with the adapter's name left in the key
+        "diffsynth": {"lora_A.default.weight": "down", "lora_B.default.weight": "up"},
     }
 
     def missing(self, roles: set[str]) -> list[str]:

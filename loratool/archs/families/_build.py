@@ -26,6 +26,15 @@ NativeRule = Callable[[str], dict]
 FUSED_SIZES = {"in_proj": ["in", "in", "in"], "qkv": ["in", "in", "in"], "linear1": ["in", "in", "in", "rest"]}
 
 
+# How trainers name a DiT's modules in kohya-style files: sd-scripts and musubi-tuner `lora_unet_` +
+# the single-file path (the name written), OneTrainer `lora_transformer_` + the diffusers path,
+# SimpleTuner's LyCORIS `lycoris_` + the diffusers path.
+DIT_KOHYA = [
+    {"prefix": "lora_unet_", "paths": "native"},
+    {"prefix": "lora_transformer_", "paths": "name"},
+    {"prefix": "lycoris_", "paths": "name"},
+]
+
 # ComfyUI's generic rule: a LoRA module named `diffusion_model.` + a base key's module path loads.
 DENOISER_COMFYUI = {"prefix": "diffusion_model.", "paths": "native"}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from ._build import ComponentRows, TableFamily, component, on_meta
+from ._build import DIT_KOHYA, ComponentRows, TableFamily, component, on_meta
 from ._clip import CLIP_L, clip_component
 from ._t5 import T5_XXL, t5_component
 
@@ -118,7 +118,7 @@ def components() -> list[ComponentRows]:
             "transformer",
             "transformer",
             on_meta(lambda: FluxTransformer2DModel(**FLUX_DEV)),
-            [{"prefix": "lora_unet_", "paths": "native"}, {"prefix": "lora_transformer_", "paths": "name"}],
+            DIT_KOHYA,
             ["", "model.diffusion_model."],
             ["diffusion_model.", "model.diffusion_model.", ""],
             flux_native,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from ._build import ComponentRows, TableFamily, component, on_meta
+from ._build import DIT_KOHYA, ComponentRows, TableFamily, component, on_meta
 from ._clip import CLIP_L, OPENCLIP_BIGG, clip_component
 from ._t5 import T5_XXL, t5_component
 
@@ -120,7 +120,7 @@ def components(config: dict) -> list[ComponentRows]:
             "transformer",
             "transformer",
             on_meta(lambda: SD3Transformer2DModel(**config)),
-            [{"prefix": "lora_unet_", "paths": "native"}, {"prefix": "lora_transformer_", "paths": "name"}],
+            DIT_KOHYA,
             ["model.diffusion_model."],
             ["diffusion_model.", "model.diffusion_model."],
             native_rule(config["num_layers"] - 1),

@@ -1,0 +1,44 @@
+"""What the DiT family tests share: a tiny diffusers transformer saved as a diffusers folder, a LoRA
+diffusers itself saves on it, and diffusers' own fused weights with that LoRA (the oracle for merge)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class TinyDiT:
+    folder: Path  # a diffusers folder: model_index.json and transformer/
+    lora: Path  # the LoRA diffusers saved (`save_lora_weights`)
+    before: dict[str, torch.Tensor]  # the transformer's weights
+    fused: dict[str, torch.Tensor]  # with the LoRA loaded and fused by diffusers (`fuse_lora`)
+    targets: list[str]
+
+
+def tiny_dit(root: Path, model: torch.nn.Module, pipeline: str, loader: type, targets: list[str]) -> TinyDiT:
+    """Save `model` as `pipeline`'s transformer, add a random LoRA (rank 4, alpha 6, proj_out at rank
+    2) on `targets` with PEFT, save it with `loader` and fuse it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = root / "model"
+    model.save_pretrained(folder / "transformer")
+    index = {"_class_name": pipeline, "transformer": ["diffusers", type(model).__name__]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = LoraConfig(
+        r=4, lora_alpha=6, target_modules=targets, init_lora_weights=False, rank_pattern={"proj_out": 2}
+    )
+    model.add_adapter(config)
+    loader.save_lora_weights(
+        root / "lora",
+        transformer_lora_layers=get_peft_model_state_dict(model),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    model.fuse_lora()
+    fused = {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    return TinyDiT(folder, root / "lora" / "pytorch_lora_weights.safetensors", before, fused, targets)
