@@ -359,3 +359,31 @@ def test_dora_on_a_fused_module_splits_its_magnitude_over_a_diffusers_folder(tmp
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
     base = model.state_dict()["transformer_blocks.0.attn.to_q.weight"]
     assert not torch.allclose(parts[0], base)
+
+
+def test_a_tied_reading_that_cannot_merge_does_not_stop_the_one_that_can(tmp_path, base_files, monkeypatch):
+    """Names that fit SD1 and SD2 alike are tried both ways against the base; a reading whose
+    modules do not fit the base at all (a MergeError) is set aside, not raised."""
+    from loratool.merging import match as matching
+
+    torch.manual_seed(0)
+    base = base_files["sd1"]
+    block = "lora_unet_down_blocks_0_attentions_0"
+    lora_tensors = {}
+    for name, width in ((f"{block}_proj_in", 32), (f"{block}_transformer_blocks_0_attn1_to_q", 32)):
+        lora_tensors[f"{name}.lora_down.weight"] = torch.randn(2, width)  # LyCORIS-flat: SD1 or SD2
+        lora_tensors[f"{name}.lora_up.weight"] = torch.randn(width, 2)
+    lora = tmp_path / "tied.safetensors"
+    save_file(lora_tensors, str(lora))
+    assert loratool.inspect(lora).architecture == "sd1"
+
+    real = matching.match
+
+    def sd2_does_not_fit(adapter, *args, **kwargs):
+        if adapter.arch is not None and adapter.arch.name == "sd2":
+            raise MergeError("this reading does not fit the base")
+        return real(adapter, *args, **kwargs)
+
+    monkeypatch.setattr(matching, "match", sd2_does_not_fit)
+    report = merge(base, [lora], tmp_path / "merged.safetensors", device="cpu")
+    assert report.loras[0].matched == 2

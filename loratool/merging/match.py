@@ -66,7 +66,11 @@ def open_lora(
             if adapter.arch is None or other == adapter.arch.name:
                 continue
             alt, _ = read_adapter(path, other, allow_pickle)
-            candidate = match(alt, lora, strength, base)
+            try:
+                candidate = match(alt, lora, strength, base)
+            except MergeError:  # the other reading does not fit this base at all: keep the first
+                alt.close()
+                continue
             if len(candidate.matched) > len(best.matched):
                 best.adapter.close()
                 best = candidate
