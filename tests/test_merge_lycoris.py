@@ -167,6 +167,29 @@ def random_input(layer: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
     return torch.randn(3, layer.in_features, generator=g)
 
 
+def check_layers(network, merged_path: Path, base: Path, visible: float) -> set[str]:
+    """Every layer the LyCORIS network adapts, run plainly with its merged weight, against the
+    wrapped layer's output on random inputs (and visibly changed by at least `visible`, relative);
+    returns the layer types seen."""
+    merged, original = all_tensors(merged_path), all_tensors(base)
+    g = torch.Generator().manual_seed(2)
+    layer_types = set()
+    with open_source(merged_path) as source, torch.no_grad():
+        for module in network.loras:
+            layer = module.org_module[0]
+            layer_types.add(type(layer).__name__)
+            (location,) = locate(SD1, SD1.kohya_index[module.lora_name], source, lambda k: source.info(k).shape)
+            bias_key = location.key.removesuffix("weight") + "bias"
+            x = random_input(layer, g)
+            want = layer(x)  # the LyCORIS-wrapped forward
+            got = plain_output(layer, merged[location.key], merged.get(bias_key), x)
+            before = plain_output(layer, original[location.key], original.get(bias_key), x)
+            assert float((want - before).norm()) > visible * float(want.norm()), f"{module.lora_name}: no update"
+            error = float((got - want).norm() / want.norm())
+            assert error <= TOLERANCE, f"{module.lora_name} ({type(module).__name__}): {error:.3g}"
+    return layer_types
+
+
 @pytest.mark.parametrize("layout", ["single-file", "diffusers"])
 @pytest.mark.parametrize("strength", [1.0, 0.5, -0.7])
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -177,22 +200,7 @@ def test_merged_layers_compute_what_lycoris_computes(tmp_path, name, strength, l
     out = tmp_path / ("merged.safetensors" if layout == "single-file" else "merged")
     report = merge(base, [lora], out, weights=[strength], device="cpu")
     assert report.loras[0].matched == len(network.loras) and not report.loras[0].unmatched
-    merged, original = all_tensors(out), all_tensors(base)
-    g = torch.Generator().manual_seed(2)
-    layer_types = set()
-    with open_source(out) as source, torch.no_grad():
-        for module in network.loras:
-            layer = module.org_module[0]
-            layer_types.add(type(layer).__name__)
-            (location,) = locate(SD1, SD1.kohya_index[module.lora_name], source, lambda k: source.info(k).shape)
-            bias_key = location.key.removesuffix("weight") + "bias"
-            x = random_input(layer, g)
-            want = layer(x)  # the LyCORIS-wrapped forward
-            got = plain_output(layer, merged[location.key], merged.get(bias_key), x)
-            before = plain_output(layer, original[location.key], original.get(bias_key), x)
-            assert float((want - before).norm()) > 1e-3 * float(want.norm()), f"{module.lora_name}: no update to see"
-            error = float((got - want).norm() / want.norm())
-            assert error <= TOLERANCE, f"{module.lora_name} ({type(module).__name__}): {error:.3g}"
+    layer_types = check_layers(network, out, base, visible=1e-3)
     saved = load_file(str(lora))
     for part in EXPECTED_KEYS[name]:
         assert any(f".{part}." in k or k.endswith(f".{part}") for k in saved), f"no {part} in the {name} file"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tiny_models import llama
 
 import loratool
-from loratool.errors import ConversionError
+from loratool.errors import ConversionError, LoratoolError
 
 peft = pytest.importorskip("peft")
 
@@ -104,3 +104,6 @@ def test_peft_ia3_is_refused_by_name_where_a_layout_cannot_hold_it(ia3_adapter, 
         loratool.convert(adapter, "diffusers", tmp_path / "out_diffusers")
     with pytest.raises(ConversionError, match=r"IA3 \(PEFT\)"):
         loratool.combine([adapter, adapter], tmp_path / "combined")
+    with pytest.raises(LoratoolError, match=r"IA3 \(PEFT\)"):
+        loratool.resize(adapter, tmp_path / "resized", rank=2)
+    assert not (tmp_path / "combined").exists() and not (tmp_path / "resized").exists()

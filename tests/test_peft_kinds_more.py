@@ -527,8 +527,10 @@ def test_layouts_that_cannot_hold_it_refuse_it_by_name(built, tmp_path, name: st
         assert not dest.exists()
 
 
-@pytest.mark.parametrize(("name", "label"), [("oft-block8", r"OFT \(PEFT\)"), ("boft-size4", r"BOFT \(PEFT\)")])
-def test_rotations_are_not_combined_or_resized(built, tmp_path, name: str, label: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "label"), [("oft-block8", r"OFT \(PEFT\)"), ("boft-size4", r"BOFT \(PEFT\)"), ("vera", "VeRA")]
+)
+def test_combine_and_resize_refuse_them_by_name(built, tmp_path, name: str, label: str) -> None:
     case = built(name)
     with pytest.raises(LoratoolError, match=label):
         loratool.combine([case.adapter, case.adapter], tmp_path / "combined")
