@@ -445,16 +445,21 @@ def input_hashes(inputs: dict[str, Path], work: Path) -> dict[str, str]:
 
 GOLDEN = Path(__file__).with_name("golden.json")
 
+# The same arithmetic on every x86-64 CPU: MKL's reproducible code path, torch's and oneDNN's
+# baseline kernels. Left to choose, they pick AVX-512 or AMX where the CPU has it, and the last bits
+# of a sum or an SVD then depend on the machine the corpus is replayed on.
+NUMERICS = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
 
 def run_all(work: Path) -> dict:
     """Build the inputs under work, run every case in order, and return the record: the inputs'
     digests and each case's result by name.
 
-    It runs in a fresh interpreter with a fixed str hash salt and one CPU thread: the peers that
-    build some inputs (PEFT's target_modules set) write set orders as they come, and float sums
-    then group the same way on any machine of this kind."""
+    It runs in a fresh interpreter with a fixed str hash salt, one CPU thread and the baseline
+    kernels (`NUMERICS`): the peers that build some inputs (PEFT's target_modules set) write set
+    orders as they come, and float sums then group the same way on any x86-64 machine."""
     out = work / "record.json"
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **NUMERICS, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env["TRANSFORMERS_OFFLINE"] = env["DIFFUSERS_OFFLINE"] = "1"
     done = subprocess.run(
         [sys.executable, __file__, str(work), str(out)], env=env, capture_output=True, text=True, timeout=1200
