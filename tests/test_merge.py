@@ -286,18 +286,6 @@ def test_public_api_exports_merge():
     assert loratool.merge is not None and "merge" in loratool.__all__
 
 
-def test_scaled_fp8_checkpoints_are_refused(tmp_path, base_files):
-    scaled = tmp_path / "scaled.safetensors"
-    tensors = load_file(base_files["flux1"])
-    key = next(k for k in tensors if k.endswith("img_attn.qkv.weight"))
-    tensors[key.removesuffix("weight") + "scale_weight"] = torch.tensor(1.0)
-    save_file(tensors, scaled)
-    out = tmp_path / "merged.safetensors"
-    with pytest.raises(MergeError, match="scaled fp8"):
-        merge(scaled, [FIXTURES / "flux_diffusers.safetensors"], out, device="cpu")
-    assert not out.exists()
-
-
 @pytest.mark.parametrize(
     ("text", "size"),
     [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("2g", 2 * 10**9), ("1048576", 1048576), ("1.5KB", 1500)],

@@ -553,6 +553,102 @@ def test_fp8_merge_rounds_once(flux, tmp_path, fp8):
     assert {k for k in raw_b if raw_b[k] != raw_o[k]} == set(expected)
 
 
+def scaled_fp8(sd: StateDict, fp8: torch.dtype = torch.float8_e4m3fn) -> StateDict:
+    """A ComfyUI scaled fp8 checkpoint of `sd`: every 2-D weight in fp8 under a per-tensor
+    `scale_weight` (its largest magnitude maps to fp8's largest value), an input scale on one of them,
+    biases and norms in bf16, and the `scaled_fp8` marker."""
+    out: StateDict = {}
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.dim() == 2:
+            scale = value.abs().max() / torch.finfo(fp8).max
+            out[key] = (value / scale).to(fp8)
+            out[key.removesuffix("weight") + "scale_weight"] = scale.float().reshape(())
+        else:
+            out[key] = value.to(torch.bfloat16)
+    first = next(k for k in out if k.endswith(".scale_weight"))
+    out[first.removesuffix("scale_weight") + "scale_input"] = torch.tensor(1.0)
+    out["scaled_fp8"] = torch.zeros(0, dtype=fp8)
+    return out
+
+
+def dequantized(sd: StateDict) -> StateDict:
+    """What ComfyUI computes with: each scaled weight times its scale, in fp32."""
+    out = {}
+    for key, value in sd.items():
+        scale = sd.get(key.removesuffix("weight") + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value.float() * scale if scale is not None else value.float()
+    return out
+
+
+def test_scaled_fp8_base_is_requantized_under_a_fresh_scale(flux, tmp_path):
+    """Each updated weight is the fp32 merge of its dequantized values, quantized again under the scale
+    that maps its new largest magnitude to fp8's largest value, that scale written beside it; every other
+    tensor (scales of untouched weights, the input scale, the marker) is copied byte for byte. The fp32
+    merge is the same values merged as fp32 (checked against diffusers above)."""
+    scaled = scaled_fp8(load_file(str(flux.base)))
+    base8 = save(scaled, tmp_path / "scaled.safetensors")
+    base32 = save(dequantized(scaled), tmp_path / "dequantized.safetensors")
+    fixture = "flux_diffusers.safetensors"
+    out8, out32 = tmp_path / "out8.safetensors", tmp_path / "out32.safetensors"
+    report = merge(base8, [fixture], out8)
+    merge(base32, [fixture], out32)
+
+    meta_b, layout_b, raw_b = read_raw(base8)
+    meta_o, layout_o, raw_o = read_raw(out8)
+    assert (meta_o, layout_o) == (meta_b, layout_b)
+    merged8, merged32, before32 = load_file(str(out8)), load_file(str(out32)), load_file(str(base32))
+    updated = {k for k, v in before32.items() if k.endswith(".weight") and not torch.equal(merged32[k], v)}
+    rescaled = {k.removesuffix("weight") + "scale_weight" for k in updated}
+    assert updated and report.tensors_updated == len(updated) + len(rescaled)
+    for key in raw_b:
+        if key in updated:
+            limit = torch.finfo(torch.float8_e4m3fn).max
+            scale = float(merged32[key].abs().max()) / limit
+            assert merged8[key.removesuffix("weight") + "scale_weight"].item() == pytest.approx(scale, rel=1e-6)
+            want = (merged32[key] / merged8[key.removesuffix("weight") + "scale_weight"]).clamp(-limit, limit)
+            assert merged8[key].view(torch.uint8).equal(want.to(torch.float8_e4m3fn).view(torch.uint8)), key
+            assert merged8[key].float().abs().max() == limit  # the full fp8 range is used again
+        elif key not in rescaled:
+            assert raw_o[key] == raw_b[key], key
+    # what ComfyUI computes with is the merge, to fp8's precision (3 mantissa bits: half a step is 1/16)
+    for key in updated:
+        got = merged8[key].float() * merged8[key.removesuffix("weight") + "scale_weight"]
+        step = merged8[key.removesuffix("weight") + "scale_weight"].item() * 2**-9  # the subnormal step
+        torch.testing.assert_close(got, merged32[key], rtol=2**-4, atol=step)
+
+
+def test_scaled_fp8_base_with_dtype_is_written_dequantized(flux, tmp_path):
+    """`--dtype bf16`: every scaled weight is written as its dequantized value (merged where the LoRA
+    touches it), and the scales, the input scale and the marker are left out: ComfyUI then loads a plain
+    bf16 checkpoint."""
+    scaled = scaled_fp8(load_file(str(flux.base)))
+    base8 = save(scaled, tmp_path / "scaled.safetensors")
+    base32 = save(dequantized(scaled), tmp_path / "dequantized.safetensors")
+    fixture = "flux_diffusers.safetensors"
+    out16, out32 = tmp_path / "out16.safetensors", tmp_path / "out32.safetensors"
+    merge(base8, [fixture], out16, dtype="bf16")
+    merge(base32, [fixture], out32)
+    merged16, merged32 = load_file(str(out16)), load_file(str(out32))
+    quantization = {k for k in scaled if k.endswith(("scale_weight", "scale_input")) or k == "scaled_fp8"}
+    assert set(merged16) == set(scaled) - quantization
+    for key, value in merged16.items():
+        assert value.dtype == torch.bfloat16, key
+        assert torch.equal(value, merged32[key].to(torch.bfloat16)), key
+
+
+def test_block_scaled_fp8_weights_are_refused(flux, tmp_path):
+    """HF's fp8 checkpoints keep `weight_scale_inv` per block: an update added to the stored values would
+    be scaled by them; merge says so and writes nothing."""
+    sd = load_file(str(flux.base))
+    key = next(k for k in sd if k.endswith("img_attn.qkv.weight"))
+    sd[key.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1)
+    base = save(sd, tmp_path / "block_scaled.safetensors")
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(MergeError, match="block-scaled fp8"):
+        merge(base, ["flux_diffusers.safetensors"], out)
+    assert not out.exists()
+
+
 # -- 5. shapes come from the base ------------------------------------------------------------------------------------
 def widened(sd: StateDict, key: str, rows: int = 0, cols: int = 0) -> StateDict:
     out = dict(sd)

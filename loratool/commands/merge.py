@@ -22,6 +22,7 @@ from ..io.destination import check_destination, same_or_inside
 from ..io.source import TensorSource, open_source
 from ..merging.match import LoraMatch, open_lora
 from ..merging.output import OutputPlan, copy_other_files, plan_output
+from ..merging.scaled import scaled_weights
 from ..merging.walk import MergeWalk
 from ..ops.device import resolve_device
 from ..progress import Progress
@@ -102,7 +103,8 @@ def merge(
             stack.callback(found.adapter.close)
             matches.append(found)
         _check_unmatched(matches, source, allow_unmatched)
-        walk = MergeWalk(plan, matches, torch_device, DTYPE_CHOICES[dtype], progress)
+        scaled = {w: (s, source.load(s)) for w, s in scaled_weights(source).items()}
+        walk = MergeWalk(plan, matches, torch_device, DTYPE_CHOICES[dtype], progress, scaled)
         if plan.single_file:
             walk.write_file(plan.sets[0].files[0], dest_path)
         else:

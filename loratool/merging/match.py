@@ -21,6 +21,7 @@ from ..formats.peft import saved_parameter
 from ..io.source import TensorSource
 from ..kinds.base import ANY
 from ..ops.fuse import halves_differ
+from .scaled import refuse_other_quantization
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,7 @@ def _patches(
     for target, location in zip(module.targets, locations, strict=True):
         transposed = module.transposed or location.transposed
         stored = base.info(location.key).shape
-        scaled = location.key.removesuffix("weight") + "scale_weight"
-        if location.key.endswith("weight") and scaled in base:
-            raise MergeError(
-                f"{location.key}: a scaled fp8 weight ({scaled}); merging into scaled fp8 checkpoints is not supported"
-            )
+        refuse_other_quantization(location.key, base)
         if transposed and len(stored) != 2:
             raise MergeError(
                 f"{module.name}: expects a 2-D weight stored (in, out), but {location.key} is {list(stored)}"

@@ -17,6 +17,7 @@ from ..errors import InputError, MergeError
 from ..io.safetensors_file import FLOAT_DTYPES, SafetensorsFile
 from ..io.source import TensorSource, weights_in
 from ..io.writer import TensorSpec, shard_plan
+from .scaled import quantization_keys, scaled_weights
 
 INDEX_SUFFIX = ".safetensors.index.json"
 # Weights in another format or variant would be stale copies of the unmerged base in the output.
@@ -64,8 +65,11 @@ def output_dtype(stored: str, wanted: str | None) -> str:
 
 
 def plan_output(source: TensorSource, base: Path, shard_size: int | None, dtype: str | None = None) -> OutputPlan:
+    """The output's files and entries. With `dtype`, scaled fp8 weights are written dequantized, so
+    their scales and the format's marker are left out."""
     root = _root(source, base)
-    by_file = _entries_by_file(source)
+    dropped = quantization_keys(source, scaled_weights(source)) if dtype else set()
+    by_file = _entries_by_file(source, dropped)
     if root is None:
         if shard_size is not None:
             raise MergeError(
@@ -96,10 +100,12 @@ def _root(source: TensorSource, base: Path) -> Path | None:
     return None
 
 
-def _entries_by_file(source: TensorSource) -> dict[int, list[Entry]]:
-    """The source's tensors grouped by the file that holds them, in one pass over the keys."""
+def _entries_by_file(source: TensorSource, dropped: set[str]) -> dict[int, list[Entry]]:
+    """The source's tensors (but `dropped`) grouped by the file that holds them, in one pass over the keys."""
     grouped: dict[int, list[Entry]] = {id(f): [] for f in source.files}
     for key in source:
+        if key in dropped:
+            continue
         ref = source.ref(key)
         grouped[id(ref.file)].append(Entry(key, ref.file, ref.name))
     return grouped

@@ -2,7 +2,9 @@
 
 A tensor no patch touches is copied by the kernel. A patched one is read (the next one ahead, in a
 background thread, into a reused buffer), upcast, updated a block of rows at a time (whole on a GPU,
-or where the update is not row-local in storage order), range-checked, and cast once.
+or where the update is not row-local in storage order), range-checked, and cast once. A scaled fp8
+weight (scaled.py) is dequantized first and quantized again under a fresh scale, which is written
+wherever its scale tensor comes in the file, before or after the weight.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..ops.merge import add_update, fits, update_view
 from ..progress import Progress, Tally
 from .match import LoraMatch, Patch
 from .output import Entry, OutFile, OutputPlan, WeightSet, output_dtype
+from .scaled import dequantize, quantize
 
 ROW_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of fp32 per block of rows: stays in cache on common CPUs
 
@@ -52,7 +55,9 @@ class MergeWalk:
         device: torch.device,
         out_dtype: str | None,
         progress: Progress | None,
+        scaled: dict[str, tuple[str, torch.Tensor]] | None = None,
     ) -> None:
+        """`scaled`: each scaled fp8 weight's scale key and value."""
         self.matches = matches
         self.device = device
         self.out_dtype = out_dtype
@@ -68,6 +73,13 @@ class MergeWalk:
         # merged into a diffusers folder touch several tensors).
         self._uses = Counter(id(p.module) for ps in self.patches.values() for p in ps if p.module is not None)
         self._factors: dict[int, _Factors] = {}
+        self.scales = {weight: value for weight, (_, value) in (scaled or {}).items()}
+        # Scale key -> its weight, for the weights quantized again (updated, no --dtype).
+        self.rescaled = {
+            key: weight for weight, (key, _) in (scaled or {}).items() if weight in self.patches and out_dtype is None
+        }
+        self._entries = {e.key: e for wset in plan.sets for f in wset.files for e in f.entries}
+        self._requantized: dict[str, list] = {}  # weight -> [values, scale, writes left]
         self.updated = self.copied = self.cast = self.files = 0
         self._out: torch.Tensor | None = None
         specs = [self._spec(e) for wset in plan.sets for f in wset.files for e in f.entries]
@@ -110,7 +122,18 @@ class MergeWalk:
             for entry, spec in zip(entries, specs, strict=True):
                 info = entry.file.info(entry.name)
                 patches = self.patches.get(entry.key)
-                if patches:
+                if entry.key in self.rescaled:
+                    scale = self._requantized_part(self.rescaled[entry.key], 1)
+                    writer.write(spec.name, scale.reshape(spec.shape).to(DTYPES[spec.dtype]))
+                    self.updated += 1
+                elif entry.key in self.scales and (patches or self.out_dtype):
+                    if self.out_dtype is None:
+                        writer.write(spec.name, self._requantized_part(entry.key, 0))
+                    else:
+                        writer.write(spec.name, self._cast(entry.key, self._dequantized(entry.key), DTYPES[spec.dtype]))
+                    self.updated += bool(patches)
+                    self.cast += not patches
+                elif patches:
                     stored = next(ahead).result()
                     out = self._out_buffer(spec)
                     self._merge_into(out, entry.key, stored, patches)
@@ -127,7 +150,7 @@ class MergeWalk:
     def _read_ahead(self, reader: ThreadPoolExecutor, entries: list[Entry]) -> Iterator[Future[torch.Tensor]]:
         """The updated tensors, in order, each read into one of two reused buffers while the
         previous one is computed."""
-        todo = [e for e in entries if e.key in self.patches]
+        todo = [e for e in entries if e.key in self.patches and e.key not in self.scales]
         largest = max((e.file.info(e.name).nbytes for e in todo), default=0)
         buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(min(2, len(todo)))]
         pending = None
@@ -138,6 +161,29 @@ class MergeWalk:
                 reader.submit(following.file.read_into, following.name, buffers[(i + 1) % 2]) if following else None
             )
             yield current
+
+    def _dequantized(self, key: str) -> torch.Tensor:
+        """A scaled fp8 weight's real values in fp32, with its patches applied."""
+        entry = self._entries[key]
+        weight = dequantize(entry.file.load(entry.name), self.scales[key])
+        patches = self.patches.get(key)
+        if not patches:
+            return weight
+        out = torch.empty(self.widened.get(key, weight.shape), dtype=torch.float32)
+        self._merge_into(out, key, weight, patches)
+        return out
+
+    def _requantized_part(self, key: str, part: int) -> torch.Tensor:
+        """The fp8 values (part 0) or the fresh scale (part 1) of an updated scaled weight, computed
+        for whichever of the two the file holds first and kept until the other is written."""
+        if key not in self._requantized:
+            stored = DTYPES[self._entries[key].file.info(self._entries[key].name).dtype]
+            self._requantized[key] = [*quantize(self._dequantized(key), stored), 2]
+        held = self._requantized[key]
+        held[2] -= 1
+        if held[2] == 0:
+            del self._requantized[key]
+        return held[part]
 
     def _out_buffer(self, spec: TensorSpec) -> torch.Tensor:
         """One reused output buffer (the writer has copied its bytes out before the next tensor)."""
