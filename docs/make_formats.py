@@ -18,10 +18,10 @@ BEGIN, END = "<!-- generated:begin -->", "<!-- generated:end -->"
 
 
 def _example_module(arch: Architecture, component: str) -> str:
-    """A default-target module with a native name of its own, to show every spelling of one module."""
-    return next(
-        m.name for m in arch.modules.values() if m.component == component and m.target == "default" and m.native
-    )
+    """A module with a native name of its own (a default target where the component has one), to show
+    every spelling of one module."""
+    named = [m for m in arch.modules.values() if m.component == component and m.native and m.type != "norm"]
+    return min(named, key=lambda m: m.target != "default").name
 
 
 def arch_section(arch: Architecture) -> str:

@@ -24,7 +24,24 @@ from loratool.archs.hf import HF_FAMILIES, HFArchitecture, detect_hf
 from loratool.archs.locate import Location, locate
 from loratool.archs.table import TABLES, level_variants
 
-ARCHS = ("sd1", "sd2", "sdxl", "flux1", "sd3", "sd3.5-medium", "sd3.5-large", "qwen_image")
+ARCHS = (
+    "sd1",
+    "sd2",
+    "sdxl",
+    "flux1",
+    "chroma",
+    "sd3",
+    "sd3.5-medium",
+    "sd3.5-large",
+    "qwen_image",
+    "flux2",
+    "flux2-klein-4b",
+    "flux2-klein-9b",
+    "z_image",
+    "lumina2",
+    "hidream",
+    "anima",
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +133,26 @@ def test_tables_load_and_have_expected_sizes() -> None:
         assert sum(1 for g in arch(name).fused if g.endswith(".x_block.attn.qkv")) == blocks
     assert sum(1 for g in arch("sd3.5-medium").fused if g.endswith(".x_block.attn2.qkv")) == 13
     assert not [g for g in arch("sd3").fused if ".attn2." in g]
+    # Chroma: Flux.1's 19 + 38 blocks without their modulations, a 5-layer guidance approximator instead
+    chroma = arch("chroma")
+    assert sum(1 for g in chroma.fused if g.endswith(".linear1")) == 38
+    assert not [m for m in chroma.modules if m.endswith(("norm1.linear", "norm.linear")) or ".time_text_embed." in m]
+    assert sum(1 for m in chroma.modules if ".distilled_guidance_layer.layers." in m) == 5 * 2
+    # Flux.2 dev / klein 4B / klein 9B: 8 / 5 / 8 double blocks, 48 / 20 / 24 single blocks
+    for name, double, single in (("flux2", 8, 48), ("flux2-klein-4b", 5, 20), ("flux2-klein-9b", 8, 24)):
+        assert sum(1 for g in arch(name).fused if g.endswith(".img_attn.qkv")) == double
+        assert sum(1 for m in arch(name).modules if m.endswith(".attn.to_qkv_mlp_proj")) == single
+    # Z-Image and Lumina 2: fused qkv in 30 + 2 + 2 and 26 + 2 + 2 blocks; Lumina 2's k and v are a third of q
+    assert sum(1 for g in arch("z_image").fused if g.endswith(".attention.qkv")) == 34
+    lumina = arch("lumina2")
+    assert sum(1 for g in lumina.fused if g.endswith(".attention.qkv")) == 30
+    assert lumina.fused["transformer.layers.0.attention.qkv"].row_sizes(2304, 3840) == [2304, 768, 768]
+    # HiDream-I1: 16 double and 32 single blocks of 4 routed experts (+ 1 shared) each
+    hidream = arch("hidream")
+    assert sum(1 for m in hidream.modules if m.endswith(".ff_i.experts.3.w2")) == 16 + 32
+    # Anima: 28 Cosmos blocks and a 6-block LLM adapter
+    assert sum(1 for m in arch("anima").modules if m.endswith(".attn2.to_k")) == 28
+    assert sum(1 for m in arch("anima").modules if m.startswith("text_conditioner.") and m.endswith(".mlp.0")) == 6
 
 
 def test_families_are_discovered_and_tables_sorted_by_their_declared_order() -> None:
@@ -450,6 +487,44 @@ def test_every_kohya_name_round_trips_without_collisions(name: str) -> None:
 
 
 KOHYA_SPOT = [
+    (
+        "flux2",
+        "lora_unet_double_blocks_7_img_attn_qkv",
+        tuple(f"transformer.transformer_blocks.7.attn.to_{p}" for p in "qkv"),
+    ),
+    ("flux2", "lora_unet_single_blocks_47_linear1", ("transformer.single_transformer_blocks.47.attn.to_qkv_mlp_proj",)),
+    (
+        "hidream",
+        "lora_unet_double_stream_blocks_0_block_attn1_to_q",
+        ("transformer.double_stream_blocks.0.block.attn1.to_q",),
+    ),
+    (
+        "hidream",
+        "lora_unet_single_stream_blocks_31_block_ff_i_experts_3_w2",
+        ("transformer.single_stream_blocks.31.block.ff_i.experts.3.w2",),
+    ),
+    ("lumina2", "lora_unet_layers_0_attention_qkv", tuple(f"transformer.layers.0.attn.to_{p}" for p in "qkv")),
+    ("lumina2", "lora_unet_noise_refiner_0_feed_forward_w2", ("transformer.noise_refiner.0.feed_forward.linear_2",)),
+    ("z_image", "lora_unet_layers_29_attention_to_q", ("transformer.layers.29.attention.to_q",)),
+    ("z_image", "lora_unet_layers_0_attention_qkv", tuple(f"transformer.layers.0.attention.to_{p}" for p in "qkv")),
+    ("z_image", "lora_unet_layers_0_attention_out", ("transformer.layers.0.attention.to_out.0",)),
+    ("anima", "lora_unet_blocks_27_cross_attn_k_proj", ("transformer.transformer_blocks.27.attn2.to_k",)),
+    ("anima", "lora_unet_llm_adapter_blocks_5_mlp_0", ("text_conditioner.blocks.5.mlp.0",)),
+    (
+        "chroma",
+        "lora_unet_distilled_guidance_layer_layers_4_out_layer",
+        ("transformer.distilled_guidance_layer.layers.4.linear_2",),
+    ),
+    (
+        "chroma",
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q",
+        ("text_encoder.encoder.block.0.layer.0.SelfAttention.q",),
+    ),
+    (
+        "chroma",
+        "lora_te1_encoder_block_0_layer_0_SelfAttention_q",
+        ("text_encoder.encoder.block.0.layer.0.SelfAttention.q",),
+    ),
     ("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", None),
     ("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0", None),
     ("sd1", "lora_unet_mid_block_attentions_0_proj_in", None),
@@ -593,6 +668,20 @@ def test_norm_rows() -> None:
         "sd3.5-large": {"transformer": 38 * 4, **SD3_TEXT},
         # Qwen-Image: q/k RMSNorms of both streams in its 60 blocks, and the text input's RMSNorm.
         "qwen_image": {"transformer": 60 * 4 + 1},
+        # Chroma: Flux.1's q/k norms, and the approximator's 5 RMSNorms; T5 only.
+        "chroma": {"transformer": 19 * 4 + 38 * 2 + 5, "text_encoder": 24 * 2 + 1},
+        # Flux.2: only the q/k RMSNorms (4 per double block, 2 per single block).
+        "flux2": {"transformer": 8 * 4 + 48 * 2},
+        "flux2-klein-4b": {"transformer": 5 * 4 + 20 * 2},
+        "flux2-klein-9b": {"transformer": 8 * 4 + 24 * 2},
+        # Z-Image and Lumina 2: 6 norms in each of 34 / 30 blocks (two attention norms, two MLP norms,
+        # q/k), and the caption embedder's RMSNorm.
+        "z_image": {"transformer": 34 * 6 + 1},
+        "lumina2": {"transformer": 30 * 6 + 1},
+        # HiDream: q/k RMSNorms, of both streams in the 16 double blocks.
+        "hidream": {"transformer": 16 * 4 + 32 * 2},
+        # Anima: the timestep norm and 4 q/k norms per block; the adapter's 7 per block and a final one.
+        "anima": {"transformer": 1 + 28 * 4, "text_conditioner": 6 * 7 + 1},
     }
     for name in ARCHS:
         a = arch(name)

@@ -72,19 +72,50 @@ def _same_type(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
     return len(implied) == len(full) and implied[2:] == full[2:]
 
 
+def _same_proportions(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
+    """Whether factors have the table's ratio of output to input width: scale-free evidence that
+    tells families apart at any width (a Flux.1 `linear1` has 7x its input's rows, Flux.2's 9x;
+    an MLP widens 4x in one family and 6x in another), even for narrow test models."""
+    if implied is None or len(implied) < 2 or len(full) < 2:
+        return implied == full
+    return _same_type(implied, full) and implied[0] * full[1] == full[0] * implied[1]
+
+
+def _same_shape(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
+    """Whether factors have the table's full-size shape (a 1x1 conv's as a flattened Linear too)."""
+    if implied is not None and len(implied) == 2 and len(full) > 2 and all(k == 1 for k in full[2:]):
+        return implied == full[:2]
+    return implied == full
+
+
+def _full_shape(arch: Architecture, targets: Targets) -> tuple[int, ...]:
+    """The full-size shape of one module, or of the fused weight whose row blocks are `targets`."""
+    first = arch.modules[targets[0]].shape
+    return (sum(arch.modules[t].shape[0] for t in targets), *first[1:]) if len(targets) > 1 else first
+
+
 def _best_fit(
     tied: list[tuple[Architecture, dict[str, Targets]]], implied_shape: Callable[[str], tuple[int, ...] | None]
 ) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
-    """Break a tie of names with the factors: first the kind of layer each module is, then the
-    full-size shapes, each step keeping only the architectures that fit best; what still ties is
-    reported as ambiguous."""
-    for fits, why in ((_same_type, ", layer types match"), (lambda i, f: i == f, ", full-size shapes match")):
-        scores = [
-            (sum(1 for n, t in r.items() if fits(implied_shape(n), a.modules[t[0]].shape)), a, r) for a, r in tied
-        ]
+    """Break a tie of names with the factors: first the kind of layer each module is, then the ratio
+    of its widths, then the full-size shapes, each step keeping only the architectures that fit
+    best; what still ties is reported as ambiguous."""
+    steps = (
+        (_same_type, ", layer types match"),
+        (_same_proportions, ", width ratios match"),
+        (_same_shape, ", full-size shapes match"),
+    )
+
+    def score(fits: Callable, arch: Architecture, resolved: dict[str, Targets]) -> int:
+        return sum(1 for n, t in resolved.items() if fits(implied_shape(n), _full_shape(arch, t)))
+
+    for fits, why in steps:
+        scores = [(score(fits, a, r), a, r) for a, r in tied]
         best = max(s for s, _, _ in scores)
         tied = [(a, r) for s, a, r in scores if s == best]
         if len(tied) == 1:
+            if fits is _same_proportions and score(steps[-1][0], *tied[0]) == best:
+                why = steps[-1][1]  # the ratios decided, and the winner's shapes are its full-size ones too
             return tied, why
     return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
 

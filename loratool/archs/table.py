@@ -13,6 +13,7 @@ blocks are those modules, in order.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -80,15 +81,28 @@ class FusedSpec:
     component: str
     native: str
     weight: str
-    sizes: tuple[str, ...]  # per part: "in" (rows = the weight's input width) or "rest"
+    # per part: "in" (rows = the weight's input width), "in*a/b" (that fraction of it: the k and v of
+    # grouped-query attention) or "rest" (the rows that remain)
+    sizes: tuple[str, ...]
     parts: Targets
 
     def row_sizes(self, in_features: int, out_features: int, parts: Targets | None = None) -> list[int]:
         """Rows of each part (of `parts`, a subset in order, when given) for a concrete weight with
         `out_features` rows over those parts: widths come from the tensors, never from constants."""
         kinds = self.sizes if parts is None else [self.sizes[self.parts.index(p)] for p in parts]
-        fixed = sum(1 for s in kinds if s == "in") * in_features
-        return [in_features if s == "in" else out_features - fixed for s in kinds]
+        fixed = [None if s == "rest" else _fraction_of(s, in_features) for s in kinds]
+        rest = out_features - sum(f for f in fixed if f is not None)
+        return [rest if f is None else f for f in fixed]
+
+
+def _fraction_of(size: str, in_features: int) -> int:
+    """The rows of an "in" or "in*a/b" part for a weight of `in_features` inputs."""
+    if size == "in":
+        return in_features
+    m = re.fullmatch(r"in\*(\d+)/(\d+)", size)
+    if m is None:
+        raise ValueError(f"unknown fused part size {size!r}")
+    return in_features * int(m.group(1)) // int(m.group(2))
 
 
 def kohya_flat(path: str) -> str:

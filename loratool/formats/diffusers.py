@@ -33,6 +33,19 @@ def diffusers_components() -> set[str]:
     return {c for arch in architectures().values() for c in arch.components}
 
 
+# ai-toolkit's files (Z-Image; older Flux ones) and ComfyUI's Z-Image loader: the denoiser's diffusers
+# paths under ComfyUI's `diffusion_model.` instead of the component's name.
+DENOISER_PREFIX = "diffusion_model."
+
+
+def bare_path(name: str, bare: dict[str, str]) -> str | None:
+    """The component-less diffusers path `name` stands for, bare or under `diffusion_model.`."""
+    for path in (name, name.removeprefix(DENOISER_PREFIX)):
+        if path in bare:
+            return path
+    return None
+
+
 @cache
 def unprefixed_paths() -> dict[str, str]:
     """Module path -> the component it belongs to, for paths only one component of any table has
@@ -78,7 +91,7 @@ class DiffusersCodec(Codec):
         claim = Claim(self)
         for key in source:
             split = split_dotted(key, suffixes)
-            if split is not None and (key.partition(".")[0] in components or split[0] in bare):
+            if split is not None and (key.partition(".")[0] in components or bare_path(split[0], bare)):
                 claim.keys[key] = split
         return claim
 
@@ -88,8 +101,11 @@ class DiffusersCodec(Codec):
         configs = component_configs(metadata)
         embeddings = {module for module, suffix in claim.keys.values() if suffix in EMBEDDING_SUFFIXES}
         components, bare = diffusers_components(), unprefixed_paths()
+        paths = {name: bare_path(name, bare) for name in modules}
         prefixed = {
-            name: name if name.partition(".")[0] in components or name not in bare else f"{bare[name]}.{name}"
+            name: name
+            if name.partition(".")[0] in components or paths[name] is None
+            else f"{bare[paths[name]]}.{paths[name]}"
             for name in modules
         }
         for name, module in modules.items():

@@ -36,7 +36,9 @@ def module_order(arch: Architecture, component: str, classes: list[str]) -> list
     attention = bool({"CrossAttention", "Attention"} & set(classes))
     out: list[str] = []
     if component == "unet":
-        blocks = [n.rsplit(".attn1.to_q", 1)[0] for n in arch.modules if n.endswith(".attn1.to_q")]
+        blocks = [
+            n.rsplit(".attn1.to_q", 1)[0] for n in arch.modules if n.startswith("unet.") and n.endswith(".attn1.to_q")
+        ]
         blocks.sort(key=lambda b: BLOCK_ORDER.index(b.split(".")[1]))  # stable: table order inside each
         for block in blocks:
             out += [f"{block}.attn1.{p}" for p in ATTENTION] if attention else []

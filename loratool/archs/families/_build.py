@@ -22,7 +22,8 @@ ComponentRows = tuple[dict, list[Row], dict[str, Row]]
 NativeRule = Callable[[str], dict]
 
 # Row block sizes of each kind of fused weight, by its last name: "in" = the weight's input width,
-# "rest" = the rows that remain (Flux's linear1 ends with the MLP's rows).
+# "rest" = the rows that remain (Flux's linear1 ends with the MLP's rows). A family whose parts differ
+# (grouped-query attention: k and v narrower than q) gives "sizes" in its fused rule ("in*1/3").
 FUSED_SIZES = {"in_proj": ["in", "in", "in"], "qkv": ["in", "in", "in"], "linear1": ["in", "in", "in", "rest"]}
 
 
@@ -151,7 +152,7 @@ def component(
         extra = native(path)
         if not extra:
             continue
-        row.update(extra)
+        row.update({k: v for k, v in extra.items() if k != "sizes"})  # sizes belong to the fused group
         if "fused" in extra:
             group_name = f"{name}.{extra['fused']}"
             row["fused"] = group_name
@@ -161,7 +162,7 @@ def component(
                     "name": group_name,
                     "native": extra["fused"],
                     "weight": extra["fused"] + ("_weight" if extra["fused"].endswith("in_proj") else ".weight"),
-                    "sizes": FUSED_SIZES[extra["fused"].rsplit(".", 1)[1]],
+                    "sizes": extra.get("sizes") or FUSED_SIZES[extra["fused"].rsplit(".", 1)[1]],
                     "parts": [],
                 },
             )
