@@ -186,8 +186,8 @@ def fuse_group(group: FusedSpec, parts: dict[str, AdapterModule], load: Load) ->
     for target, size, unit in zip(group.parts, group.sizes, present, strict=True):
         if unit is not None:
             rows.append(unit.pieces["up"].shape[0])
-        elif size == "in":
-            rows.append(in_features)
+        elif size != "rest":  # "in" or a fraction of it: known from the input width alone
+            rows.append(group.row_sizes(in_features, 0, (target,))[0])
         else:
             raise ConversionError(
                 f"{names}: cannot fuse into {group.native}: {target} is not in the adapter and its width is unknown"

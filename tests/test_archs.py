@@ -34,6 +34,7 @@ ARCHS = (
     "sd3.5-medium",
     "sd3.5-large",
     "qwen_image",
+    "qwen_image21",
     "flux2",
     "flux2-klein-4b",
     "flux2-klein-9b",
@@ -41,6 +42,7 @@ ARCHS = (
     "lumina2",
     "hidream",
     "anima",
+    "krea2",
 )
 
 
@@ -487,6 +489,18 @@ def test_every_kohya_name_round_trips_without_collisions(name: str) -> None:
 
 
 KOHYA_SPOT = [
+    ("krea2", "lora_unet_blocks_27_attn_wq", ("transformer.transformer_blocks.27.attn.to_q",)),
+    ("krea2", "lora_unet_txtfusion_refiner_blocks_1_mlp_down", ("transformer.text_fusion.refiner_blocks.1.ff.down",)),
+    (
+        "qwen_image21",
+        "lora_unet_transformer_blocks_0_img_mlp_gate_layer",
+        ("transformer.transformer_blocks.0.img_mlp.gate_layer",),
+    ),
+    (
+        "qwen_image21",
+        "lora_unet_transformer_blocks_31_img_mlp_gate_up",
+        ("transformer.transformer_blocks.31.img_mlp.gate_layer", "transformer.transformer_blocks.31.img_mlp.proj"),
+    ),
     (
         "flux2",
         "lora_unet_double_blocks_7_img_attn_qkv",
@@ -682,6 +696,11 @@ def test_norm_rows() -> None:
         "hidream": {"transformer": 16 * 4 + 32 * 2},
         # Anima: the timestep norm and 4 q/k norms per block; the adapter's 7 per block and a final one.
         "anima": {"transformer": 1 + 28 * 4, "text_conditioner": 6 * 7 + 1},
+        # Qwen-Image 2.1: q/k RMSNorms of its 32 single-stream blocks and the text input's norm.
+        "qwen_image21": {"transformer": 32 * 2 + 1},
+        # Krea 2: pre/post norms and q/k norms of 28 blocks and 4 text-fusion blocks, the text input's
+        # norm and the final norm.
+        "krea2": {"transformer": 28 * 4 + 4 * 4 + 2},
     }
     for name in ARCHS:
         a = arch(name)

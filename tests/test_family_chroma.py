@@ -235,3 +235,16 @@ def test_modules_chroma_shares_with_flux1_tie_convert_alike_and_metadata_settles
     tensors["transformer.distilled_guidance_layer.in_proj.lora_B.weight"] = torch.zeros(5120, 4)
     save_file(tensors, str(own))
     assert loratool.inspect(own).architecture == "chroma"
+
+
+def test_a_lora_tied_between_flux1_and_chroma_is_read_as_its_base_family(tiny, tmp_path) -> None:
+    """A LoRA on the modules Chroma shares with Flux.1 (here at the tiny model's widths, whose ratios are
+    Flux.1's too) is checked against a Chroma base as a Chroma LoRA: no base mismatch, every module found."""
+    shared = {k: v for k, v in load_file(str(tiny["lora"])).items() if ".transformer_blocks." in k}
+    path = tmp_path / "shared_tiny.safetensors"
+    save_file(shared, str(path))
+    alone = loratool.inspect(path)
+    assert alone.architecture == "flux1" and "ambiguous between flux1, chroma" in alone.architecture_reason
+    report = loratool.inspect(path, base=tiny["single"])
+    assert report.architecture == "chroma" and "the base is Chroma" in report.architecture_reason
+    assert not [f for f in report.findings if f.severity == "error"], report.findings

@@ -380,3 +380,24 @@ def test_bfl_control_lora_merges_as_comfyui_applies_it(tmp_path):
     for to in ("kohya", "diffusers", "peft"):
         with pytest.raises(ConversionError, match=r"set weight has no .*form"):
             loratool.convert(set_only, to, tmp_path / f"out_{to}")
+
+
+@pytest.mark.parametrize(("columns", "model"), [(128, "FLUX.1 Depth/Canny (control)"), (384, "FLUX.1 Fill")])
+def test_a_widened_img_in_names_the_flux_model_it_is_for(tmp_path, columns: int, model: str):
+    """At full size, img_in's input width tells a control LoRA (64 latent + 64 control channels) from a
+    Fill one (64 + 64 masked image + 256 mask)."""
+    lora = {
+        "img_in.lora_A.weight": torch.zeros(4, columns),
+        "img_in.lora_B.weight": torch.zeros(3072, 4),
+        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 3072),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(9216, 4),
+        # FLUX.2 [klein] 4B has Flux.1's width and a 128-channel img_in: Flux.1's linear1 (7x) tells them apart
+        "single_blocks.0.linear1.lora_A.weight": torch.zeros(4, 3072),
+        "single_blocks.0.linear1.lora_B.weight": torch.zeros(21504, 4),
+    }
+    path = tmp_path / "widened.safetensors"
+    save_file(lora, str(path))
+    report = loratool.inspect(path)
+    assert report.architecture == "flux1"
+    (widened,) = [f for f in report.findings if f.code == "widened-input"]
+    assert f"takes {columns} input channels where the model's layer has 64: a {model} LoRA" in widened.message

@@ -54,11 +54,16 @@ class ArchDetection:
 
 
 def hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
-    for key, prefixes in arch.hints.items():
-        value = metadata.get(key, "")
-        if value and any(value.startswith(p) for p in prefixes):
-            return True
-    return False
+    return hint_length(arch, metadata) > 0
+
+
+def hint_length(arch: Architecture, metadata: dict[str, str]) -> int:
+    """How much of the metadata names this architecture: the longest of its prefixes a value starts
+    with (0 for none), so `qwen_image_2.1` names Qwen-Image 2.1 rather than Qwen-Image."""
+    return max(
+        (len(p) for key, prefixes in arch.hints.items() for p in prefixes if metadata.get(key, "").startswith(p)),
+        default=0,
+    )
 
 
 def _same_type(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
@@ -154,7 +159,8 @@ def detect(
     tied = [(a, r) for a, r in scored if len(r) == best_count]
     reason = f"{best_count} of {len(names)} module names"
     if len(tied) > 1:
-        by_hint = [(a, r) for a, r in tied if hint_matches(a, metadata)]
+        lengths = [hint_length(a, metadata) for a, _ in tied]
+        by_hint = [ar for ar, n in zip(tied, lengths, strict=True) if n and n == max(lengths)]
         if len(by_hint) == 1:
             tied, reason = by_hint, reason + ", metadata names it"
         else:

@@ -73,6 +73,10 @@ class BaseArchitecture(ABC):
         img_in for control and fill LoRAs); the base weight is then widened with zero columns."""
         return target in self.widened_inputs
 
+    def widened_model(self, target: str, columns: int) -> str | None:
+        """The model whose LoRAs give `target` this many input columns (FLUX.1 Fill: 384), if known."""
+        return getattr(self, "widened_models", {}).get(target, {}).get(columns)
+
     def module_path(self, target: str) -> str:
         """The module's path inside the model it belongs to (what PEFT wraps and names)."""
         spec = self.spec(target)

@@ -65,7 +65,7 @@ def build_table(family: TableFamily, sources: dict[str, str]) -> dict:
         "sources": sources,
         "hints": family.hints,
         "kohya_network_module": family.kohya_network_module,
-        "widens": list(family.widens),
+        "widens": {module: {str(w): m for w, m in models.items()} for module, models in family.widens.items()},
         "components": components,
         "fused": fused,
         "modules": modules,

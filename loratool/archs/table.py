@@ -126,6 +126,8 @@ class Architecture(BaseArchitecture):
     order: int = 0  # where the family sorts among the others (its module's declared ORDER)
     kohya_network_module: str = "networks.lora"
     widened_inputs: tuple[str, ...] = ()
+    # input layer -> {input width: the model whose LoRAs take it} (Flux.1 img_in: 128 control, 384 Fill)
+    widened_models: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Architecture:
@@ -182,7 +184,8 @@ class Architecture(BaseArchitecture):
             sources,
             data["order"],
             network,
-            tuple(data.get("widens", ())),
+            tuple(data.get("widens", {})),
+            {k: {int(w): m for w, m in v.items()} for k, v in data.get("widens", {}).items()},
         )
 
     # -- names in the layouts LoRA files use ---------------------------------------------------------

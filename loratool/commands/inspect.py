@@ -132,6 +132,24 @@ def compact_targets(targets: tuple[str, ...]) -> str:
     return ".".join(common) + ".{" + ",".join(tails) + "}"
 
 
+def _reading_for_base(
+    path: str | os.PathLike, base: str | os.PathLike, adapter: Adapter, detection: Detection, allow_pickle: bool
+) -> tuple[Adapter, Detection]:
+    """A LoRA whose names fit several families equally is read as the base's family when that is
+    one of them (a Chroma LoRA on the modules it shares with Flux.1, checked against a Chroma base)."""
+    try:
+        with open_source(base, allow_pickle) as source:
+            theirs = checkpoint_architecture(source).name
+    except LoratoolError:
+        return adapter, detection
+    if theirs == getattr(adapter.arch, "name", None) or theirs not in adapter.arch_tied:
+        return adapter, detection
+    adapter.close()
+    chosen, found = read_adapter(path, theirs, allow_pickle)
+    chosen.arch_reason = f"{adapter.arch_reason}; the base is {chosen.arch.title}"
+    return chosen, found
+
+
 class BaseWeights:
     """Looks up the base weights a module updates, loading only those tensors."""
 
@@ -353,6 +371,8 @@ def inspect(
         if base is not None:
             if Path(base).resolve() == Path(path).resolve():
                 raise InputError(f"{base}: the base is the adapter itself")
+            if adapter.arch_tied:
+                adapter, detection = _reading_for_base(path, base, adapter, detection, allow_pickle)
             base_weights = BaseWeights(base, adapter, allow_pickle)
             adapter.arch = base_weights.arch
         checker = Checker(adapter)

@@ -227,7 +227,16 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
             best = (len(found.resolved), fits, component)
     component = best[2]
     if component is None:
-        return place_on_architecture(modules, "diffusers", metadata, only=arch)
+        found = place_on_architecture(modules, "diffusers", metadata, only=arch)
+        if found.arch is None or not found.resolved:
+            # PEFT keys over a model's original single-file names (ai-toolkit's Krea 2 files:
+            # `base_model.model.blocks.0.attn.wq`): the tables' native index knows them.
+            native = place_on_architecture(modules, "native", metadata, only=arch)
+            if native.arch is not None and native.resolved:
+                for module in modules.values():
+                    module.native_rows = True
+                return native
+        return found
     return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{component}.{m}", only=arch)
 
 

@@ -172,8 +172,10 @@ class Checker:
         layer = _oriented(base[0]) if base else spec.shape if spec is not None else None
         if layer is None or len(shape) != 2 or len(layer) != 2 or shape[0] != layer[0] or shape[1] <= layer[1]:
             return None
+        model = arch.widened_model(module.targets[0], shape[1])
+        what = f"a {model} LoRA" if model else "a control or fill LoRA"
         message = (
-            f"takes {shape[1]} input channels where the model's layer has {layer[1]}: a control or fill LoRA; "
+            f"takes {shape[1]} input channels where the model's layer has {layer[1]}: {what}; "
             "merge widens the base weight with zero columns for the new channels, as ComfyUI does"
         )
         return finding("widened-input", module.name, message)

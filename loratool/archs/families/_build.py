@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Row = dict[str, object]
 # What one component contributes: its entry under "components", its module rows, its fused groups.
@@ -59,8 +59,9 @@ class TableFamily:
     components: Callable[[], list[ComponentRows]]  # builds the reference models: call only to generate
     kohya_network_module: str = "networks.lora"  # sd-scripts' network module for the family's LoRAs
     # Input layers whose LoRAs may take more input channels than the model (Flux control and fill
-    # LoRAs concatenate a control image: img_in 64 -> 128); merge widens the base with zero columns.
-    widens: tuple[str, ...] = ()
+    # LoRAs concatenate a control image: img_in 64 -> 128), with the models each width names; merge
+    # widens the base with zero columns.
+    widens: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 def is_norm(mod: object) -> bool:

@@ -154,5 +154,7 @@ FAMILY = TableFamily(
     hints={"ss_base_model_version": ["flux1"], "modelspec.architecture": ["flux-1"]},
     components=components,
     kohya_network_module="networks.lora_flux",
-    widens=("transformer.x_embedder",),  # img_in: BFL's Depth/Canny LoRAs take 128 channels (64 + control)
+    # img_in: BFL's Depth/Canny LoRAs take 128 channels (64 latent + 64 control image), Fill models and
+    # LoRAs 384 (64 latent + 64 masked image + 256 mask)
+    widens={"transformer.x_embedder": {128: "FLUX.1 Depth/Canny (control)", 384: "FLUX.1 Fill"}},
 )
