@@ -60,6 +60,7 @@ class AdapterModule:
     embedding: bool = False  # adapts an embedding table (PEFT lora_embedding_A/B)
     native_rows: bool = False  # named after the single-file module, so its rows follow that layout's order
     dora_columns: bool = False  # the DoRA magnitude is per input column (LyCORIS wd_on_out off)
+    bias_unscaled: bool = False  # its "bias" is a kohya `diff_b` beside LoRA factors: applied at strength alone
     notes: list[str] = field(default_factory=list)  # what planning did to it, for the report
 
     @property

@@ -43,6 +43,19 @@ ARCHS = (
     "hidream",
     "anima",
     "krea2",
+    "wan2.1-t2v-1.3b",
+    "wan2.1-vace-1.3b",
+    "wan2.1-t2v-14b",
+    "wan2.1-vace-14b",
+    "wan2.2-i2v-a14b",
+    "wan2.1-i2v-14b",
+    "wan2.2-ti2v-5b",
+    "hunyuan_video",
+    "hunyuan_video15",
+    "ltx_video",
+    "ltx_video-13b",
+    "ltx2",
+    "ltx2.3",
 )
 
 
@@ -489,6 +502,27 @@ def test_every_kohya_name_round_trips_without_collisions(name: str) -> None:
 
 
 KOHYA_SPOT = [
+    (
+        "hunyuan_video",
+        "lora_unet_single_blocks_39_linear1",
+        tuple(
+            f"transformer.single_transformer_blocks.39.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        ),
+    ),
+    (
+        "hunyuan_video15",
+        "lora_unet_double_blocks_53_txt_attn_v",
+        ("transformer.transformer_blocks.53.attn.add_v_proj",),
+    ),
+    ("wan2.1-t2v-14b", "lora_unet_blocks_0_self_attn_q", ("transformer.blocks.0.attn1.to_q",)),
+    ("wan2.1-i2v-14b", "lora_unet_blocks_39_cross_attn_k_img", ("transformer.blocks.39.attn2.add_k_proj",)),
+    (
+        "ltx2",
+        "lora_unet_transformer_blocks_47_video_to_audio_attn_to_k",
+        ("transformer.transformer_blocks.47.video_to_audio_attn.to_k",),
+    ),
+    ("ltx_video-13b", "lora_unet_adaln_single_linear", ("transformer.time_embed.linear",)),
+    ("ltx2.3", "lora_unet_audio_prompt_adaln_single_linear", ("transformer.audio_prompt_adaln.linear",)),
     ("krea2", "lora_unet_blocks_27_attn_wq", ("transformer.transformer_blocks.27.attn.to_q",)),
     ("krea2", "lora_unet_txtfusion_refiner_blocks_1_mlp_down", ("transformer.text_fusion.refiner_blocks.1.ff.down",)),
     (
@@ -701,6 +735,24 @@ def test_norm_rows() -> None:
         # Krea 2: pre/post norms and q/k norms of 28 blocks and 4 text-fusion blocks, the text input's
         # norm and the final norm.
         "krea2": {"transformer": 28 * 4 + 4 * 4 + 2},
+        # Wan: q/k norms of both attentions and norm3 in every block (VACE blocks too); Wan 2.1 I2V adds
+        # the image attention's norm_k_img per block and img_emb's two LayerNorms.
+        "wan2.1-t2v-1.3b": {"transformer": 30 * 5},
+        "wan2.1-vace-1.3b": {"transformer": (30 + 15) * 5},
+        "wan2.1-t2v-14b": {"transformer": 40 * 5},
+        "wan2.1-vace-14b": {"transformer": (40 + 8) * 5},
+        "wan2.2-i2v-a14b": {"transformer": 40 * 5},
+        "wan2.1-i2v-14b": {"transformer": 40 * 6 + 2},
+        "wan2.2-ti2v-5b": {"transformer": 30 * 5},
+        # LTX-Video: q/k norms of attn1 and attn2; LTX-2: of its 6 attentions (video, audio, cross-modal).
+        # HunyuanVideo: its 2 token-refiner blocks' two norms, q/k norms of both streams in 20 double
+        # blocks and of 40 single blocks; 1.5: 54 double blocks, the refiner, the image and ByT5 projections.
+        "hunyuan_video": {"transformer": 2 * 2 + 20 * 4 + 40 * 2},
+        "hunyuan_video15": {"transformer": 54 * 4 + 2 * 2 + 2 + 1},
+        "ltx_video": {"transformer": 28 * 4},
+        "ltx_video-13b": {"transformer": 48 * 4},
+        "ltx2": {"transformer": 48 * 6 * 2},
+        "ltx2.3": {"transformer": 48 * 6 * 2},
     }
     for name in ARCHS:
         a = arch(name)

@@ -106,6 +106,18 @@ def test_merge_benchmark_runs(tmp_path):
     assert result.stdout.count("ratio merge / read+write") == 2
 
 
+def test_merge_video_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/merge_video.py", "--tiny", "--keep", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ratio merge / copy" in result.stdout
+
+
 def test_extract_benchmark_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/extract.py", "--tiny", "--keep", str(tmp_path)],

@@ -167,6 +167,7 @@ def test_codes_and_default_severities() -> None:
         "update-unmeasured": "warning",
         "widened-input": "info",
         "base-mismatch": "error",
+        "base-partial": "warning",
         "broken-module": "error",
         "dtype-mixed": "warning",
         "metadata-mismatch": "warning",

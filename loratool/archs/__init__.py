@@ -125,6 +125,21 @@ def _best_fit(
     return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
 
 
+def _yield(
+    tied: list[tuple[Architecture, dict[str, Targets]]], why: str
+) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
+    """Families that yield to a tied rival leave the tie (HunyuanVideo's blocks are Flux.1's, name
+    for name and shape for shape: a LoRA nothing else tells apart is read as the common one)."""
+    rivals = {a.name for a, _ in tied}
+    yielded = [a.name for a, _ in tied if rivals & set(getattr(a, "yields_to", ()))]
+    if not yielded or len(yielded) == len(tied):
+        return tied, why
+    tied = [(a, r) for a, r in tied if a.name not in yielded]
+    kept = ", ".join(a.name for a, _ in tied)
+    why = f", ambiguous between {kept} (names alone cannot tell)" if len(tied) > 1 else ""
+    return tied, f"{why}; {', '.join(yielded)} fits as well and yields to {kept}"
+
+
 def detect(
     names: list[str],
     scheme: str,
@@ -165,6 +180,7 @@ def detect(
             tied, reason = by_hint, reason + ", metadata names it"
         else:
             tied, why = _best_fit(tied, implied_shape)
+            tied, why = _yield(tied, why)
             reason += why
     arch, resolved = tied[0]
     return ArchDetection(arch, resolved, scores, reason, [a.name for a, _ in tied] if len(tied) > 1 else [])

@@ -39,14 +39,23 @@ def checkpoint_architecture(source: TensorSource) -> Architecture | HFArchitectu
     """The architecture of a base checkpoint; raises InputError when nothing fits."""
     if source.config and isinstance(source.config.get("model_type"), str):
         return _hf(source)
-    best: list[tuple[int, int, bool, Architecture]] = []
+    best: list[tuple[int, int, int, int, bool, Architecture]] = []
     for arch in architectures().values():
         found = _table_weights(arch, source)
+        # Checkpoint weights explained first: a fused weight counts once, not once per row block
+        # (Flux.1's table finds four modules in a FLUX.2 `linear1`); then weights at the table's
+        # full-size shape (FLUX.2 [dev] and [klein] share names, not widths).
+        keys = len({w.location.key for w in found})
+        exact = sum(
+            1
+            for w in found
+            if w.location.rows is None and tuple(source.info(w.location.key).shape) == tuple(arch.modules[w.name].shape)
+        )
         typed = sum(1 for w in found if len(source.info(w.location.key).shape) in TYPE_NDIMS[w.type])
-        best.append((len(found), typed, hint_matches(arch, source.metadata), arch))
-    best.sort(key=lambda b: (-b[0], -b[1], not b[2]))
+        best.append((keys, exact, len(found), typed, hint_matches(arch, source.metadata), arch))
+    best.sort(key=lambda b: (-b[0], -b[1], -b[2], -b[3], not b[4]))
     if best[0][0] > 0:
-        return best[0][3]
+        return best[0][5]
     return _hf(source)
 
 

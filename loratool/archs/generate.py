@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+from dataclasses import replace
 from pathlib import Path
 
 from . import families as families_package
@@ -43,7 +44,7 @@ def families() -> list[TableFamily]:
                 raise ValueError(
                     f"families/{info.name}.py declares the family {family.name!r}: name it after the module"
                 )
-            found.append(family)
+            found.append(replace(family, family=info.name))
     found.sort(key=lambda f: f.order)
     orders = [f.order for f in found]
     if len(set(orders)) != len(orders):
@@ -60,12 +61,14 @@ def build_table(family: TableFamily, sources: dict[str, str]) -> dict:
     return {
         "arch": family.name,
         "title": family.title,
+        "family": family.family or family.name,
         "order": family.order,
         "generated_by": "python -m loratool.archs.generate",
         "sources": sources,
         "hints": family.hints,
         "kohya_network_module": family.kohya_network_module,
         "widens": {module: {str(w): m for w, m in models.items()} for module, models in family.widens.items()},
+        **({"yields_to": list(family.yields_to)} if family.yields_to else {}),
         "components": components,
         "fused": fused,
         "modules": modules,

@@ -128,6 +128,8 @@ class Architecture(BaseArchitecture):
     widened_inputs: tuple[str, ...] = ()
     # input layer -> {input width: the model whose LoRAs take it} (Flux.1 img_in: 128 control, 384 Fill)
     widened_models: dict[str, dict[int, str]] = field(default_factory=dict)
+    yields_to: tuple[str, ...] = ()  # families that win a tie nothing in the file breaks (see detect)
+    family: str = ""  # the family module whose variant this is (wan2.1-i2v-14b: wan)
 
     @classmethod
     def load(cls, path: Path) -> Architecture:
@@ -186,6 +188,8 @@ class Architecture(BaseArchitecture):
             network,
             tuple(data.get("widens", {})),
             {k: {int(w): m for w, m in v.items()} for k, v in data.get("widens", {}).items()},
+            tuple(data.get("yields_to", ())),
+            data.get("family", data["arch"]),
         )
 
     # -- names in the layouts LoRA files use ---------------------------------------------------------

@@ -317,13 +317,13 @@ def _origin(
 ) -> _Origin:
     record = {"base": base.name, "tuned": tuned.name, "method": method, "svd": "exact" if exact else "randomized"}
     metadata = {EXTRACTED_KEY: json.dumps(record, sort_keys=True)}
+    if arch.base_model_version is not None:  # names the model in every layout (Chroma's names are Flux.1's)
+        metadata["ss_base_model_version"] = arch.base_model_version
     if layout.name == "kohya":
         metadata.update(ss_network_module=arch.kohya_network_module, ss_network_dim="", ss_network_alpha="")
         conv_record = locon_record(units)
         if conv_record is not None:
             metadata["ss_network_args"] = json.dumps(conv_record)
-        if arch.base_model_version is not None:
-            metadata["ss_base_model_version"] = arch.base_model_version
     config = None
     if not arch.components:  # one whole model: its PEFT config names the base it wraps
         config = {"base_model_name_or_path": str(base)}

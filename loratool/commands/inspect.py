@@ -132,6 +132,29 @@ def compact_targets(targets: tuple[str, ...]) -> str:
     return ".".join(common) + ".{" + ",".join(tails) + "}"
 
 
+def _other_base(adapter: Adapter, theirs: Architecture, findings: list[Finding]) -> Finding:
+    """What a base of another model means for this LoRA: it does not fit (an SDXL LoRA on SD1.5), or
+    it is another variant of the same family where every module fits but some have nowhere to go (a
+    Wan 2.1 I2V LoRA's image attention on a T2V model)."""
+    homeless = {f.module for f in findings if f.code == "unknown-key" and f.module is not None}
+    misfits = [f for f in findings if f.code == "shape-mismatch"]
+    siblings = getattr(adapter.arch, "family", None) == getattr(theirs, "family", "")
+    if siblings and homeless and not misfits and len(homeless) < len(adapter.modules):
+        return finding(
+            "base-partial",
+            None,
+            f"this LoRA is for {adapter.arch.title} and the base is {theirs.title}: {len(homeless)} of its "
+            f"{len(adapter.modules)} modules have nowhere to go there (each named below); the others apply, "
+            "and merge applies them with --allow-unmatched",
+        )
+    return finding(
+        "base-mismatch",
+        None,
+        f"this LoRA is for {adapter.arch.title} but the base is {theirs.title}: no UI can apply it "
+        "(ComfyUI reports its keys as 'lora key not loaded'); use a LoRA trained for this model",
+    )
+
+
 def _reading_for_base(
     path: str | os.PathLike, base: str | os.PathLike, adapter: Adapter, detection: Detection, allow_pickle: bool
 ) -> tuple[Adapter, Detection]:
@@ -380,12 +403,7 @@ def inspect(
         findings = checker.file(detection.unexplained, have_base=base_weights is not None)
         findings += module_findings + _hash_findings(adapter.source.files[0], adapter.metadata, data_sha)
         if base_weights is not None and base_weights.other_arch is not None and adapter.arch is not None:
-            theirs = base_weights.other_arch
-            message = (
-                f"this LoRA is for {adapter.arch.title} but the base is {theirs.title}: no UI can apply it "
-                "(ComfyUI reports its keys as 'lora key not loaded'); use a LoRA trained for this model"
-            )
-            findings.append(finding("base-mismatch", None, message))
+            findings.append(_other_base(adapter, base_weights.other_arch, findings))
         order = {name: i for i, name in enumerate(adapter.modules)}
         findings.sort(key=lambda f: ({"error": 0, "warning": 1, "info": 2}[f.severity], order.get(f.module or "", -1)))
         arch = adapter.arch

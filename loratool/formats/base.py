@@ -89,6 +89,12 @@ def build_modules(
     orphans: list[Orphan] = []
     for name, by_suffix in group_by_module(claimed).items():
         kinds = {table[s][0].name: table[s][0] for s in by_suffix if s in table}
+        # A bias difference beside a LoRA's factors (lightx2v's Wan distillation LoRAs): the LoRA's bias,
+        # applied as ComfyUI applies `diff_b`, at strength alone.
+        full = {s for s in by_suffix if s in table and table[s][0].name == "full"}
+        bias_unscaled = set(kinds) == {"lora", "full"} and full == {"diff_b"}
+        if bias_unscaled:
+            del kinds["full"]
         factor_keys = {s: k for s, k in by_suffix.items() if s in table}
         mods = {modifiers[s]: k for s, k in by_suffix.items() if s in modifiers}
         if len(kinds) != 1:
@@ -116,6 +122,7 @@ def build_modules(
         kind = KINDS[kind.variant({role: p.shape for role, p in pieces.items()})]
         module = AdapterModule(name=name, kind=kind, pieces=pieces)
         module.dora_columns = dora.per_column(module.dora_key, module.dora_shape)
+        module.bias_unscaled = bias_unscaled
         if "alpha" in mods:
             info = source.info(mods["alpha"])
             module.alpha_key, module.alpha_dtype = mods["alpha"], info.dtype

@@ -80,6 +80,15 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
     return {name: checked_config(config, f"{DIFFUSERS_CONFIG_KEY} in the header") for name, config in configs.items()}
 
 
+@cache
+def native_only_names() -> frozenset[str]:
+    """Single-file module names some table reads under a component's name (HunyuanVideo's
+    `transformer.double_blocks.0.img_attn_qkv`, which ComfyUI also loads) and no table has as a
+    diffusers path: those keys are the native layout's, not ours."""
+    tables = architectures().values()
+    return frozenset(set().union(*(a.native_index for a in tables)) - set().union(*(a.path_index for a in tables)))
+
+
 class DiffusersCodec(Codec):
     name = "diffusers"
     alpha_convention = "config"
@@ -88,10 +97,14 @@ class DiffusersCodec(Codec):
         suffixes = suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
         components = diffusers_components()
         bare = unprefixed_paths()
+        native = native_only_names()
         claim = Claim(self)
         for key in source:
             split = split_dotted(key, suffixes)
-            if split is not None and (key.partition(".")[0] in components or bare_path(split[0], bare)):
+            if split is None:
+                continue
+            named = key.partition(".")[0] in components and split[0] not in native
+            if named or bare_path(split[0], bare):
                 claim.keys[key] = split
         return claim
 

@@ -148,7 +148,7 @@ class KohyaLayout(Layout):
     def why_not(self, unit: AdapterModule) -> str | None:
         if "kohya" not in unit.kind.names:
             return f"{unit.kind.label} has no kohya/LyCORIS form (no layout loratool writes holds it; merge it)"
-        if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values():
+        if "bias" in unit.pieces and "bias" not in unit.kind.names["kohya"].values() and not unit.bias_unscaled:
             return "kohya files have no place for a LoRA bias (lora_B.bias)"
         if unit.kind.rank(unit.shapes) is None and unit.scale != 1.0 and "w1" not in unit.pieces:
             return f"its scale {unit.scale:g} needs a rank, and LyCORIS applies {unit.kind.label} at scale 1"
@@ -191,6 +191,8 @@ class KohyaLayout(Layout):
     def entries(self, name: str, unit: AdapterModule, arch: BaseArchitecture | None) -> list[Entry]:
         factors = factor_pieces(unit.kind, unit.pieces, "kohya", False)
         out = [Entry(f"{name}.{suffix}", p) for suffix, p in factors.items()]
+        if unit.bias_unscaled:  # a bias difference beside the factors, as lightx2v writes it
+            out.append(Entry(f"{name}.diff_b", unit.pieces["bias"]))
         if unit.kind.rank(unit.shapes) is not None:
             out.append(Entry(f"{name}.alpha", alpha_piece(unit, unit.alpha_for(False))))
         elif unit.kind.stores_alpha:  # applied at scale 1 whatever it says, but LyCORIS reads one

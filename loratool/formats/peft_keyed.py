@@ -27,6 +27,11 @@ class PeftKeyed(Layout):
             return f"{unit.kind.label} has no form in {self.name} output, which holds {held} only ({advice})"
         if "mid" in unit.pieces:
             return "PEFT has no Tucker core (lora_mid); use --to kohya"
+        if unit.bias_unscaled:
+            return (
+                "its diff_b is a bias difference applied at strength alone, and PEFT scales a LoRA's bias "
+                "(lora_B.bias) by alpha/r; use --to kohya or --to comfyui, or merge it"
+            )
         if dora.ROLE in unit.pieces:
             return dora.why_not("peft", unit.kind, unit.dora_columns, unit.embedding)
         return None

@@ -169,7 +169,8 @@ def _patches(
         up_rows = None if len(module.targets) == 1 else (start, start + rows)
         swap = halves_differ(arch.swaps_rows(target), module.native_rows, location.native_rows)
         patch = Patch(lora, module, location.key, location.rows, up_rows, transposed, swap, widen=widen)
-        patches.append(patch)
+        if module.kind.name not in ("full", "norm") or "diff" in module.keys:  # not a bias difference alone
+            patches.append(patch)
         if "bias" in module.keys:
             patches.append(_bias_patch(patch, base))
         start += rows

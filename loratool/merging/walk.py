@@ -260,7 +260,9 @@ class MergeWalk:
         factors = self._factors_of(patch)
         if patch.role == "bias":
             target = weight if patch.rows is None else weight[patch.rows[0] : patch.rows[1]]
-            target.add_(_module_rows(patch, factors.bias), alpha=strength * module.scale)
+            target.add_(
+                _module_rows(patch, factors.bias), alpha=strength * (1.0 if module.bias_unscaled else module.scale)
+            )
             return
         target = update_view(weight, patch.transposed, patch.rows)
         magnitude = factors.magnitude

@@ -26,6 +26,7 @@ CODES: dict[str, str] = {
     "update-unmeasured": "warning",
     "widened-input": "info",
     "base-mismatch": "error",
+    "base-partial": "warning",
     "broken-module": "error",
     "dtype-mixed": "warning",
     "metadata-mismatch": "warning",

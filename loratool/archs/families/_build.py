@@ -62,6 +62,10 @@ class TableFamily:
     # LoRAs concatenate a control image: img_in 64 -> 128), with the models each width names; merge
     # widens the base with zero columns.
     widens: dict[str, dict[int, str]] = field(default_factory=dict)
+    # Families whose LoRAs this one's are read as when nothing in a file tells them apart (names,
+    # shapes, metadata): HunyuanVideo's blocks are Flux.1's, module for module and shape for shape.
+    yields_to: tuple[str, ...] = ()
+    family: str = ""  # the family module's name, which its variants share (set by the generator)
 
 
 def is_norm(mod: object) -> bool:
