@@ -3,6 +3,8 @@ plain streamed read + write of the same file, with peak RSS.
 
     python benchmarks/merge_video.py [--device cpu|cuda] [--repeat 1] [--keep DIR] [--out DIR] [--tiny]
 
+(`--keep DIR` keeps the base and the LoRA there, and a later run with the same DIR reuses them.)
+
 Builds the base from loratool's `wan2.1-t2v-14b` table (every module at full size, biases, norms,
 the per-block modulation parameters), written one tensor at a time, and a rank-32 musubi-tuner LoRA
 (`lora_unet_blocks_N_...`) on every attention and feed-forward Linear of the 40 blocks. The base is
@@ -26,7 +28,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -111,8 +112,11 @@ def _peak_rss_mb() -> float:
     raise SystemExit("no VmHWM in /proc/self/status")
 
 
-def run_once(kind: str, *args: str) -> dict[str, float]:
-    Path(args[2] if kind == "loratool" else args[1]).unlink(missing_ok=True)
+def run_once(kind: str, outputs: list[Path], *args: str) -> dict[str, float]:
+    """One contender's run, after every contender's output is removed (two copies of a 28 GB base
+    beside the base itself would not fit on this machine's disk)."""
+    for path in outputs:
+        path.unlink(missing_ok=True)
     os.sync()
     done = subprocess.run(
         [sys.executable, __file__, "--worker", kind, *args], capture_output=True, text=True, check=False
@@ -137,16 +141,21 @@ def main() -> None:
         work = args.keep or Path(tmp)
         out = args.out or work
         started = time.perf_counter()
-        base, adapter = build(work, args.tiny)
-        print(f"built {base.stat().st_size / 2**30:.2f} GiB base in {time.perf_counter() - started:.0f} s")
+        base, adapter = work / "wan14b.safetensors", work / "wan14b_lora.safetensors"
+        if args.keep and base.exists() and adapter.exists():  # a base built by an earlier run (3 min)
+            print(f"reusing {base} ({base.stat().st_size / 2**30:.2f} GiB)")
+        else:
+            base, adapter = build(work, args.tiny)
+            print(f"built {base.stat().st_size / 2**30:.2f} GiB base in {time.perf_counter() - started:.0f} s")
+        outputs = [out / "copy.safetensors", out / "merged.safetensors"]
         contenders = {
-            "copy": (str(base), str(out / "copy.safetensors")),
-            "loratool": (str(base), str(adapter), str(out / "merged.safetensors"), args.device),
+            "copy": (str(base), str(outputs[0])),
+            "loratool": (str(base), str(adapter), str(outputs[1]), args.device),
         }
         best = {name: {"seconds": float("inf"), "peak_rss_mb": 0.0} for name in contenders}
         ratios = []
         for _ in range(args.repeat):
-            this_round = {name: run_once(name, *a) for name, a in contenders.items()}
+            this_round = {name: run_once(name, outputs, *a) for name, a in contenders.items()}
             for name, result in this_round.items():
                 best[name]["seconds"] = min(best[name]["seconds"], result["seconds"])
                 best[name]["peak_rss_mb"] = max(best[name]["peak_rss_mb"], result["peak_rss_mb"])
@@ -159,8 +168,8 @@ def main() -> None:
             f"  ratio merge / copy: {statistics.median(ratios):.2f}x median of rounds "
             f"({', '.join(f'{r:.2f}' for r in ratios)}); peak RSS {ours['peak_rss_mb']:.0f} MB (target <= 600 MB)"
         )
-        for p in (base, adapter, out / "merged.safetensors", out / "copy.safetensors"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in outputs if args.keep else [base, adapter, *outputs]:
+            p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""extract and resize on every image DiT family with a table, on tiny original single files.
+"""extract and resize on every image and video DiT family with a table, on tiny original single files.
 
 For each family, BASE is the tiny diffusers transformer of its family test (the `TINY` config imported
 from there) as an original single file, built as that test builds it; TUNED is BASE with an exact rank-2
-change (singular values 2:1) planted on four default-target weights, a fused one (`qkv`, `linear1`) among
-them where the family has one, planted on the whole fused weight so every row block is rank 2 as well.
+change (singular values 2:1) planted on four default-target weights, a fused one (`qkv`, `img_attn_qkv`,
+`linear1`) among them where the family has one, planted on the whole fused weight so every row block is
+rank 2 as well. The video families: Wan 2.1 I2V (its modulation parameters in the file too), HunyuanVideo,
+LTX-Video, and LTX-2 twice (its audio stream and cross-modal attentions; its video stream alone).
 extract takes the randomized SVD here, as on full-size models (`sketch_every_module`).
 What the file proves, for the kohya, diffusers and ComfyUI layouts:
 
@@ -16,7 +18,9 @@ What the file proves, for the kohya, diffusers and ComfyUI layouts:
   within that optimum's error (a row block cut alone does no worse).
 - extract names the family, and `inspect` reads both files as the family: a FLUX.2 checkpoint is not
   taken for Flux.1 (whose table finds four modules in each `linear1`), and a Chroma LoRA in any layout
-  names its model in metadata, since its modules' names and widths are all Flux.1's too.
+  names its model in metadata, since its modules' names and widths are all Flux.1's too; so do a
+  HunyuanVideo LoRA whose kohya and diffusers names are all Flux.1's, and an LTX-2 LoRA on the video
+  stream alone, whose names are LTX-Video's (and Anima's).
 """
 
 from __future__ import annotations
@@ -40,9 +44,13 @@ import test_family_anima as anima_test  # noqa: E402
 import test_family_chroma as chroma_test  # noqa: E402
 import test_family_flux2 as flux2_test  # noqa: E402
 import test_family_hidream as hidream_test  # noqa: E402
+import test_family_hunyuan_video as hunyuan_video_test  # noqa: E402
+import test_family_ltx2 as ltx2_test  # noqa: E402
+import test_family_ltx_video as ltx_video_test  # noqa: E402
 import test_family_lumina2 as lumina2_test  # noqa: E402
 import test_family_qwen_image as qwen_test  # noqa: E402
 import test_family_sd3 as sd3_test  # noqa: E402
+import test_family_wan as wan_test  # noqa: E402
 import test_family_z_image as z_image_test  # noqa: E402
 from diffusers import (  # noqa: E402
     AnimaTextConditioner,
@@ -50,9 +58,13 @@ from diffusers import (  # noqa: E402
     CosmosTransformer3DModel,
     Flux2Transformer2DModel,
     HiDreamImageTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    LTX2VideoTransformer3DModel,
+    LTXVideoTransformer3DModel,
     Lumina2Transformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
+    WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
 from test_merge_diffusers import base_checkpoint  # noqa: E402
@@ -126,6 +138,40 @@ def _anima() -> StateDict:  # the transformer under `net.`, the text conditioner
     return base_checkpoint(get_architecture("anima"), models)
 
 
+def _wan() -> StateDict:  # Wan 2.1 I2V, with each block's and the head's modulation parameters
+    return wan_test.single_checkpoint(WanTransformer3DModel(**wan_test.TINY))
+
+
+def _hunyuan_video() -> StateDict:  # fused img_attn_qkv / txt_attn_qkv / refiner self_attn_qkv / linear1
+    model = HunyuanVideoTransformer3DModel(**hunyuan_video_test.TINY)
+    return base_checkpoint(get_architecture("hunyuan_video"), {"transformer": model})
+
+
+def _ltx_video() -> StateDict:
+    model = LTXVideoTransformer3DModel(**ltx_video_test.TINY)
+    prefix = ltx_video_test.PREFIX
+    checkpoint = base_checkpoint(get_architecture("ltx_video"), {"transformer": model})
+    for name, value in model.named_parameters():
+        if name.endswith("scale_shift_table"):  # parameters, not modules
+            checkpoint[prefix + name] = value.detach().clone()
+    return checkpoint
+
+
+def _ltx2() -> StateDict:
+    model = LTX2VideoTransformer3DModel(**ltx2_test.TINY["ltx2"])
+    prefix = ltx2_test.PREFIX
+    checkpoint = base_checkpoint(get_architecture("ltx2"), {"transformer": model})
+    renamed = {  # diffusers -> original, the other tables keep their names
+        "video_a2v_cross_attn_scale_shift_table": "scale_shift_table_a2v_ca_video",
+        "audio_a2v_cross_attn_scale_shift_table": "scale_shift_table_a2v_ca_audio",
+    }
+    for name, value in model.named_parameters():
+        if name.endswith("scale_shift_table"):  # parameters, not modules
+            head, _, last = name.rpartition(".")
+            checkpoint[prefix + head + ("." if head else "") + renamed.get(last, last)] = value.detach().clone()
+    return checkpoint
+
+
 @dataclass(frozen=True)
 class Family:
     build: Callable[[], StateDict]
@@ -133,9 +179,10 @@ class Family:
     # blocks); the first is fused where the family fuses, the second is never fused (resize's oracle)
     planted: tuple[tuple[str, int], ...]
     split_in: frozenset[str] = frozenset({"diffusers"})  # the layouts that name a fused weight's row blocks
+    arch: str = ""  # the family, where its key names a second planting on it (else the key)
 
 
-SD3, LUMINA = "model.diffusion_model.", lumina2_test.PREFIX
+SD3, LUMINA, LTXV, LTX2 = "model.diffusion_model.", lumina2_test.PREFIX, ltx_video_test.PREFIX, ltx2_test.PREFIX
 FAMILIES = {
     "sd3.5-medium": Family(
         _sd3,
@@ -210,6 +257,54 @@ FAMILIES = {
             ("net.blocks.1.self_attn.output_proj.weight", 1),
         ),
     ),
+    wan_test.I2V: Family(  # nothing fused; an image cross-attention key among the planted weights
+        _wan,
+        (
+            ("blocks.0.self_attn.q.weight", 1),
+            ("blocks.1.ffn.0.weight", 1),
+            ("blocks.0.cross_attn.k_img.weight", 1),
+            ("blocks.1.cross_attn.o.weight", 1),
+        ),
+    ),
+    "hunyuan_video": Family(  # each planted name, flattened (kohya) or in diffusers, is Flux.1's too
+        _hunyuan_video,
+        (
+            ("double_blocks.0.img_attn_qkv.weight", 3),
+            ("double_blocks.1.txt_attn_proj.weight", 1),
+            ("single_blocks.1.linear1.weight", 4),
+            ("single_blocks.0.linear2.weight", 1),
+        ),
+    ),
+    "ltx_video": Family(  # nothing fused
+        _ltx_video,
+        (
+            (LTXV + "transformer_blocks.0.attn1.to_q.weight", 1),
+            (LTXV + "transformer_blocks.1.ff.net.0.proj.weight", 1),
+            (LTXV + "transformer_blocks.0.attn2.to_k.weight", 1),
+            (LTXV + "transformer_blocks.1.attn1.to_out.0.weight", 1),
+        ),
+    ),
+    "ltx2": Family(  # nothing fused; the audio stream and the cross-modal attentions (not square) planted too
+        _ltx2,
+        (
+            (LTX2 + "transformer_blocks.0.audio_to_video_attn.to_q.weight", 1),
+            (LTX2 + "transformer_blocks.1.audio_ff.net.0.proj.weight", 1),
+            (LTX2 + "transformer_blocks.0.attn1.to_v.weight", 1),
+            (LTX2 + "transformer_blocks.1.video_to_audio_attn.to_k.weight", 1),
+        ),
+    ),
+    # the video stream alone: its names (and widths' ratios) are LTX-Video's and Anima's too, and table
+    # order reads them as those; extract names LTX-2 in metadata in every layout
+    "ltx2-video": Family(
+        _ltx2,
+        (
+            (LTX2 + "transformer_blocks.0.attn1.to_v.weight", 1),
+            (LTX2 + "transformer_blocks.1.ff.net.0.proj.weight", 1),
+            (LTX2 + "transformer_blocks.0.attn2.to_q.weight", 1),
+            (LTX2 + "transformer_blocks.1.ff.net.2.weight", 1),
+        ),
+        arch="ltx2",
+    ),
 }
 
 
@@ -224,7 +319,8 @@ def planted_change(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @dataclass
 class Pair:
-    name: str
+    name: str  # the key in FAMILIES
+    arch: str  # the family
     base: Path
     tuned: Path
     base_sd: StateDict
@@ -254,7 +350,8 @@ def make_pair(name: str, root: Path) -> Pair:
         tuned[key] = (w.double() + planted_change(w, g)).to(w.dtype).contiguous()
     save_file(base, str(root / "base.safetensors"))
     save_file(tuned, str(root / "tuned.safetensors"))
-    return Pair(name, root / "base.safetensors", root / "tuned.safetensors", base, tuned, family.planted)
+    base_path, tuned_path = root / "base.safetensors", root / "tuned.safetensors"
+    return Pair(name, family.arch or name, base_path, tuned_path, base, tuned, family.planted)
 
 
 @pytest.fixture(scope="module")
@@ -307,12 +404,12 @@ CASES = [pytest.param(name, to, id=f"{name}-{to}") for name in FAMILIES for to i
 def test_extract_and_resize_outputs_are_read_as_the_family(family: str, to: str, pairs, tmp_path: Path) -> None:
     pair = pairs(family)
     report, lora = extracted(pair, to, tmp_path)
-    assert report.architecture == pair.name
+    assert report.architecture == pair.arch
     small = tmp_path / "rank1.safetensors"
     loratool.resize(lora, small, rank=1, device="cpu")
     for path in (lora, small):
         inspected = loratool.inspect(path)
-        assert inspected.architecture == pair.name, inspected.architecture_reason
+        assert inspected.architecture == pair.arch, inspected.architecture_reason
         assert not [f for f in inspected.findings if f.severity == "error"], inspected.findings
 
 

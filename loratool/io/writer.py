@@ -13,7 +13,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +151,20 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._expect(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
         self._emit(tensor_bytes(tensor))
+
+    def write_parts(self, name: str, dtype: str, shape: tuple[int, ...], parts: Iterator[torch.Tensor]) -> None:
+        """Write one tensor from consecutive pieces of it (blocks of rows, in order), so no buffer the
+        size of the whole tensor is needed; the pieces must add up to exactly its declared bytes."""
+        spec = self._expect(name, dtype, tuple(shape))
+        written = 0
+        for part in parts:
+            data = tensor_bytes(part)
+            written += len(data)
+            self._emit_part(data)
+        if written != spec.nbytes:
+            self.abort()
+            raise ValueError(f"{name!r}: {written} bytes written in parts, {spec.nbytes} declared")
+        self._next += 1
 
     def write_raw(self, name: str, data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> None:
         """Copy a tensor's stored bytes unchanged (no decode, no re-encode)."""
@@ -321,6 +335,9 @@ class ShardedWriter:
 
     def write_raw(self, name: str, data: bytes | bytearray | memoryview, dtype: str, shape: tuple[int, ...]) -> None:
         self._owner[name].write_raw(name, data, dtype, shape)
+
+    def write_parts(self, name: str, dtype: str, shape: tuple[int, ...], parts: Iterator[torch.Tensor]) -> None:
+        self._owner[name].write_parts(name, dtype, shape, parts)
 
     def write_from(self, name: str, source: SafetensorsFile, key: str) -> None:
         self._owner[name].write_from(name, source, key)

@@ -135,9 +135,15 @@ class MergeWalk:
                     self.cast += not patches
                 elif patches:
                     stored = next(ahead).result()
-                    out = self._out_buffer(spec)
-                    self._merge_into(out, entry.key, stored, patches)
-                    writer.write(spec.name, out)
+                    if self._by_rows(entry.key, stored, patches):  # no buffer the size of the tensor
+                        rows = self._merged_rows(entry.key, stored, patches, DTYPES[spec.dtype])
+                        writer.write_parts(spec.name, spec.dtype, spec.shape, rows)
+                        for patch in patches:
+                            self._release(patch)
+                    else:
+                        out = self._out_buffer(spec)
+                        self._merge_into(out, entry.key, stored, patches)
+                        writer.write(spec.name, out)
                     self.updated += 1
                 elif spec.dtype == info.dtype:
                     writer.write_from(spec.name, entry.file, entry.name)
@@ -200,8 +206,12 @@ class MergeWalk:
                 self._apply(weight if patch.widen else weight[:, : stored.shape[1]], patch)
             self._check(weight, key, patches, out.dtype)
             out.copy_(weight)
-        elif self.device.type == "cpu" and stored.dim() >= 1 and all(_row_local(p) for p in patches):
-            self._merge_by_rows(out, key, stored, patches)
+        elif self._by_rows(key, stored, patches):
+            flat = out.view(stored.shape[0], -1)
+            start = 0
+            for block in self._merged_rows(key, stored, patches, out.dtype):
+                flat[start : start + block.shape[0]].copy_(block)
+                start += block.shape[0]
         else:
             weight = stored.to(device=self.device, dtype=torch.float32)
             for patch in patches:
@@ -211,9 +221,18 @@ class MergeWalk:
         for patch in patches:
             self._release(patch)
 
-    def _merge_by_rows(self, out: torch.Tensor, key: str, stored: torch.Tensor, patches: list[Patch]) -> None:
-        """Blocks of rows small enough to stay in the CPU cache: upcast, add each patch's rows,
-        check, cast into `out`. Several times faster than whole-tensor passes on large weights."""
+    def _by_rows(self, key: str, stored: torch.Tensor, patches: list[Patch]) -> bool:
+        """Whether the tensor is merged a block of rows at a time (on the CPU, rows patched alone)."""
+        local = all(_row_local(p) for p in patches)
+        return self.device.type == "cpu" and stored.dim() >= 1 and key not in self.widened and local
+
+    def _merged_rows(
+        self, key: str, stored: torch.Tensor, patches: list[Patch], dtype: torch.dtype
+    ) -> Iterator[torch.Tensor]:
+        """The merged tensor in blocks of rows small enough to stay in the CPU cache (flattened to
+        2-D), each upcast, updated by every patch's rows, checked and cast to `dtype`: several
+        times faster than whole-tensor passes on large weights, and nothing the tensor's size is
+        held."""
         rows = stored.shape[0]
         block = max(1, ROW_BLOCK_ELEMENTS // max(1, stored[0].numel()))
         plans = []
@@ -221,7 +240,6 @@ class MergeWalk:
             up, down = self._rows_of(patch)
             first = patch.rows[0] if patch.rows else 0
             plans.append((first, first + up.shape[0], up, down, self.matches[patch.lora].strength * patch.module.scale))
-        flat_out = out.view(rows, -1)
         flat_in = stored.reshape(rows, -1)
         for start in range(0, rows, block):
             stop = min(rows, start + block)
@@ -230,8 +248,8 @@ class MergeWalk:
                 a, b = max(first, start), min(last, stop)
                 if a < b:
                     add_update(weight[a - start : b - start], up[a - first : b - first], down, factor)
-            self._check(weight, key, patches, out.dtype)
-            flat_out[start:stop].copy_(weight)
+            self._check(weight, key, patches, dtype)
+            yield weight.to(dtype)
 
     def _rows_of(self, patch: Patch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The module's up rows (or dense update rows) that land in this patch's block, in the base's
