@@ -11,6 +11,9 @@ rank 2). What the file proves:
   file's, key for key and value for value), and `merge_and_unload()` gives diffusers' own fused weights
   (`fuse_lora`) within rtol 1e-5 / atol 1e-6, every weight of the model.
 - `inspect(DIR)` reads the folder as the family.
+- DiffSynth-Studio's layout (our ComfyUI output without `diffusion_model.`, `lora_A.default.weight` /
+  `lora_B.default.weight`, alpha / rank folded into A) is read as the family, as the same LoRA, and
+  converts back to diffusers as the same LoRA.
 
 Anima is its transformer alone here (its family test adds the text conditioner); LTX-2 is `ltx2`.
 """
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from deltas import deltas
 from dit_oracle import TinyDiT, tiny_dit
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import loratool
 
@@ -353,3 +357,37 @@ def test_inspect_reads_the_peft_folder_as_the_family(family: str, built) -> None
     assert report.architecture == family, report.architecture_reason
     assert len(report.modules) == len(load_file(str(b.peft_dir / WEIGHTS))) // 2
     assert not [f for f in report.findings if f.severity == "error"], report.findings
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffsynth_layout_reads_as_the_same_lora(family: str, built, tmp_path) -> None:
+    """DiffSynth-Studio: single-file names with no prefix, PEFT's adapter name in the key, no alpha
+    (scale 1). Made from our ComfyUI output, alpha / rank folded into A; it reads (and converts back to
+    diffusers) as the same LoRA. A fused single-file weight (qkv, linear1) also holds its untargeted
+    parts, whose deltas are exactly zero: the only keys allowed beyond the original's."""
+    lora = built(family).dit.lora
+    comfy = tmp_path / "comfy.safetensors"
+    loratool.convert(lora, "comfyui", comfy)
+    tensors = {
+        k[len("diffusion_model.") :]: v for k, v in load_file(str(comfy)).items() if k.startswith("diffusion_model.")
+    }
+    diffsynth = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            module = key.removesuffix(".lora_down.weight")
+            diffsynth[module + ".lora_A.default.weight"] = down * (tensors[module + ".alpha"].item() / down.shape[0])
+            diffsynth[module + ".lora_B.default.weight"] = tensors[module + ".lora_up.weight"]
+    assert len(diffsynth) * 3 == 2 * len(tensors)  # every module: down, up, alpha
+    path = tmp_path / "diffsynth.safetensors"
+    save_file(diffsynth, str(path))
+    report = loratool.inspect(path)
+    assert (report.format, report.architecture) == ("diffsynth", family), report.architecture_reason
+    assert {m.scale for m in report.modules} == {1.0}
+    back = tmp_path / "back.safetensors"
+    loratool.convert(path, "diffusers", back)
+    want = deltas(lora)
+    for got in (deltas(path), deltas(back)):
+        assert set(want) <= set(got)
+        assert not [k for k in set(got) - set(want) if got[k].any()]
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")

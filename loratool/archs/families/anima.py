@@ -135,7 +135,7 @@ def components() -> list[ComponentRows]:
             on_meta(lambda: CosmosTransformer3DModel(**ANIMA_TRANSFORMER)),
             DIT_KOHYA,
             ["net.", "model.diffusion_model.", ""],
-            ["diffusion_model.", "model.diffusion_model."],
+            ["diffusion_model.", "model.diffusion_model.", ""],
             transformer_native,
             transformer_target,
         ),

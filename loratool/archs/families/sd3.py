@@ -122,7 +122,7 @@ def components(config: dict) -> list[ComponentRows]:
             on_meta(lambda: SD3Transformer2DModel(**config)),
             DIT_KOHYA,
             ["model.diffusion_model."],
-            ["diffusion_model.", "model.diffusion_model."],
+            ["diffusion_model.", "model.diffusion_model.", ""],
             native_rule(config["num_layers"] - 1),
             sd3_target,
         ),
