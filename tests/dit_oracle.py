@@ -42,3 +42,19 @@ def tiny_dit(root: Path, model: torch.nn.Module, pipeline: str, loader: type, ta
     model.fuse_lora()
     fused = {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     return TinyDiT(folder, root / "lora" / "pytorch_lora_weights.safetensors", before, fused, targets)
+
+
+def assert_folder_merge_is_fuse(
+    folder: Path, lora: Path, before: dict[str, torch.Tensor], fused: dict[str, torch.Tensor], targets, dest: Path
+) -> None:
+    """loratool's merge into the diffusers folder changes exactly the targets' weights, to diffusers'
+    `load_lora_adapter` + `fuse_lora` result."""
+    from safetensors.torch import load_file
+
+    import loratool
+
+    loratool.merge(folder, [lora], dest, device="cpu")
+    got = load_file(str(dest / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {k for k in got if not torch.equal(got[k], before[k])} == {t + ".weight" for t in targets}
+    for key, value in got.items():
+        torch.testing.assert_close(value, fused[key], rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dit_oracle import tiny_dit
+from dit_oracle import assert_folder_merge_is_fuse, tiny_dit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_archs import _rows_marker
@@ -230,12 +230,9 @@ def test_ai_toolkit_layout_reads_as_diffusers_reads_it(tiny, tmp_path) -> None:
 
 
 def test_merge_into_the_diffusers_folder_equals_fuse_lora(tiny, tmp_path) -> None:
-    out = tmp_path / "merged"
-    loratool.merge(tiny["folder"], [tiny["lora"]], out, device="cpu")
-    got = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert {k for k in got if not torch.equal(got[k], tiny["before"][k])} == {t + ".weight" for t in TARGETS}
-    for key, value in got.items():
-        torch.testing.assert_close(value, tiny["fused"][key], rtol=1e-5, atol=1e-6)
+    assert_folder_merge_is_fuse(
+        tiny["folder"], tiny["lora"], tiny["before"], tiny["fused"], TARGETS, tmp_path / "merged"
+    )
 
 
 def test_merge_into_the_original_single_file_equals_fuse_lora_after_diffusers_converter(tiny, tmp_path) -> None:

@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from dit_oracle import tiny_dit
+from dit_oracle import assert_folder_merge_is_fuse, tiny_dit
 from safetensors.torch import load_file, save_file
 from test_archs import _rows_marker
 from test_merge_diffusers import base_checkpoint
@@ -178,13 +178,9 @@ def test_kohya_and_comfyui_outputs_are_the_same_update(tiny, tmp_path) -> None:
 
 
 def test_merge_into_the_diffusers_folder_equals_fuse_lora(tiny, tmp_path) -> None:
-    out = tmp_path / "merged"
-    loratool.merge(tiny["folder"], [tiny["lora"]], out, device="cpu")
-    got = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
-    changed = {k for k in got if not torch.equal(got[k], tiny["before"][k])}
-    assert changed == {t + ".weight" for t in tiny["targets"]}
-    for key, value in got.items():
-        torch.testing.assert_close(value, tiny["fused"][key], rtol=1e-5, atol=1e-6)
+    assert_folder_merge_is_fuse(
+        tiny["folder"], tiny["lora"], tiny["before"], tiny["fused"], tiny["targets"], tmp_path / "merged"
+    )
 
 
 def test_merge_into_the_original_single_file_equals_fuse_lora_after_diffusers_converter(tiny, tmp_path) -> None:

@@ -88,7 +88,7 @@ def flux_native(path: str) -> dict:
             name, part = FLUX_DOUBLE_FUSED[rest]
             return {"fused": f"double_blocks.{i}.{name}", "part": part}
         if rest in FLUX_DOUBLE_NORMS:
-            return _bfl_norm(f"double_blocks.{i}.{FLUX_DOUBLE_NORMS[rest]}")
+            return bfl_norm(f"double_blocks.{i}.{FLUX_DOUBLE_NORMS[rest]}")
         return {"native": f"double_blocks.{i}.{FLUX_DOUBLE[rest]}"}
     m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", path)
     if m:
@@ -96,12 +96,13 @@ def flux_native(path: str) -> dict:
         if rest in FLUX_SINGLE_FUSED:
             return {"fused": f"single_blocks.{i}.linear1", "part": FLUX_SINGLE_FUSED[rest]}
         if rest in FLUX_SINGLE_NORMS:
-            return _bfl_norm(f"single_blocks.{i}.{FLUX_SINGLE_NORMS[rest]}")
+            return bfl_norm(f"single_blocks.{i}.{FLUX_SINGLE_NORMS[rest]}")
         return {"native": f"single_blocks.{i}.{FLUX_SINGLE[rest]}"}
     raise KeyError(f"no BFL name rule for Flux module {path}")
 
 
-def _bfl_norm(native: str) -> dict:
+def bfl_norm(native: str) -> dict:
+    """A BFL q/k RMSNorm, whose weight is stored as `scale`."""
     return {"native": native, "weight": native + ".scale"}
 
 

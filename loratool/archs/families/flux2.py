@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 
 from ._build import DIT_KOHYA, ComponentRows, TableFamily, component, on_meta
+from .flux1 import FLUX_DOUBLE_FUSED, FLUX_DOUBLE_NORMS, FLUX_SINGLE_NORMS, bfl_norm
 
 ORDER = 70
 
@@ -69,26 +70,12 @@ DOUBLE = {
     "ff_context.linear_in": "txt_mlp.0",
     "ff_context.linear_out": "txt_mlp.2",
 }
-# Row blocks of the fused image and text qkv weights.
-DOUBLE_FUSED = {
-    "attn.to_q": ("img_attn.qkv", 0),
-    "attn.to_k": ("img_attn.qkv", 1),
-    "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0),
-    "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-}
-# q/k RMSNorms: BFL keeps them in a QKNorm module and calls their weight `scale`.
-DOUBLE_NORMS = {
-    "attn.norm_q": "img_attn.norm.query_norm",
-    "attn.norm_k": "img_attn.norm.key_norm",
-    "attn.norm_added_q": "txt_attn.norm.query_norm",
-    "attn.norm_added_k": "txt_attn.norm.key_norm",
-}
+# The double blocks' fused qkv row blocks and q/k norms are named as in Flux.1.
+DOUBLE_FUSED, DOUBLE_NORMS = FLUX_DOUBLE_FUSED, FLUX_DOUBLE_NORMS
 # Inside a single-stream block (`single_transformer_blocks.N` -> `single_blocks.N`): diffusers keeps
 # BFL's fused `linear1` as one module, so nothing is split here.
 SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
-SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+SINGLE_NORMS = FLUX_SINGLE_NORMS
 
 
 def flux2_native(path: str) -> dict:
@@ -104,19 +91,15 @@ def flux2_native(path: str) -> dict:
             name, part = DOUBLE_FUSED[rest]
             return {"fused": f"{stem}.{name}", "part": part}
         if rest in DOUBLE_NORMS:
-            return _bfl_norm(f"{stem}.{DOUBLE_NORMS[rest]}")
+            return bfl_norm(f"{stem}.{DOUBLE_NORMS[rest]}")
         return {"native": f"{stem}.{DOUBLE[rest]}"}
     m = re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", path)
     if m:
         stem, rest = f"single_blocks.{m.group(1)}", m.group(2)
         if rest in SINGLE_NORMS:
-            return _bfl_norm(f"{stem}.{SINGLE_NORMS[rest]}")
+            return bfl_norm(f"{stem}.{SINGLE_NORMS[rest]}")
         return {"native": f"{stem}.{SINGLE[rest]}"}
     raise KeyError(f"no BFL name rule for Flux.2 module {path}")
-
-
-def _bfl_norm(native: str) -> dict:
-    return {"native": native, "weight": native + ".scale"}
 
 
 def flux2_target(path: str) -> str:
