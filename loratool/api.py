@@ -21,6 +21,7 @@ from .commands.inspect import inspect as _inspect
 from .commands.merge import DTYPE_CHOICES as DTYPE_CHOICES
 from .commands.merge import MergeReport, merge
 from .commands.resize import ResizeReport, resize
+from .commands.scan import Scanned, inspect_each, is_library
 from .errors import LoratoolError
 from .formats import LAYOUTS, read_adapter
 from .ops.device import DEVICE_CHOICES as DEVICE_CHOICES
@@ -43,9 +44,13 @@ def inspect(
     base: str | os.PathLike | None = None,
     progress: Progress | None = None,
     allow_pickle: bool = False,
+    header_only: bool = False,
 ) -> InspectReport:
-    """Describe a LoRA file or PEFT adapter directory and check it (optionally against its base)."""
-    return _inspect(path, base=base, progress=progress, allow_pickle=allow_pickle)
+    """Describe a LoRA file or PEFT adapter directory and check it (optionally against its base).
+
+    `header_only` reads no tensor values (the header and alpha scalars only): everything but the
+    norms, value checks and hash check, fast enough to scan a library."""
+    return _inspect(path, base=base, progress=progress, allow_pickle=allow_pickle, header_only=header_only)
 
 
 def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
@@ -71,11 +76,14 @@ __all__ = [
     "ModuleReport",
     "Progress",
     "ResizeReport",
+    "Scanned",
     "Step",
     "combine",
     "convert",
     "extract",
     "inspect",
+    "inspect_each",
+    "is_library",
     "load_adapter",
     "merge",
     "resize",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ from . import __version__, api
 from .api import errors
 from .plot import check_plot_destination, save_plot
 from .report import (
+    error_line,
+    inspect_line,
     one_line_errors,
     print_json,
+    print_json_line,
     progress_bar,
     render_combine,
     render_convert,
@@ -57,9 +61,15 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--base", type=click.Path(path_type=str), help="Base checkpoint: check shapes and merged values on it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line per file on stdout instead of tables.")
+@click.option(
+    "--header-only",
+    is_flag=True,
+    help="Read no tensor values: format, architecture, ranks, alphas, dtypes, metadata and the findings "
+    "that need no values, at library speed.",
+)
 @click.option("--strict", is_flag=True, help="Exit 1 when any error-level finding is reported.")
 @click.option("--keys", is_flag=True, help="List every module (always present in --json).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -68,9 +78,10 @@ def main() -> None:
 @ALLOW_PICKLE
 @one_line_errors
 def inspect(
-    path: str,
+    paths: tuple[str, ...],
     base: str | None,
     as_json: bool,
+    header_only: bool,
     strict: bool,
     keys: bool,
     quiet: bool,
@@ -78,26 +89,75 @@ def inspect(
     force: bool,
     allow_pickle: bool,
 ) -> None:
-    """Describe a LoRA file or PEFT adapter dir and report problems in it.
+    """Describe LoRA files or PEFT adapter dirs and report problems in them.
+
+    Several paths, or a folder of LoRAs (searched recursively), give one line per file (one JSON
+    line with --json; the full report per file with --keys); a file that cannot be read is reported
+    and the scan goes on, exiting 1 at the end.
 
     \b
     Example:
       loratool inspect my_lora.safetensors --keys
       loratool inspect adapter_dir/ --base model_dir/ --json --strict
       loratool inspect my_lora.safetensors --plot my_lora.png
+      loratool inspect ~/loras/ --header-only --json > library.jsonl
     """
+    if len(paths) > 1 or api.is_library(Path(paths[0])):
+        if plot is not None:
+            raise errors.InputError("--plot draws one file's report: give one LoRA")
+        _inspect_many(paths, base, as_json, header_only, strict, keys, allow_pickle)
+        return
+    (path,) = paths
     if plot is not None:
         check_plot_destination(plot, [path, base], force)
-    with progress_bar("inspecting", enabled=not quiet) as progress:
-        report = api.inspect(path, base=base, progress=progress, allow_pickle=allow_pickle)
+    with progress_bar("inspecting", enabled=not quiet and not header_only) as progress:
+        report = api.inspect(path, base=base, progress=progress, allow_pickle=allow_pickle, header_only=header_only)
     if plot is not None:
         save_plot(report, plot)
     if as_json:
-        print_json(report.to_json())
+        print_json_line(report.to_json())
     else:
         render_inspect(report, stdout_console(), show_keys=keys)
     if strict and report.count("error"):
         raise errors.FindingsError(f"{report.count('error')} error-level finding(s) in {path}")
+
+
+def _inspect_many(
+    paths: tuple[str, ...],
+    base: str | None,
+    as_json: bool,
+    header_only: bool,
+    strict: bool,
+    keys: bool,
+    allow_pickle: bool,
+) -> None:
+    """A library scan: each file's line (or report) as soon as it is done, every failure said."""
+    console = stdout_console()
+    done = failed = flagged = 0
+    for scanned in api.inspect_each(paths, base=base, allow_pickle=allow_pickle, header_only=header_only):
+        done += 1
+        if scanned.error is not None and len(paths) == 1 and Path(scanned.path) == Path(paths[0]):
+            raise scanned.error  # the one folder given holds no LoRA: unusable input, as one bad file is
+        if scanned.report is None:
+            failed += 1
+            message = scanned.error.message if scanned.error is not None else "not inspected"
+            error_line(message)
+            if as_json:
+                print_json_line({"path": scanned.path, "error": message})
+            continue
+        report = scanned.report
+        flagged += bool(strict and report.count("error"))
+        if as_json:
+            print_json_line(report.to_json())
+        elif keys:
+            render_inspect(report, console, show_keys=True)
+        else:
+            sys.stdout.write(inspect_line(report) + "\n")
+        sys.stdout.flush()
+    if failed or flagged:
+        why = [f"{failed} could not be read"] if failed else []
+        why += [f"{flagged} with error-level findings"] if flagged else []
+        raise errors.FindingsError(f"{done} files inspected: {', '.join(why)}")
 
 
 @main.command()

@@ -60,6 +60,29 @@ def print_json(document: object, stream: TextIO | None = None) -> None:
     (stream or sys.stdout).write(text + "\n")
 
 
+def print_json_line(document: object, stream: TextIO | None = None) -> None:
+    """One strict JSON document on one line (JSON Lines: one per file of a scan)."""
+    text = json.dumps(_finite_json(document), separators=(",", ":"), allow_nan=False)
+    (stream or sys.stdout).write(text + "\n")
+
+
+def inspect_line(report: InspectReport) -> str:
+    """One file of a library scan on one line: what it is, for what, how it is built, what is wrong."""
+    s = report.summary
+    arch = s["architecture"]["name"] or "unknown architecture"
+    found = s["findings"]
+    parts = [
+        report.format,
+        arch,
+        f"{s['modules']} modules",
+        "rank " + _fmt_counts(s["ranks"], 3),
+        "alpha " + _fmt_counts(s["alphas"], 3),
+        _fmt_counts(s["dtypes"], 3),
+        f"{found['error']} errors, {found['warning']} warnings",
+    ]
+    return f"{report.path}: " + "; ".join(parts)
+
+
 def _finite_json(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -152,6 +175,8 @@ def render_inspect(report: InspectReport, console: Console, show_keys: bool) -> 
         ),
     )
     overview.add_row("size", f"{_fmt_size(s['file_size'])}, {s['tensors']} tensors")
+    if report.header_only:
+        overview.add_row("checked", "[dim]the header only: no norms, value checks or hash check[/dim]")
     if s["other_tensors"]:
         kinds = Counter(s["other_tensors"].values())
         overview.add_row("other tensors", "; ".join(f"{n} x {escape(what)}" for what, n in kinds.items()))

@@ -105,6 +105,7 @@ class InspectReport:
     metadata: dict[str, str]
     config: dict | None
     base: str | None = None
+    header_only: bool = False  # no tensor values read: no norms, value checks or hash check
     summary: dict[str, object] = field(default_factory=dict)
 
     def count(self, severity: str) -> int:
@@ -113,6 +114,7 @@ class InspectReport:
     def to_json(self) -> dict[str, object]:
         return {
             "path": self.path,
+            "header_only": self.header_only,
             "format": self.format,
             "architecture": self.architecture,
             "summary": self.summary,
@@ -381,13 +383,34 @@ def _metadata_summary(adapter: Adapter) -> dict[str, object]:
     return out
 
 
+def _header_pass(adapter: Adapter, checker: Checker) -> list[Finding]:
+    """The module findings the header shows (factors that do not fit, a non-finite alpha), for a
+    report that reads no tensor values."""
+    out = []
+    for module in adapter.modules.values():
+        broken = checker.module_header(module)
+        if broken is None and module.alpha is not None and not math.isfinite(module.alpha):
+            broken = finding("nan-inf", module.name, "non-finite values in alpha")
+        if broken is not None:
+            out.append(broken)
+    return out
+
+
 def inspect(
     path: str | os.PathLike,
     base: str | os.PathLike | None = None,
     progress: Progress | None = None,
     allow_pickle: bool = False,
+    header_only: bool = False,
 ) -> InspectReport:
-    """Read a LoRA file or PEFT adapter dir, check it, and describe it."""
+    """Read a LoRA file or PEFT adapter dir, check it, and describe it.
+
+    `header_only`: no tensor values are read (only the header and the scalar tensors that hold
+    settings, such as kohya's alphas): format, architecture, ranks, alphas, dtypes, metadata and
+    every finding that needs no values, at a small fraction of the cost: what a library scan wants.
+    """
+    if header_only and base is not None:
+        raise InputError("a header-only inspect reads no values, so it cannot check them against --base")
     adapter, detection = read_adapter(path, allow_pickle=allow_pickle)
     base_weights: BaseWeights | None = None
     try:
@@ -399,9 +422,13 @@ def inspect(
             base_weights = BaseWeights(base, adapter, allow_pickle)
             adapter.arch = base_weights.arch
         checker = Checker(adapter)
-        facts, module_findings, data_sha = _data_pass(adapter, checker, base_weights, progress)
         findings = checker.file(detection.unexplained, have_base=base_weights is not None)
-        findings += module_findings + _hash_findings(adapter.source.files[0], adapter.metadata, data_sha)
+        if header_only:
+            facts: dict[str, ModuleFacts] = {}
+            findings += _header_pass(adapter, checker)
+        else:
+            facts, module_findings, data_sha = _data_pass(adapter, checker, base_weights, progress)
+            findings += module_findings + _hash_findings(adapter.source.files[0], adapter.metadata, data_sha)
         if base_weights is not None and base_weights.other_arch is not None and adapter.arch is not None:
             findings.append(_other_base(adapter, base_weights.other_arch, findings))
         order = {name: i for i, name in enumerate(adapter.modules)}
@@ -424,6 +451,7 @@ def inspect(
             metadata=adapter.metadata,
             config=adapter.config if adapter.config is not None else adapter.source.config,
             base=None if base is None else str(base),
+            header_only=header_only,
         )
         base_params = None
         if base_weights is not None:

@@ -55,16 +55,31 @@ class Codec(ABC):
         """Build the adapter from the keys this codec claimed (on `arch` when the user named it)."""
 
 
-def split_dotted(key: str, suffixes: Iterable[str]) -> tuple[str, str] | None:
+class Suffixes:
+    """Tensor-name suffixes (`lora_A.weight`, `alpha`), matched on dot boundaries by set lookups of
+    a key's last parts, most parts first: the longest match, without trying every suffix on every key."""
+
+    def __init__(self, suffixes: Iterable[str]) -> None:
+        self.names = frozenset(suffixes)
+        self.parts = sorted({s.count(".") + 1 for s in self.names}, reverse=True)
+
+    def split(self, key: str) -> tuple[str, str] | None:
+        for parts in self.parts:
+            pieces = key.rsplit(".", parts)
+            if len(pieces) > parts and pieces[0]:
+                suffix = ".".join(pieces[1:])
+                if suffix in self.names:
+                    return pieces[0], suffix
+        return None
+
+
+def split_dotted(key: str, suffixes: Suffixes) -> tuple[str, str] | None:
     """`path.to.module.lora_A.weight` -> (`path.to.module`, `lora_A.weight`), longest suffix first."""
-    for suffix in suffixes:
-        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
-            return key[: -len(suffix) - 1], suffix
-    return None
+    return suffixes.split(key)
 
 
-def suffixes_longest_first(*tables: dict[str, object]) -> list[str]:
-    return sorted({s for t in tables for s in t}, key=len, reverse=True)
+def suffixes_longest_first(*tables: dict[str, object]) -> Suffixes:
+    return Suffixes(s for t in tables for s in t)
 
 
 def group_by_module(claimed: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
@@ -113,7 +128,7 @@ def build_modules(
             why = f"{kind.label} module without {', '.join(missing)}"
             orphans.extend(Orphan(k, name, why) for k in by_suffix.values())
             continue
-        keys = kind.refine(keys, source.load)
+        keys = kind.refine(keys, lambda key: source.info(key).numel, source.scalar)
         if kind.alpha_role is not None and "alpha" in mods:
             keys[kind.alpha_role] = mods["alpha"]
         if dora.ROLE in mods:
@@ -127,7 +142,7 @@ def build_modules(
             info = source.info(mods["alpha"])
             module.alpha_key, module.alpha_dtype = mods["alpha"], info.dtype
             if info.numel == 1:
-                module.alpha = float(source.load(mods["alpha"]).float().reshape(()))
+                module.alpha = source.scalar(mods["alpha"])
                 module.alpha_source = "tensor"
             else:
                 orphans.append(Orphan(mods["alpha"], name, f"alpha has {info.numel} values, expected one"))

@@ -14,12 +14,20 @@ every kind and every scale travels exactly.
 
 from __future__ import annotations
 
+from functools import cache
+
 from ..adapter import Adapter
 from ..archs import BaseArchitecture, Targets, architectures
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 from .kohya import KohyaLayout
+
+
+@cache
+def native_names() -> frozenset[str]:
+    """Every single-file module name any table knows (with its LoRA prefixes)."""
+    return frozenset(set().union(*(arch.native_index for arch in architectures().values())))
 
 
 class NativeCodec(Codec):
@@ -31,7 +39,7 @@ class NativeCodec(Codec):
         suffixes = suffixes_longest_first(
             *(suffix_table(s) for s in self.schemes), *(MODIFIERS[s] for s in self.schemes)
         )
-        known = set().union(*(arch.native_index for arch in architectures().values()))
+        known = native_names()
         claim = Claim(self)
         for key in source:
             split = split_dotted(key, suffixes)

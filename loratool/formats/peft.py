@@ -192,7 +192,7 @@ def _adalora_scale(module: AdapterModule, config: dict, source: TensorSource) ->
     module.alpha_source = "config"
     ranknum = module.pieces.get("ranknum")
     if ranknum is not None and ranknum.key is not None:
-        module.declared_rank = round(float(source.load(ranknum.key).float().reshape(-1)[0]))
+        module.declared_rank = round(source.scalar(ranknum.key))
     else:
         module.declared_rank = int(config.get("init_r", ADALORA_INIT_R))
 

@@ -45,8 +45,23 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset(name for name, dtype in DTYPES.items() if dtype.is_floating_point)
 
 
+# Bytes per element, and the struct format of one element where Python's struct has one.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_SIZES |= {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b"}
+SCALAR_FORMATS |= {"U8": "<B", "BOOL": "<?", "U16": "<H", "U32": "<I", "U64": "<Q"}
+
+
 def dtype_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPE_SIZES[dtype]
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to float32, as `tensor.float()` gives it (beyond float32's range: inf)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 @dataclass(frozen=True)
@@ -243,6 +258,19 @@ class SafetensorsFile:
         """Read one tensor's bytes from disk into a fresh CPU tensor."""
         return tensor_from_bytes(self.read_bytes(name), self._tensors[name])
 
+    def scalar(self, name: str) -> float:
+        """The first value of a tensor as float32 gives it (an alpha, a flag), decoded from its few
+        bytes without building a tensor: reading a header's settings stays cheap."""
+        info = self._tensors[name]
+        if info.numel == 0:
+            raise self._fail(f"tensor {name!r} is empty where one value was expected")
+        raw = bytes(self.read_span(self.data_start + info.begin, DTYPE_SIZES[info.dtype], f"tensor {name!r}"))
+        if info.dtype == "BF16":  # the upper half of a float32
+            return struct.unpack("<f", b"\0\0" + raw)[0]
+        if info.dtype not in SCALAR_FORMATS:  # fp8
+            return float(self.load(name).reshape(-1)[0].float())
+        return as_float32(struct.unpack(SCALAR_FORMATS[info.dtype], raw)[0])
+
     def close(self) -> None:
         self._fh.close()
 
@@ -271,9 +299,8 @@ class _DuplicateKey(Exception):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
     return out

@@ -42,6 +42,9 @@ class TensorRef:
     def load(self) -> torch.Tensor:
         return self.file.load(self.name)
 
+    def scalar(self) -> float:
+        return self.file.scalar(self.name)
+
 
 class TensorSource:
     """Ordered keys over one or more safetensors files, with per-file metadata kept."""
@@ -90,6 +93,10 @@ class TensorSource:
 
     def load(self, key: str) -> torch.Tensor:
         return self._refs[key].load()
+
+    def scalar(self, key: str) -> float:
+        """A tensor's first value, from its bytes alone (alphas, flags)."""
+        return self._refs[key].scalar()
 
     def close(self) -> None:
         for f in self.files:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import cache
+from types import MappingProxyType
+
 from .adalora import AdaLoRA
 from .base import Kind
 from .boft import BOFT
@@ -41,19 +45,26 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def suffix_table(scheme: str) -> dict[str, tuple[Kind, str]]:
-    """suffix -> (kind, role) for one naming scheme, across every registered kind."""
+@cache
+def suffix_table(scheme: str) -> Mapping[str, tuple[Kind, str]]:
+    """suffix -> (kind, role) for one naming scheme, across every registered kind (one shared,
+    read-only table per scheme)."""
     table: dict[str, tuple[Kind, str]] = {}
     for kind in KINDS.values():
         for suffix, role in kind.names.get(scheme, {}).items():
             table[suffix] = (kind, role)
-    return table
+    return MappingProxyType(table)
+
+
+@cache
+def _companions() -> dict[str, str]:
+    return {s: c for kind in KINDS.values() for s, c in kind.companions.items()}
 
 
 def without_lone_generics(claimed: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
     """Claimed keys (key -> (module, suffix)) less those whose suffix is too generic to stand alone
     (IA3's `weight`) in a module that lacks the companion tensor saying what it is."""
-    companions = {s: c for kind in KINDS.values() for s, c in kind.companions.items()}
+    companions = _companions()
     present = {(module, suffix) for module, suffix in claimed.values()}
     return {
         key: (module, suffix)

@@ -79,9 +79,12 @@ class Kind(ABC):
         and BOFT both store `oft_blocks`, told apart by its number of axes)."""
         return self.name
 
-    def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
+    def refine(
+        self, keys: dict[str, str], numel: Callable[[str], int], scalar: Callable[[str], float]
+    ) -> dict[str, str]:
         """The roles once the values of tiny flag tensors are known (IA3's `on_input` decides which
-        axis its vector scales); read with the header so shapes alone say what a module does."""
+        axis its vector scales); read with the header (`numel` of a key, `scalar` its first value)
+        so shapes alone say what a module does."""
         return keys
 
     @abstractmethod

@@ -27,14 +27,15 @@ class IA3(Kind):
     flag_roles: ClassVar[tuple[str, ...]] = ("on_input",)
     aliases: ClassVar[dict[str, str]] = {axis: "vector" for axis in AXES}
 
-    def refine(self, keys: dict[str, str], load: Callable[[str], torch.Tensor]) -> dict[str, str]:
+    def refine(
+        self, keys: dict[str, str], numel: Callable[[str], int], scalar: Callable[[str], float]
+    ) -> dict[str, str]:
         if "vector" not in keys or "on_input" not in keys:
             return keys
-        flag = load(keys["on_input"])
-        if flag.numel() != 1:
+        if numel(keys["on_input"]) != 1:
             return keys  # `check` names the problem
         refined = {role: key for role, key in keys.items() if role != "vector"}
-        refined["in" if bool(flag.reshape(())) else "out"] = keys["vector"]
+        refined["in" if scalar(keys["on_input"]) != 0 else "out"] = keys["vector"]
         return refined
 
     def missing(self, roles: set[str]) -> list[str]:

@@ -74,18 +74,26 @@ class Checker:
         self.reference_alpha = self._reference_alpha()
 
     # -- per module ---------------------------------------------------------------------------------
+    def module_header(self, module: AdapterModule) -> Finding | None:
+        """What the header alone shows is wrong with a module (factors that cannot go together):
+        such a module gets no value checks."""
+        if module.shape_problem:
+            message = f"factors do not fit together: {module.shape_problem}"
+            return finding("shape-mismatch", module.name, message)
+        alpha_bad = module.alpha is not None and not math.isfinite(module.alpha)  # nan-inf says so
+        if module.problem and not alpha_bad:
+            return finding("broken-module", module.name, module.problem)
+        return None
+
     def module(
         self, module: AdapterModule, tensors: dict[str, torch.Tensor], base: list[BasePiece] | None = None
     ) -> tuple[ModuleFacts, list[Finding]]:
         facts = ModuleFacts()
         out: list[Finding] = []
         name = module.name
-        if module.shape_problem:
-            message = f"factors do not fit together: {module.shape_problem}"
-            return facts, [finding("shape-mismatch", name, message)]
-        alpha_bad = module.alpha is not None and not math.isfinite(module.alpha)  # nan-inf below says so
-        if module.problem and not alpha_bad:
-            return facts, [finding("broken-module", name, module.problem)]
+        broken = self.module_header(module)
+        if broken is not None:
+            return facts, [broken]
         measured = {role: _tensor_facts(t) for role, t in tensors.items()}
         bad = [role for role, (_, finite, _) in measured.items() if not finite]
         if module.alpha is not None and not math.isfinite(module.alpha):

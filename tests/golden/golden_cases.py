@@ -61,6 +61,8 @@ def _inspect_cases() -> Iterator[Case]:
     loras += ["@unet_lora", "@peft_dora_llama", "@peft_sd_unet"] + [f"@lyco_{n}" for n in LYCORIS]
     for lora in loras:
         yield Case(f"inspect {lora}", ("inspect", lora), out=None)
+        yield Case(f"inspect --header-only {lora}", ("inspect", lora, "--header-only"), out=None)
+    yield Case("inspect a folder (text)", ("inspect", "@corpus", "--header-only"), out=None, json=False)
     with_base = [
         ("fixtures/kohya_sd15.safetensors", "@base_sd1"),
         ("fixtures/diffusers_sd15.safetensors", "@base_sd1"),
@@ -247,6 +249,7 @@ def refusal_cases(corpus: list) -> list[Case]:
         if broken.role == "adapter":
             cases += [
                 Case(f"refused: inspect {broken.name}", ("inspect", at), out=None),
+                Case(f"refused: inspect --header-only {broken.name}", ("inspect", at, "--header-only"), out=None),
                 Case(f"refused: convert {broken.name}", ("convert", at, "--to", "kohya")),
                 Case(
                     f"refused: merge {broken.name}", ("merge", "@corpus/valid_base.safetensors", at, "--device", "cpu")
