@@ -1,6 +1,7 @@
 """How fast `extract` is, against full SVDs and against reading the checkpoints once.
 
-    python benchmarks/extract.py [--device cpu|cuda] [--rank 16] [--keep DIR] [--tiny] [--skip-svd] [--skip-model]
+    python benchmarks/extract.py [--device cpu|cuda] [--rank 16] [--keep DIR] [--tiny]
+                                 [--skip-svd] [--skip-model] [--skip-exact]
 
 1. SVD: a 4096x4096 and an 11008x4096 delta (a decaying rank-128 change plus dense noise, as a
    fine-tune's delta looks), cut to rank 16 by `torch.linalg.svd` (what kohya, mergekit, LyCORIS and
@@ -9,8 +10,10 @@
 2. Model: a synthetic 1.1B-parameter bf16 pair with TinyLlama's shapes (tuned = base + a rank-8
    change + noise on every linear layer) saved as HF dirs. Contenders, each in its own process with
    a warm page cache (peak RSS is that process's own VmHWM): a plain read of every byte of both
-   checkpoints (the baseline: reading both once), `loratool extract --rank 16` (PEFT output), and
-   `mergekit-extract-lora` when that command is installed.
+   checkpoints (the baseline: reading both once), `loratool extract --rank 16` (PEFT output),
+   `loratool extract --exact` (the same pipeline with a full SVD per module, as kohya, mergekit and
+   LyCORIS run: the end-to-end baseline for the speed-up; each module's error is then measured
+   from both written adapters) and `mergekit-extract-lora` when that command is installed.
 `--tiny` shrinks everything for a smoke test (its numbers mean nothing).
 """
 
@@ -112,11 +115,11 @@ def worker(kind: str, args: list[str]) -> None:
             with open(path, "rb", buffering=0) as f:
                 while f.readinto(buffer):
                     pass
-    elif kind == "loratool":
+    elif kind in ("loratool", "exact"):
         from loratool import extract
 
         start = time.perf_counter()
-        extract(args[0], args[1], args[2], rank=int(args[3]), device=args[4], force=True)
+        extract(args[0], args[1], args[2], rank=int(args[3]), device=args[4], exact=kind == "exact", force=True)
     else:
         start = time.perf_counter()
         subprocess.run(args, check=True, capture_output=True)
@@ -124,6 +127,26 @@ def worker(kind: str, args: list[str]) -> None:
     own = _sibling("merge").peak_rss_mb()
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux: mergekit's process
     print(json.dumps({"seconds": seconds, "peak_rss_mb": max(own, child)}))
+
+
+def measured_errors(base: Path, tuned: Path, extracted: Path, device: torch.device) -> dict[str, float]:
+    """||(tuned - base) - scale * B @ A||_F per module, measured from the written adapter (not the
+    extractor's own estimate)."""
+    from loratool import load_adapter
+
+    errors = {}
+    with (
+        SafetensorsFile(base / "model.safetensors") as b,
+        SafetensorsFile(tuned / "model.safetensors") as t,
+        load_adapter(extracted) as adapter,
+    ):
+        for module in adapter.modules.values():
+            key = module.targets[0] + ".weight"
+            delta = t.load(key).to(device, torch.float32) - b.load(key).to(device, torch.float32)
+            factors = adapter.tensors(module)
+            up, down = factors["up"].to(device, torch.float32), factors["down"].to(device, torch.float32)
+            errors[key] = float((delta - module.scale * up @ down).norm())
+    return errors
 
 
 def run(kind: str, *args: str) -> dict[str, float]:
@@ -146,6 +169,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small shapes, for a smoke test")
     parser.add_argument("--skip-svd", action="store_true")
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-exact", action="store_true", help="skip the full-SVD extract (minutes on a CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if not args.skip_svd:
@@ -171,6 +195,20 @@ def main() -> None:
         print(f"model pair: 2 x {size / 2:.2f} GiB bf16, rank {args.rank}, --device {args.device}")
         print(f"  plain read of both files:      {read['seconds']:.2f} s, peak RSS {read['peak_rss_mb']:.0f} MB")
         print(f"  loratool extract:              {ours['seconds']:.2f} s, peak RSS {ours['peak_rss_mb']:.0f} MB")
+        if not args.skip_exact:
+            exact = run("exact", str(base), str(tuned), str(work / "exact"), str(args.rank), args.device)
+            print(
+                f"  loratool extract --exact (a full SVD per module, as peers run): {exact['seconds']:.2f} s, "
+                f"peak RSS {exact['peak_rss_mb']:.0f} MB"
+            )
+            ours_err = measured_errors(base, tuned, work / "extracted", device)
+            best_err = measured_errors(base, tuned, work / "exact", device)
+            ratios = [ours_err[k] / best_err[k] for k in best_err if best_err[k] > 0]
+            print(
+                f"  full SVD / loratool: {exact['seconds'] / ours['seconds']:.1f}x faster end to end (target >= 30x); "
+                f"measured error / the full SVD's, per module: worst {max(ratios):.5f}x, median "
+                f"{sorted(ratios)[len(ratios) // 2]:.5f}x over {len(ratios)} modules (target <= 1.001x)"
+            )
         mergekit = shutil.which("mergekit-extract-lora")
         if mergekit is not None:
             out = work / "mergekit_out"

@@ -10,6 +10,7 @@ import torch
 
 from loratool.ops.lowrank import best_rank, core_svd
 from loratool.ops.svd import (
+    EXACT_BELOW,
     balanced_factors,
     clamp_quantile,
     dynamic_rank,
@@ -73,6 +74,21 @@ def test_exactly_low_rank_is_recovered():
     assert measured_error(matrix, up, down) < 1e-5
 
 
+@pytest.mark.parametrize("true_rank", [0, 3, 9])
+def test_a_rank_above_the_matrix_s_own_is_still_orthonormal_and_exact(true_rank):
+    """The Krylov space stops growing at the matrix's rank: the missing directions are filled in
+    and the factors still hold the matrix exactly, with orthonormal singular vectors."""
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.randn(900, true_rank, generator=g) @ torch.randn(true_rank, 800, generator=g)
+    t = randomized_svd(matrix, 12, seed=0, exact_below=0)
+    assert t.u.shape == (900, 12) and t.vh.shape == (12, 800) and t.s.shape == (12,)
+    assert torch.allclose(t.u.T @ t.u, torch.eye(12), atol=1e-5)
+    assert torch.allclose(t.vh @ t.vh.T, torch.eye(12), atol=1e-5)
+    up, down = balanced_factors(t, 12)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert float((matrix - up @ down).norm()) <= 1e-5 * max(1.0, float(matrix.norm()))
+
+
 def test_randomized_is_deterministic_per_seed():
     matrix = planted_plus_noise(300, 200)
     a, b = randomized_svd(matrix, 8, seed=5, exact_below=0), randomized_svd(matrix, 8, seed=5, exact_below=0)
@@ -82,8 +98,8 @@ def test_randomized_is_deterministic_per_seed():
 
 
 def test_small_matrices_take_the_exact_path():
-    assert randomized_svd(planted_plus_noise(300, 200), 8, seed=0).sweeps == 0  # at most EXACT_BELOW
-    assert randomized_svd(planted_plus_noise(600, 520), 8, seed=0).sweeps >= 1
+    assert randomized_svd(planted_plus_noise(300, EXACT_BELOW), 8, seed=0).sweeps == 0
+    assert randomized_svd(planted_plus_noise(300, EXACT_BELOW + 1), 8, seed=0).sweeps >= 1
     matrix = planted_plus_noise(80, 70)
     t = randomized_svd(matrix, 8, seed=0, exact_below=0)  # the Krylov space would be as wide as the matrix
     assert t.sweeps == 0

@@ -23,6 +23,7 @@ from ..adapter import AdapterModule
 from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture
 from ..errors import ExtractError
+from ..extraction.difference import Workspace, difference
 from ..extraction.reading import located_bytes, read_ahead
 from ..extraction.targets import Job, Selection, plan_jobs
 from ..formats import LAYOUTS, Layout
@@ -37,10 +38,12 @@ from ..ops.svd import (
     clamp_quantile,
     dynamic_rank,
     exact_svd,
+    random_sketch,
     randomized_svd,
     residual_energy,
     seed_for,
-    squared_norm,
+    sketch_width,
+    sketches,
 )
 from ..output.factors import rank_rule, stored_piece
 from ..output.write import write_output
@@ -144,10 +147,11 @@ def extract(
         skipped: list[ModuleResult] = []
         job_bytes = [located_bytes(job.base, base_src) + located_bytes(job.tuned, tuned_src) for job in jobs]
         tally = Tally(progress, len(jobs), sum(job_bytes), unit="modules")
+        space = Workspace()
         for (job, w_base, w_tuned), nbytes in zip(
             read_ahead(jobs, base_src, tuned_src, torch_device), job_bytes, strict=True
         ):
-            unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed)
+            unit, result = _extract_one(job, w_base, w_tuned, rule, alpha, min_diff, clamp, exact, seed, space)
             result.component = _component_name(arch, job.component)
             result.target = job.targets[0]
             del w_base, w_tuned
@@ -241,25 +245,35 @@ def _extract_one(
     clamp: float | None,
     exact: bool,
     seed: int,
+    space: Workspace,
 ) -> tuple[AdapterModule | None, ModuleResult]:
-    delta = w_tuned.to(torch.float32, copy=True).sub_(w_base)  # fp32 result, no fp32 copy of the base
-    energy = squared_norm(delta)
+    shape = (w_base.shape[0], math.prod(w_base.shape[1:]))
+    cap = min(job.rank, *shape)
+    randomized = not exact and (rule is None or rule[0] != "cumulative") and sketches(shape, cap)
+    generator_seed = seed_for(job.name, seed)
+    sketch = None
+    if randomized:
+        sketch = random_sketch(shape[1], sketch_width(cap), generator_seed, w_tuned.device, torch.float32)
+    found = difference(w_base, w_tuned, sketch, space)
+    delta, energy = found.delta, found.energy
     if not math.isfinite(energy):
         raise ExtractError(f"{job.name}: TUNED - BASE is not finite here (NaN or inf in one of the checkpoints)")
     delta_norm = math.sqrt(energy)
-    base_norm = math.sqrt(squared_norm(w_base))
+    base_norm = math.sqrt(found.base_energy)
     change = delta_norm / base_norm if base_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
     if delta_norm == 0.0 or change <= min_diff:
         return None, ModuleResult(job.name, 0, 0.0, 0.0, change)
     delta = reorder_rows(delta, job.swaps_rows, False, job.native_rows)  # to the output layout's order
     matrix = delta.flatten(1)
-    cap = min(job.rank, *matrix.shape)
     if rule is not None and rule[0] == "cumulative":
         svd = exact_svd(matrix)  # sum S[:k] / sum S needs every singular value
     elif exact:
         svd = exact_svd(matrix, cap)
     else:
-        svd = randomized_svd(matrix, cap, seed_for(job.name, seed), energy=energy)
+        sketched = (
+            None if found.sketched is None else reorder_rows(found.sketched, job.swaps_rows, False, job.native_rows)
+        )
+        svd = randomized_svd(matrix, cap, generator_seed, energy=energy, sketched=sketched)
     kept = cap if rule is None else min(cap, dynamic_rank(svd.s, rule[0], rule[1], svd.energy))
     up, down = balanced_factors(svd, kept)
     retained, error = svd.retained(kept), svd.relative_error(kept)

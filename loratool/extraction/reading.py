@@ -44,12 +44,19 @@ def read_ahead(
 
 class _Reader:
     """Loads row blocks of checkpoint weights; the last whole tensor of each source is kept, so
-    q, k and v cut from one fused weight read it once."""
+    q, k and v cut from one fused weight read it once.
+
+    A job whose weight is one stored tensor (every LLM layer) reads it into one of two reused
+    buffers per source, taking turns: the caller works on one while the next job's fills the
+    other. Fresh allocations would cost a page fault per 4 KiB, on the core the arithmetic needs.
+    """
 
     def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device) -> None:
         self.sources = {"base": base, "tuned": tuned}
         self.device = device
         self.last: dict[str, tuple[str, torch.Tensor]] = {}
+        self.buffers: dict[str, list[torch.Tensor]] = {"base": [], "tuned": []}
+        self.turn = {"base": 0, "tuned": 0}  # the buffer the last tensor handed out lives in
 
     def pair(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         w_base = self.weight("base", job, job.base)
@@ -64,7 +71,7 @@ class _Reader:
     def weight(self, which: str, job: Job, locations) -> torch.Tensor:
         blocks = []
         for location in locations:
-            t = self.tensor(which, location.key)
+            t = self.tensor(which, location.key, reuse=len(locations) == 1)
             if location.rows is not None:
                 t = t[location.rows[0] : location.rows[1]]
             if location.transposed or job.type == "embedding":  # the update's (out, in) orientation
@@ -73,12 +80,28 @@ class _Reader:
             blocks.append(t)
         return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
 
-    def tensor(self, which: str, key: str) -> torch.Tensor:
+    def tensor(self, which: str, key: str, reuse: bool) -> torch.Tensor:
         cached = self.last.get(which)
         if cached is not None and cached[0] == key:
             return cached[1]
-        t = self.sources[which].load(key)
-        # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
-        t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
+        ref = self.sources[which].ref(key)
+        if reuse and self.device.type == "cpu" and ref.info.torch_dtype in ARITHMETIC_DTYPES:
+            t = ref.file.read_into(ref.name, self._other_buffer(which, ref.info.nbytes))
+        else:
+            t = ref.load()
+            # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
+            t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
         self.last[which] = (key, t)
         return t
+
+    def _other_buffer(self, which: str, nbytes: int) -> torch.Tensor:
+        """The buffer the caller is not working on, grown to `nbytes` when needed."""
+        buffers = self.buffers[which]
+        while len(buffers) < 2:
+            buffers.append(torch.empty(0, dtype=torch.uint8))
+        turn = 1 - self.turn[which]
+        if buffers[turn].numel() < nbytes:
+            buffers[turn] = torch.empty(0, dtype=torch.uint8)
+            buffers[turn] = torch.empty(nbytes, dtype=torch.uint8)
+        self.turn[which] = turn
+        return buffers[turn]
