@@ -8,10 +8,9 @@ header to hold.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from types import MappingProxyType
 
 from .archs import BaseArchitecture, Targets
 from .archs.base_keys import base_architecture, base_key_index
@@ -19,6 +18,7 @@ from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
 from .kinds import Kind, dora
+from .lazy_torch import torch
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,31 @@ class AdapterModule:
         """role -> source tensor key, for the roles other than DoRA's magnitude."""
         return {r: p.key for r, p in self.pieces.items() if r != dora.ROLE and p.key is not None}
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {r: p.shape for r, p in self.pieces.items() if r != dora.ROLE}
+    def _facts(self) -> tuple[Mapping[str, tuple[int, ...]], Mapping[str, str], str | None]:
+        """(shapes, dtypes, shape problem), computed once per `pieces` and `kind`: every report,
+        check and plan asks for them many times per module. Assign a new `pieces` (do not edit
+        it in place) to change them."""
+        facts = self.__dict__.get("_header_facts")
+        if facts is None or facts[0] is not self.pieces or facts[1] is not self.kind:
+            shapes = {r: p.shape for r, p in self.pieces.items() if r != dora.ROLE}
+            dtypes = {r: p.dtype for r, p in self.pieces.items() if r != dora.ROLE}
+            facts = (
+                self.pieces,
+                self.kind,
+                MappingProxyType(shapes),
+                MappingProxyType(dtypes),
+                self.kind.check(shapes),
+            )
+            self.__dict__["_header_facts"] = facts
+        return facts[2:]
 
     @property
-    def dtypes(self) -> dict[str, str]:
-        return {r: p.dtype for r, p in self.pieces.items() if r != dora.ROLE}
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        return self._facts()[0]
+
+    @property
+    def dtypes(self) -> Mapping[str, str]:
+        return self._facts()[1]
 
     @property
     def dora_key(self) -> str | None:
@@ -89,7 +107,7 @@ class AdapterModule:
     @property
     def shape_problem(self) -> str | None:
         """Why the factor shapes cannot belong together (None when they can)."""
-        return self.kind.check(self.shapes)
+        return self._facts()[2]
 
     @property
     def problem(self) -> str | None:
@@ -97,16 +115,17 @@ class AdapterModule:
         alone: factors that do not fit together, empty or non-float factors, a config rank the
         factors do not have (PEFT refuses to load those), a non-finite alpha. Nothing numeric is
         computed for a module with a problem, and no command writes one."""
-        if self.shape_problem:
-            return self.shape_problem
-        for role, dtype in self.dtypes.items():
+        shapes, dtypes, shape_problem = self._facts()
+        if shape_problem:
+            return shape_problem
+        for role, dtype in dtypes.items():
             if role in self.kind.flag_roles:
                 continue
             if dtype not in FLOAT_DTYPES:
                 return f"{role} is stored as {dtype}; adapter factors must be floating point"
-            if 0 in self.shapes[role]:
-                return f"{role} is empty (shape {list(self.shapes[role])})"
-        shown = self.kind.rank(self.shapes)
+            if 0 in shapes[role]:
+                return f"{role} is empty (shape {list(shapes[role])})"
+        shown = self.kind.rank(shapes)
         declared = self.declared_rank if self.kind.declares_factor_rank else None
         if declared is not None and shown is not None and shown != declared:
             return f"the adapter config gives r={self.declared_rank} but the factors have rank {shown}"
@@ -242,7 +261,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 def refuse_non_finite(tensor: torch.Tensor, path: object, key: str) -> None:
     if not all_finite(tensor):
-        raise InputError(f"{path}: tensor {key!r} holds NaN or inf values; the file is damaged (inspect it)")
+        raise non_finite(path, key)
+
+
+def non_finite(path: object, key: str) -> InputError:
+    return InputError(f"{path}: tensor {key!r} holds NaN or inf values; the file is damaged (inspect it)")
 
 
 def refuse_unusable(

@@ -11,32 +11,19 @@ import os
 
 from . import errors as errors
 from .adapter import Adapter, AdapterModule
-from .archs import architectures
 from .commands.combine import CombineReport, combine
 from .commands.convert import ConvertReport, convert
-from .commands.extract import DEFAULT_MAX_RANK as DEFAULT_MAX_RANK
 from .commands.extract import ExtractReport, extract
 from .commands.inspect import InspectReport, ModuleReport
 from .commands.inspect import inspect as _inspect
-from .commands.merge import DTYPE_CHOICES as DTYPE_CHOICES
 from .commands.merge import MergeReport, merge
 from .commands.resize import ResizeReport, resize
 from .commands.scan import Scanned, inspect_each, is_library
 from .errors import LoratoolError
-from .formats import LAYOUTS, read_adapter
-from .ops.device import DEVICE_CHOICES as DEVICE_CHOICES
+from .formats import read_adapter
 from .ops.findings import Finding
 from .progress import Progress, Step
 from .sizes import parse_size as parse_size
-
-# What the CLI's options offer (with DTYPE_CHOICES, DEVICE_CHOICES, DEFAULT_MAX_RANK and parse_size
-# above), named here so that it needs no module below the API.
-TARGET_LAYOUTS = tuple(sorted(LAYOUTS))
-
-
-def architecture_names() -> tuple[str, ...]:
-    """The names `--arch` takes (loading the tables: called by the CLI, not on `import loratool`)."""
-    return tuple(architectures())
 
 
 def inspect(

@@ -9,24 +9,11 @@ from typing import Any
 
 import click
 
-from . import __version__, api
-from .api import errors
-from .plot import check_plot_destination, save_plot
-from .report import (
-    error_line,
-    inspect_line,
-    one_line_errors,
-    print_json,
-    print_json_line,
-    progress_bar,
-    render_combine,
-    render_convert,
-    render_extract,
-    render_inspect,
-    render_merge,
-    render_resize,
-    stdout_console,
-)
+from . import __version__, errors, options
+from .failures import error_line, one_line_errors
+
+# The library (and torch with it), the renderers (rich) and the plots are imported by the command
+# that runs, never at import: --help, --version and shell completion answer without them.
 
 
 def _output_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,6 +89,10 @@ def inspect(
       loratool inspect my_lora.safetensors --plot my_lora.png
       loratool inspect ~/loras/ --header-only --json > library.jsonl
     """
+    from . import api
+    from .plot import check_plot_destination, save_plot
+    from .report import print_json_line, progress_bar, render_inspect, stdout_console
+
     if len(paths) > 1 or api.is_library(Path(paths[0])):
         if plot is not None:
             raise errors.InputError("--plot draws one file's report: give one LoRA")
@@ -132,6 +123,9 @@ def _inspect_many(
     allow_pickle: bool,
 ) -> None:
     """A library scan: each file's line (or report) as soon as it is done, every failure said."""
+    from . import api
+    from .report import inspect_line, print_json_line, render_inspect, stdout_console
+
     console = stdout_console()
     done = failed = flagged = 0
     for scanned in api.inspect_each(paths, base=base, allow_pickle=allow_pickle, header_only=header_only):
@@ -162,7 +156,7 @@ def _inspect_many(
 
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
-@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), required=True, help="Target layout.")
+@click.option("--to", "to", type=click.Choice(options.TARGET_LAYOUTS), required=True, help="Target layout.")
 @click.option(
     "-o",
     "--output",
@@ -171,7 +165,7 @@ def _inspect_many(
     required=True,
     help="Output file, or dir (peft, mlx).",
 )
-@click.option("--arch", type=click.Choice(api.architecture_names()), help="Architecture, when names cannot tell.")
+@click.option("--arch", type=click.Choice(options.architecture_names()), help="Architecture, when names cannot tell.")
 @_output_options
 @ALLOW_PICKLE
 @one_line_errors
@@ -187,6 +181,9 @@ def convert(
       loratool convert my_lora.safetensors --to diffusers -o my_lora_diffusers.safetensors
       loratool convert adapter_dir/ --to kohya -o adapter.safetensors
     """
+    from . import api
+    from .report import print_json, progress_bar, render_convert, stdout_console
+
     with progress_bar("converting", enabled=not quiet) as progress:
         report = api.convert(src, to, dest, arch=arch, force=force, progress=progress, allow_pickle=allow_pickle)
     if as_json:
@@ -204,9 +201,13 @@ def convert(
 @click.option(
     "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
 )
-@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(options.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option(
-    "--dtype", type=click.Choice(list(api.DTYPE_CHOICES)), default="keep", show_default=True, help="Output float dtype."
+    "--dtype",
+    type=click.Choice(list(options.DTYPE_CHOICES)),
+    default="keep",
+    show_default=True,
+    help="Output float dtype.",
 )
 @click.option("--allow-unmatched", is_flag=True, help="Merge what matches; skip LoRA modules the base lacks.")
 @click.option("--shard-size", help="Re-shard a directory base's weights, e.g. 5GB or 500MiB.")
@@ -238,6 +239,9 @@ def merge(
       loratool merge sd15.safetensors style.safetensors -o sd15_style.safetensors
       loratool merge llama_dir/ adapter_dir/ other.safetensors -w 0.7 -w -0.3 -o merged_dir/
     """
+    from . import api
+    from .report import print_json, progress_bar, render_merge, stdout_console
+
     size = api.parse_size(shard_size) if shard_size is not None else None
     with progress_bar("merging", enabled=not quiet) as progress:
         report = api.merge(
@@ -268,7 +272,9 @@ def merge(
     "-w", "--weight", "weights", type=float, multiple=True, help="Strength per LoRA, in their order (default 1.0)."
 )
 @click.option("--rank", type=int, help="Best rank-R approximation per module instead of the exact sum.")
-@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), help="Output layout (default: the first LoRA's).")
+@click.option(
+    "--to", "to", type=click.Choice(options.TARGET_LAYOUTS), help="Output layout (default: the first LoRA's)."
+)
 @_output_options
 @ALLOW_PICKLE
 @one_line_errors
@@ -293,6 +299,9 @@ def combine(
       loratool combine style.safetensors detail.safetensors -w 0.7 -w 0.5 -o both.safetensors
       loratool combine a.safetensors b.safetensors --rank 32 --to diffusers -o ab_r32.safetensors
     """
+    from . import api
+    from .report import print_json, progress_bar, render_combine, stdout_console
+
     with progress_bar("combining", enabled=not quiet) as progress:
         report = api.combine(
             list(loras),
@@ -321,9 +330,9 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 )
 @click.option("--rank", type=int, help="Rank of every module.")
 @click.option("--dynamic", help=DYNAMIC_HELP)
-@click.option("--max-rank", type=int, help=f"Cap for --dynamic (default {api.DEFAULT_MAX_RANK}).")
+@click.option("--max-rank", type=int, help=f"Cap for --dynamic (default {options.DEFAULT_MAX_RANK}).")
 @click.option("--conv-rank", type=int, help="Also extract kxk convs (LoCon), at this rank.")
-@click.option("--to", "to", type=click.Choice(api.TARGET_LAYOUTS), help="Layout (default kohya; peft for LLMs).")
+@click.option("--to", "to", type=click.Choice(options.TARGET_LAYOUTS), help="Layout (default kohya; peft for LLMs).")
 @click.option("--alpha", type=float, help="Alpha to record (factors rescaled so the update is unchanged).")
 @click.option(
     "--min-diff", type=float, default=0.0, show_default=True, help="Skip modules with ||dW||/||W|| at or below this."
@@ -334,7 +343,7 @@ DYNAMIC_HELP = "Rank per module by a rule: fro:0.9, ratio:20, cumulative:0.9 or 
 @click.option("--include", help="Regex on module names (e.g. 'attn|mlp'): extract only these.")
 @click.option("--exclude", help="Regex on module names: leave these out.")
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the randomized one.")
-@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(options.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's rank, energy and error.")
 @_plot_option("the retained energy and rank of every module")
 @_output_options
@@ -373,6 +382,10 @@ def extract(
       loratool extract llama_dir/ llama_tuned_dir/ --dynamic fro:0.9 --max-rank 64 -o adapter_dir/
       loratool extract sd15.safetensors sd15_tuned.safetensors --rank 16 -o r16.safetensors --plot r16.png
     """
+    from . import api
+    from .plot import check_plot_destination, save_plot
+    from .report import print_json, progress_bar, render_extract, stdout_console
+
     if plot is not None:
         if Path(plot).resolve() == Path(dest).resolve():
             raise errors.OutputError(f"{plot}: --plot and -o name the same path")
@@ -413,7 +426,7 @@ def extract(
 )
 @click.option("--rank", type=int, help="New rank of every module (modules at or below it are copied).")
 @click.option("--dynamic", help=DYNAMIC_HELP)
-@click.option("--device", type=click.Choice(api.DEVICE_CHOICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(options.DEVICE_CHOICES), default="auto", show_default=True)
 @click.option("--modules", "show_modules", is_flag=True, help="List every module's ranks, energy and error.")
 @_output_options
 @ALLOW_PICKLE
@@ -437,6 +450,9 @@ def resize(
       loratool resize big_r128.safetensors --rank 32 -o small_r32.safetensors
       loratool resize adapter_dir/ --dynamic fro:0.95 -o adapter_small/
     """
+    from . import api
+    from .report import print_json, progress_bar, render_resize, stdout_console
+
     with progress_bar("resizing", enabled=not quiet) as progress:
         report = api.resize(
             lora,

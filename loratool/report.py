@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
-import signal
 import sys
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,15 +22,16 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .commands.combine import CombineReport
-from .commands.convert import ConvertReport
-from .commands.extract import ExtractReport
-from .commands.inspect import InspectReport
-from .commands.merge import MergeReport
-from .commands.resize import ResizeReport
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNUSABLE, LoratoolError
 from .progress import Progress as ProgressCallback
 from .progress import Step
+
+if TYPE_CHECKING:  # reports are rendered, never built here: their modules (and torch) load with the command
+    from .commands.combine import CombineReport
+    from .commands.convert import ConvertReport
+    from .commands.extract import ExtractReport
+    from .commands.inspect import InspectReport
+    from .commands.merge import MergeReport
+    from .commands.resize import ResizeReport
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 MAX_LISTED_FINDINGS = 12
@@ -48,10 +45,6 @@ class _StdoutConsole(Console):
 
 def stdout_console() -> Console:
     return _StdoutConsole(file=sys.stdout, soft_wrap=False)
-
-
-def error_line(message: str, stream: TextIO | None = None) -> None:
-    print(f"loratool: error: {message}", file=stream or sys.stderr)
 
 
 def print_json(document: object, stream: TextIO | None = None) -> None:
@@ -372,49 +365,3 @@ def render_resize(report: ResizeReport, console: Console, show_modules: bool) ->
                 escape(m.name), f"{m.rank_in} -> {m.rank_out}", f"{m.retained:.4f}", f"{m.relative_error:.4f}"
             )
         console.print(table)
-
-
-# -- failures: one line on stderr and an exit code ---------------------------------------------------------
-class _Terminated(BaseException):
-    """SIGTERM, raised where the process is so that every open writer drops its temporary file."""
-
-
-def _terminate(_signum: int, _frame: object) -> None:
-    raise _Terminated
-
-
-def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Every failure becomes one line on stderr and a documented exit code, never a traceback.
-
-    Ctrl-C and SIGTERM unwind like errors, so writers remove their temporary files and DEST is
-    left as it was (SIGKILL cannot be caught: DEST is still untouched, a temporary file may stay).
-    """
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
-        try:
-            return command(*args, **kwargs)
-        except LoratoolError as exc:
-            error_line(exc.message)
-            sys.exit(exc.exit_code)
-        except BrokenPipeError:
-            # `loratool ... | head`: the reader has what it wanted. Say nothing (there is no one to
-            # say it to) and let the interpreter's final flush go to /dev/null, not to a traceback.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_BROKEN_PIPE)
-        except KeyboardInterrupt:
-            error_line("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
-        except _Terminated:
-            error_line("terminated (SIGTERM)")
-            sys.exit(EXIT_TERMINATED)
-        except MemoryError:
-            error_line("out of memory")
-            sys.exit(EXIT_UNUSABLE)
-        except Exception as exc:  # anything unforeseen still must not print a traceback
-            error_line(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (please report this)")
-            sys.exit(EXIT_UNUSABLE)
-
-    return wrapper

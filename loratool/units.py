@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
-
 from .adapter import Adapter, AdapterModule, Piece
 from .archs import BaseArchitecture, FusedSpec
 from .errors import ConversionError
 from .io.safetensors_file import DTYPE_NAMES, DTYPES
 from .kinds import KINDS, dora
+from .lazy_torch import torch
 from .ops import fuse
 
 # Tensors with one value per output row beside the factors: a fused module's row blocks split them

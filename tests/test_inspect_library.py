@@ -209,4 +209,5 @@ def test_an_empty_folder_is_said_and_others_still_scanned(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(empty), str(FIXTURES / "kohya_sd15.safetensors"), "--json"])
     assert result.exit_code == 1
     first, second = (json.loads(line) for line in result.stdout.splitlines())
-    assert "no .safetensors LoRA files or PEFT adapter folders in this folder" in first["error"] and second["architecture"] == "sd1"
+    assert "no .safetensors LoRA files or PEFT adapter folders in this folder" in first["error"]
+    assert second["architecture"] == "sd1"

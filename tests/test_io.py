@@ -30,7 +30,7 @@ from loratool.io import atomic as atomic_module
 from loratool.io import safetensors_file as sf_module
 from loratool.io import writer as writer_module
 from loratool.io.atomic import atomic_write_text
-from loratool.io.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile
+from loratool.io.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile, bytes_are_finite, rounded
 from loratool.io.source import open_source
 from loratool.io.writer import (
     SafetensorsWriter,
@@ -1104,3 +1104,33 @@ def test_outputs_get_the_umask_permissions_not_mkstemps(tmp_path):
     assert (tmp_path / "file.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "adapter_dir").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "adapter_dir" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+BAD = (float("nan"), float("inf"), float("-inf"))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [
+        (torch.float64, "F64"),
+        (torch.float32, "F32"),
+        (torch.float16, "F16"),
+        (torch.bfloat16, "BF16"),
+        (torch.float8_e4m3fn, "F8_E4M3"),
+        (torch.float8_e5m2, "F8_E5M2"),
+    ],
+)
+def test_finite_bytes_and_rounding_agree_with_torch(dtype, name):
+    """The header path's torch-free arithmetic: NaN/inf found in raw bytes, and a number rounded to a
+    dtype, exactly as torch finds and rounds them."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4096, generator=g, dtype=torch.float64) * torch.logspace(-12, 12, 4096, dtype=torch.float64)
+    stored = values.to(dtype)
+    finite = stored[torch.isfinite(stored.float())]
+    for tensor in (stored, finite, *(torch.cat([finite, torch.tensor([bad], dtype=dtype)]) for bad in BAD)):
+        raw = tensor.view(torch.uint8).numpy().tobytes()
+        assert bytes_are_finite(raw, name) == bool(torch.isfinite(tensor.float()).all())
+    if name.startswith("F8"):
+        return
+    for value in [*values.tolist()[::7], 0.1, 1 / 3, 65519.0, 65520.0, 3.5e38, 81.09374820820511]:
+        assert rounded(value, name) == torch.tensor(value, dtype=dtype).item()

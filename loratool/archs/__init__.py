@@ -159,7 +159,7 @@ def detect(
         if only is not None and arch.name != only:
             continue
         index = arch.index(scheme)
-        scored.append((arch, {n: index[n] for n in names if n in index}))
+        scored.append((arch, {n: index[n] for n in names if n in index} if not index.keys().isdisjoint(names) else {}))
     scored.sort(key=lambda ar: -len(ar[1]))
     best_count = len(scored[0][1])
     scores = [(a.name, len(r)) for a, r in scored]

@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from ..adapter import Adapter, AdapterModule, Piece
 from ..errors import ConversionError
 from ..formats import LAYOUTS, read_adapter
 from ..io.destination import check_destination
 from ..io.safetensors_file import DTYPES
 from ..kinds import KINDS
+from ..lazy_torch import torch
 from ..ops.lowrank import best_rank
 from ..output.planning import plan_units, refuse_lossy_input
 from ..output.write import config_json, write_output

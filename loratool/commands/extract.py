@@ -17,8 +17,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..adapter import AdapterModule
 from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture
@@ -31,6 +29,7 @@ from ..formats.kohya_record import locon_record
 from ..io.destination import check_destination
 from ..io.source import TensorSource, open_source
 from ..kinds import KINDS
+from ..lazy_torch import torch
 from ..ops.device import resolve_device
 from ..ops.fuse import reorder_rows
 from ..ops.svd import (
@@ -45,12 +44,12 @@ from ..ops.svd import (
     sketch_width,
     sketches,
 )
+from ..options import DEFAULT_MAX_RANK
 from ..output.factors import rank_rule, stored_piece
 from ..output.write import write_output
 from ..progress import Progress, Tally
 
 EXTRACTED_KEY = "loratool.extracted_from"
-DEFAULT_MAX_RANK = 64
 FACTOR_DTYPES = ("F32", "F16", "BF16")  # the tuned weight's dtype when it is one of these, else BF16
 
 

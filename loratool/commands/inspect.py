@@ -14,8 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..adapter import TOKEN_WHAT, Adapter, AdapterModule
 from ..archs import Architecture
 from ..archs.checkpoint import checkpoint_architecture
@@ -26,6 +24,7 @@ from ..formats import Detection, read_adapter
 from ..io.safetensors_file import SafetensorsFile, tensor_from_bytes
 from ..io.source import TensorSource, open_source
 from ..kinds.base import ANY
+from ..lazy_torch import torch
 from ..ops.checks import Checker
 from ..ops.findings import BasePiece, Finding, ModuleFacts, finding
 from ..progress import Progress, Tally

@@ -14,14 +14,13 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from ..adapter import Adapter, AdapterModule
 from ..errors import ResizeError
 from ..formats import LAYOUTS, Layout, read_adapter
 from ..formats.kohya_record import updated_network_args
 from ..io.destination import check_destination
 from ..io.safetensors_file import dtype_size
+from ..lazy_torch import torch
 from ..ops.device import resolve_device
 from ..ops.lowrank import core_svd
 from ..ops.svd import dynamic_rank

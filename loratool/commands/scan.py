@@ -7,9 +7,13 @@ last one.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..errors import InputError, LoratoolError
@@ -62,21 +66,57 @@ def inspect_each(
     allow_pickle: bool = False,
     header_only: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> Iterator[Scanned]:
     """Inspect every adapter the paths name (a library folder's, recursively), in order, yielding
-    each result as it is done; a file that cannot be read yields its error and the scan goes on."""
+    each result as it is done; a file that cannot be read yields its error and the scan goes on.
+
+    A header-only scan of many files runs in `workers` processes (default: one per CPU core), the
+    results still in order; it runs here when torch is already loaded (a fork would inherit its
+    thread pools) or the files are few."""
+    job = partial(_scan_one, base=base, allow_pickle=allow_pickle, header_only=header_only, progress=progress)
+    items = _work(paths, allow_pickle)
+    if not header_only or workers == 1 or "torch" in sys.modules:
+        yield from map(job, items)
+        return
+    items = list(items)
+    count = min(workers or os.cpu_count() or 1, len(items) // FILES_PER_WORKER)
+    if count <= 1:
+        yield from map(job, items)
+        return
+    pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"))
+    try:
+        yield from pool.map(partial(job, progress=None), items, chunksize=CHUNK)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a reader that stopped early (`| head`) waits for nothing
+
+
+FILES_PER_WORKER = 64  # fewer files than this per process: starting one costs more than it saves
+CHUNK = 32  # files a worker takes at a time: results come back in batches, in order
+
+
+def _work(paths: Iterable[str | os.PathLike], allow_pickle: bool) -> Iterator[Path | Scanned]:
+    """The adapters to inspect, in order, and in their place the folders that hold none."""
     for given in paths:
         path = Path(given)
-        found = adapters_in(path, allow_pickle) if is_library(path) else [path]
-        empty = True
-        for adapter in found:
-            empty = False
-            try:
-                report = inspect(adapter, base, progress, allow_pickle, header_only)
-            except LoratoolError as exc:
-                yield Scanned(str(adapter), error=exc)
-            else:
-                yield Scanned(str(adapter), report=report)
-        if empty:
+        found = list(adapters_in(path, allow_pickle)) if is_library(path) else [path]
+        if not found:
             why = "no .safetensors LoRA files or PEFT adapter folders in this folder"
             yield Scanned(str(path), error=InputError(f"{path}: {why}"))
+        yield from found
+
+
+def _scan_one(
+    item: Path | Scanned,
+    base: str | os.PathLike | None,
+    allow_pickle: bool,
+    header_only: bool,
+    progress: Progress | None,
+) -> Scanned:
+    if isinstance(item, Scanned):
+        return item
+    try:
+        report = inspect(item, base, progress, allow_pickle, header_only)
+    except LoratoolError as exc:
+        return Scanned(str(item), error=exc)
+    return Scanned(str(item), report=report)

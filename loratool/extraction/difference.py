@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ..lazy_torch import torch
 
 ROW_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of fp32 rows: with the two weights' rows, stays in L2
 

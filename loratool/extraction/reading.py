@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from ..archs.locate import Location
 from ..errors import ExtractError
 from ..io.source import TensorSource
+from ..lazy_torch import torch
 from ..ops.fuse import reorder_rows
 from .targets import Job
 
-ARITHMETIC_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ARITHMETIC_DTYPES = ("F32", "F16", "BF16")  # stored dtypes torch computes in; fp8 is upcast first
 
 
 def located_bytes(locations: tuple[Location, ...], source: TensorSource) -> int:
@@ -85,12 +84,12 @@ class _Reader:
         if cached is not None and cached[0] == key:
             return cached[1]
         ref = self.sources[which].ref(key)
-        if reuse and self.device.type == "cpu" and ref.info.torch_dtype in ARITHMETIC_DTYPES:
+        if reuse and self.device.type == "cpu" and ref.info.dtype in ARITHMETIC_DTYPES:
             t = ref.file.read_into(ref.name, self._other_buffer(which, ref.info.nbytes))
         else:
             t = ref.load()
             # Kept in its stored dtype (half the memory of fp32); fp8 has no arithmetic, so it is upcast.
-            t = t.to(self.device, t.dtype if t.dtype in ARITHMETIC_DTYPES else torch.float32)
+            t = t.to(self.device, t.dtype if ref.info.dtype in ARITHMETIC_DTYPES else torch.float32)
         self.last[which] = (key, t)
         return t
 

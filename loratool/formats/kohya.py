@@ -17,13 +17,12 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
-
 from ..adapter import TOKEN_WHAT, Adapter, AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets, kohya_flat
 from ..io.safetensors_file import DTYPES
 from ..io.source import TensorSource
 from ..kinds import KINDS, dora, peft_ia3, suffix_table, without_lone_generics
+from ..lazy_torch import torch
 from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture
 from .layout import (
     HF_MODULES_KEY,

@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from ..adapter import AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets
-from ..io.safetensors_file import DTYPES
+from ..io.safetensors_file import DTYPES, rounded
 from ..io.source import PEFT_WEIGHTS
 from ..kinds import Kind
+from ..lazy_torch import torch
 from .kohya_record import network_dim_alpha
 
 # Header keys layouts write for themselves; a conversion never carries another layout's over.
@@ -129,7 +128,7 @@ def reshaped(piece: Piece, shape: tuple[int, ...]) -> Piece:
 
 
 def exact_in(value: float, dtype: str) -> bool:
-    return float(torch.tensor(value, dtype=torch.float64).to(DTYPES[dtype]).double()) == value
+    return rounded(value, dtype) == value
 
 
 def alpha_piece(unit: AdapterModule, alpha: float) -> Piece:

@@ -13,14 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-import torch
-
 from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS, peft_ia3
 from ..kinds.vera import SHARED
+from ..lazy_torch import torch
 from .base import (
     MODIFIERS,
     Claim,
@@ -167,8 +166,7 @@ def _attach_projections(
             f"them from projection_prng_key={key} at load time. Save it again with save_projection=True"
         )
     for module in modules.values():
-        for suffix, role in SHARED.items():
-            module.pieces[role] = piece_of(source, shared[suffix])
+        module.pieces = {**module.pieces, **{role: piece_of(source, shared[suffix]) for suffix, role in SHARED.items()}}
 
 
 def _pruned_away(modules: dict[str, AdapterModule]) -> list[Orphan]:

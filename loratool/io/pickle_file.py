@@ -15,9 +15,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
+from ..lazy_torch import torch
 from .safetensors_file import DTYPE_NAMES
 from .writer import SafetensorsWriter, TensorSpec
 

@@ -13,36 +13,67 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-import torch
+import numpy
 
 from ..errors import InputError
+from ..lazy_torch import torch
 
 # Larger headers are refused before anything is allocated for them (safetensors uses the same cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# The safetensors dtype names and their torch dtypes (U16/U32/U64 where this torch has them). Built
+# on first use, so reading a header needs no torch; FLOAT_DTYPES is the same facts as plain data.
+TORCH_DTYPE_ATTRS = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = frozenset(name for name, dtype in DTYPES.items() if dtype.is_floating_point)
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+class _TorchTable(Mapping):
+    """A read-only table built from torch the first time it is read."""
+
+    def __init__(self, build: Callable[[], dict]) -> None:
+        self._build = build
+
+    @cached_property
+    def _table(self) -> dict:
+        return self._build()
+
+    def __getitem__(self, key: object) -> object:
+        return self._table[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    return {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_ATTRS.items() if hasattr(torch, attr)}
+
+
+DTYPES: Mapping[str, torch.dtype] = _TorchTable(_torch_dtypes)
+DTYPE_NAMES: Mapping[torch.dtype, str] = _TorchTable(lambda: {v: k for k, v in DTYPES.items()})
 
 
 # Bytes per element, and the struct format of one element where Python's struct has one.
@@ -54,6 +85,49 @@ SCALAR_FORMATS |= {"U8": "<B", "BOOL": "<?", "U16": "<H", "U32": "<I", "U64": "<
 
 def dtype_size(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
+
+
+# Per float dtype: the unsigned integer of its width and the exponent bits that are all ones only in
+# inf and NaN (E4M3 has no inf: its NaN is the all-ones exponent and mantissa).
+_NON_FINITE_BITS = {
+    "F64": ("<u8", 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000),
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F8_E5M2": ("u1", 0x7C),
+    "F8_E4M3": ("u1", 0x7F),
+}
+
+
+def bytes_are_finite(raw: bytes | bytearray, dtype: str) -> bool:
+    """No inf or NaN in a tensor's raw little-endian bytes, read as integers (no torch, no copy)."""
+    if dtype not in _NON_FINITE_BITS:
+        return True  # integers and bools
+    width, mask = _NON_FINITE_BITS[dtype]
+    bits = numpy.frombuffer(raw, dtype=width)
+    return not bool(numpy.any((bits & bits.dtype.type(mask)) == mask))
+
+
+def rounded(value: float, dtype: str) -> float:
+    """`value` as a tensor of `dtype` holds it (what `torch.tensor(value, dtype=...).item()` gives):
+    float dtypes without torch, so header checks of alphas need none."""
+    if dtype == "F64":
+        return value
+    if dtype == "F32":
+        return as_float32(value)
+    if dtype == "F16":  # through float32 first, as torch converts
+        try:
+            return struct.unpack("<e", struct.pack("<e", as_float32(value)))[0]
+        except OverflowError:
+            return math.copysign(math.inf, value)
+    if dtype == "BF16":  # the upper half of the float32, rounded to nearest even
+        single = as_float32(value)
+        if math.isnan(single):
+            return single
+        (bits,) = struct.unpack("<I", struct.pack("<f", single))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return float(torch.tensor(value, dtype=DTYPES[dtype]).item())
 
 
 def as_float32(value: float) -> float:
@@ -157,26 +231,26 @@ class SafetensorsFile:
             if not isinstance(entry, dict):
                 raise self._fail(f"entry for {name!r} is not an object")
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if dtype not in DTYPES:
+            if dtype not in DTYPE_SIZES:
                 raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
-            if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):  # not bool either
                 raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
             if (
-                not isinstance(offsets, list)
+                type(offsets) is not list
                 or len(offsets) != 2
-                or not all(_is_count(o) for o in offsets)
+                or not all(type(o) is int and o >= 0 for o in offsets)
                 or offsets[0] > offsets[1]
             ):
                 raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-            info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-            if info.end > data_len:
-                raise self._fail(f"tensor {name!r} ends at byte {info.end}, past the {data_len}-byte data region")
-            if info.numel * dtype_size(dtype) != info.nbytes:
+            begin, end = offsets
+            if end > data_len:
+                raise self._fail(f"tensor {name!r} ends at byte {end}, past the {data_len}-byte data region")
+            needed = math.prod(shape) * DTYPE_SIZES[dtype]
+            if needed != end - begin:
                 raise self._fail(
-                    f"tensor {name!r}: {dtype} x {list(shape)} needs {info.numel * dtype_size(dtype)} bytes, "
-                    f"offsets give {info.nbytes}"
+                    f"tensor {name!r}: {dtype} x {list(shape)} needs {needed} bytes, offsets give {end - begin}"
                 )
-            infos[name] = info
+            infos[name] = TensorInfo(name, dtype, tuple(shape), begin, end)
         position = 0
         for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
             if info.begin < position:
@@ -279,11 +353,6 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_count(value: object) -> bool:
-    """A non-negative JSON integer (JSON true/false arrive as bool, a subclass of int in Python)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _pread_into(fh, view: memoryview, offset: int) -> int:

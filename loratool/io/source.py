@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
+from ..lazy_torch import torch
 from .mlx_folder import MLX_WEIGHTS, is_mlx_config, reoriented_copy
 from .pickle_file import PICKLE_SUFFIXES, pickle_as_safetensors, pickle_refusal
 from .safetensors_file import SafetensorsFile, TensorInfo

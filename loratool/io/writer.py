@@ -17,9 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import OutputError
+from ..lazy_torch import torch
 from .atomic import atomic_write_text, fsync_dir, temp_file_next_to
 from .safetensors_file import DTYPE_NAMES, SafetensorsFile, dtype_size
 

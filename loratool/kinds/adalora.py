@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind, Shapes, Tensors
 
 EPSILON = 1e-5  # PEFT adds it to ranknum before dividing

@@ -12,10 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-import torch
+from ..lazy_torch import torch
 
 Shapes = Mapping[str, tuple[int, ...]]
-Tensors = Mapping[str, torch.Tensor]
+Tensors = Mapping[str, "torch.Tensor"]
 
 
 def has_kernel(shape: tuple[int, ...]) -> bool:

@@ -10,8 +10,7 @@ every stage's R becomes m R + (1 - m) I; the rescale multiplies the result unsca
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Shapes
 from .oft import LycorisRotation
 from .rotations import rotate_row_blocks

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind
 
 ROLE = "dora"  # the magnitude's role beside the kind's own roles

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import ANY, Kind, Shapes, Tensors
 
 AXES = ("out", "in")  # roles of the vector once `on_input` is read

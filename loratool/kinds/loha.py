@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind, Shapes, Tensors
 
 ROLES = ("w1a", "w1b", "w2a", "w2b")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind, Shapes, Tensors
 from .loha import _tucker
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind, Shapes, Tensors
 
 # Factor dimensions: 2 for a linear layer, 3 to 5 for a Conv1d, Conv2d or Conv3d.

@@ -14,8 +14,7 @@ import math
 from abc import abstractmethod
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import ANY, Kind, Shapes, Tensors
 from .rotations import lycoris_cayley, rotate_row_blocks
 

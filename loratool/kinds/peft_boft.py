@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import Kind, Shapes, Tensors
 from .rotations import peft_boft_cayley
 

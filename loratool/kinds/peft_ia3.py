@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import ANY, Kind, Shapes, Tensors
 
 

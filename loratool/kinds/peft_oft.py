@@ -15,8 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import ANY, Kind, Shapes, Tensors
 from .rotations import peft_coft, peft_oft_cayley, skew_from_upper
 

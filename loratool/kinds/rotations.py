@@ -10,7 +10,7 @@ the packed upper triangle, after clipping each block's norm (COFT); PEFT's BOFT 
 
 from __future__ import annotations
 
-import torch
+from ..lazy_torch import torch
 
 
 def lycoris_cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:

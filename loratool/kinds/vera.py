@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from ..lazy_torch import torch
 from .base import ANY, Kind, Shapes, Tensors
 
 SHARED = {"vera_A": "A", "vera_B": "B"}  # the projections' names beside the module paths, and their roles

@@ -14,10 +14,9 @@ refuses to update their weights rather than add an update to quantized values.
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import MergeError
 from ..io.source import TensorSource
+from ..lazy_torch import torch
 
 SCALE = "scale_weight"
 INPUT_SCALE = "scale_input"

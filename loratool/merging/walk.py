@@ -15,12 +15,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import MergeError
 from ..io.safetensors_file import DTYPES
 from ..io.writer import HASH_KEY, LEGACY_HASH_KEY, SafetensorsWriter, ShardedWriter, TensorSpec
 from ..kinds import dora
+from ..lazy_torch import torch
 from ..ops.fuse import swap_halves
 from ..ops.merge import add_update, fits, update_view
 from ..progress import Progress, Tally

@@ -11,11 +11,10 @@ import json
 import math
 from collections import Counter
 
-import torch
-
 from ..adapter import Adapter, AdapterModule
 from ..archs import architectures
-from ..io.safetensors_file import DTYPES
+from ..io.safetensors_file import DTYPE_SIZES, rounded
+from ..lazy_torch import torch
 from .findings import BasePiece, Finding, ModuleFacts, finding
 from .fuse import column_owners, reorder_rows
 from .lowrank import core_singular_values, max_abs_product, numerical_rank
@@ -33,10 +32,9 @@ LOW_PRECISION = ("F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 def intended_alpha(value: float, dtype: str) -> float | None:
     """The shortest decimal that rounds to `value` in `dtype`: what the trainer most likely meant."""
-    torch_dtype = DTYPES[dtype]
     for digits in range(1, 10):
         candidate = float(f"{value:.{digits}g}")
-        if torch.tensor(candidate, dtype=torch_dtype).item() == value:
+        if rounded(candidate, dtype) == value:
             return candidate
     return None
 
@@ -458,7 +456,7 @@ def _same_number(stored: float, stated: float, dtype: str | None) -> bool:
     """Whether a tensor value is the metadata's number, allowing for rounding to the tensor's dtype."""
     if math.isclose(stored, stated, rel_tol=1e-6):
         return True
-    return dtype in DTYPES and torch.tensor(stated, dtype=DTYPES[dtype]).item() == stored
+    return dtype in DTYPE_SIZES and rounded(stated, dtype) == stored
 
 
 def _oriented(piece: BasePiece) -> tuple[int, ...]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import InputError
-
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
+from ..lazy_torch import torch
+from ..options import DEVICE_CHOICES
 
 
 def resolve_device(name: str) -> torch.device:

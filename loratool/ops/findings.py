@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..archs.locate import Location
+from ..lazy_torch import torch
 
 # code -> default severity; some checks raise or lower it with the evidence they have.
 CODES: dict[str, str] = {

@@ -13,7 +13,7 @@ has one down and one up; a LoRA on the parts has one pair per part. Both directi
 
 from __future__ import annotations
 
-import torch
+from ..lazy_torch import torch
 
 
 def column_owners(up: torch.Tensor, row_sizes: list[int]) -> list[list[int]] | None:

@@ -8,7 +8,7 @@ of memory whatever the rank.
 
 from __future__ import annotations
 
-import torch
+from ..lazy_torch import torch
 
 
 def update_view(weight: torch.Tensor, transposed: bool, rows: tuple[int, int] | None) -> torch.Tensor:

@@ -29,7 +29,7 @@ import math
 import zlib
 from dataclasses import dataclass
 
-import torch
+from ..lazy_torch import torch
 
 SWEEPS = 3  # power sweeps: the Krylov space holds 4 blocks of rank + oversampling columns
 DYNAMIC_METHODS = ("fro", "ratio", "cumulative", "eps")

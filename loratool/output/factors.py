@@ -3,10 +3,9 @@ Each raises the calling command's own error class."""
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import LoratoolError
 from ..io.safetensors_file import DTYPES
+from ..lazy_torch import torch
 from ..ops.merge import fits
 from ..ops.svd import parse_dynamic
 from ..units import Piece

@@ -7,11 +7,11 @@ import json
 import os
 from pathlib import Path
 
-from ..adapter import Adapter, AdapterModule, Piece, refuse_non_finite
+from ..adapter import Adapter, AdapterModule, Piece, non_finite
 from ..archs import BaseArchitecture
 from ..formats import Entry, Layout, Origin
 from ..io.atomic import atomic_directory, atomic_write_text
-from ..io.safetensors_file import DTYPES, tensor_from_bytes
+from ..io.safetensors_file import DTYPES, bytes_are_finite
 from ..io.source import PEFT_CONFIG
 from ..io.writer import (
     HASH_KEY,
@@ -81,7 +81,8 @@ def write_entries(
             if is_copy(adapter, piece):
                 ref = adapter.source.ref(piece.key)
                 raw = ref.file.read_bytes(ref.name)
-                refuse_non_finite(tensor_from_bytes(raw, ref.info), adapter.source.path, piece.key)
+                if not bytes_are_finite(raw, ref.info.dtype):  # checked on the bytes: a renaming needs no torch
+                    raise non_finite(adapter.source.path, piece.key)
                 writer.write_raw(spec.name, raw, spec.dtype, spec.shape)
             else:
                 tensor = load(piece).to(DTYPES[spec.dtype]).reshape(spec.shape).contiguous()
