@@ -122,31 +122,31 @@ def _inspect_many(
     keys: bool,
     allow_pickle: bool,
 ) -> None:
-    """A library scan: each file's line (or report) as soon as it is done, every failure said."""
+    """A library scan: each file's line (or report) as soon as it is done, every failure said. The
+    lines are rendered where each report is made (a worker process, in a header-only scan)."""
     from . import api
-    from .report import inspect_line, print_json_line, render_inspect, stdout_console
+    from .report import inspect_json_line, inspect_line, print_json_line, render_inspect, stdout_console
 
     console = stdout_console()
+    render = None if keys and not as_json else inspect_json_line if as_json else inspect_line
     done = failed = flagged = 0
-    for scanned in api.inspect_each(paths, base=base, allow_pickle=allow_pickle, header_only=header_only):
+    scan = api.inspect_each(paths, base=base, allow_pickle=allow_pickle, header_only=header_only, render=render)
+    for scanned in scan:
         done += 1
         if scanned.error is not None and len(paths) == 1 and Path(scanned.path) == Path(paths[0]):
             raise scanned.error  # the one folder given holds no LoRA: unusable input, as one bad file is
-        if scanned.report is None:
+        if scanned.error is not None:
             failed += 1
-            message = scanned.error.message if scanned.error is not None else "not inspected"
-            error_line(message)
+            error_line(scanned.error.message)
             if as_json:
-                print_json_line({"path": scanned.path, "error": message})
+                print_json_line({"path": scanned.path, "error": scanned.error.message})
             continue
-        report = scanned.report
-        flagged += bool(strict and report.count("error"))
-        if as_json:
-            print_json_line(report.to_json())
-        elif keys:
-            render_inspect(report, console, show_keys=True)
+        if scanned.report is not None:  # --keys: the full report, rendered here
+            flagged += bool(strict and scanned.report.count("error"))
+            render_inspect(scanned.report, console, show_keys=True)
         else:
-            sys.stdout.write(inspect_line(report) + "\n")
+            flagged += bool(strict and scanned.error_findings)
+            sys.stdout.write(f"{scanned.text}\n")
         sys.stdout.flush()
     if failed or flagged:
         why = [f"{failed} could not be read"] if failed else []

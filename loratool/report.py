@@ -49,14 +49,24 @@ def stdout_console() -> Console:
 
 def print_json(document: object, stream: TextIO | None = None) -> None:
     """Strict JSON (non-finite numbers become the strings "nan", "inf", "-inf"), written in one piece."""
-    text = json.dumps(_finite_json(document), indent=2, allow_nan=False)
-    (stream or sys.stdout).write(text + "\n")
+    (stream or sys.stdout).write(_strict_json(document, indent=2) + "\n")
 
 
 def print_json_line(document: object, stream: TextIO | None = None) -> None:
     """One strict JSON document on one line (JSON Lines: one per file of a scan)."""
-    text = json.dumps(_finite_json(document), separators=(",", ":"), allow_nan=False)
-    (stream or sys.stdout).write(text + "\n")
+    (stream or sys.stdout).write(_strict_json(document, separators=(",", ":")) + "\n")
+
+
+def inspect_json_line(report: InspectReport) -> str:
+    """A report as its JSON line (what a scan's worker processes hand back)."""
+    return _strict_json(report.to_json(), separators=(",", ":"))
+
+
+def _strict_json(document: object, **layout: object) -> str:
+    try:
+        return json.dumps(document, allow_nan=False, **layout)
+    except ValueError:  # a non-finite number somewhere: spelled as a string (rare, so no walk up front)
+        return json.dumps(_finite_json(document), allow_nan=False, **layout)
 
 
 def inspect_line(report: InspectReport) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -25,11 +25,14 @@ from .inspect import InspectReport, inspect
 
 @dataclass
 class Scanned:
-    """One adapter's report, or why it could not be read."""
+    """One adapter's report, or why it could not be read. A scan given `render` carries the rendered
+    `text` and the report's count of error-level findings instead of the report."""
 
     path: str
     report: InspectReport | None = None
     error: LoratoolError | None = None
+    text: str | None = None
+    error_findings: int = 0
 
 
 def is_library(path: str | os.PathLike) -> bool:
@@ -67,14 +70,19 @@ def inspect_each(
     header_only: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    render: Callable[[InspectReport], str] | None = None,
 ) -> Iterator[Scanned]:
     """Inspect every adapter the paths name (a library folder's, recursively), in order, yielding
     each result as it is done; a file that cannot be read yields its error and the scan goes on.
 
     A header-only scan of many files runs in `workers` processes (default: one per CPU core), the
     results still in order; it runs here when torch is already loaded (a fork would inherit its
-    thread pools) or the files are few."""
-    job = partial(_scan_one, base=base, allow_pickle=allow_pickle, header_only=header_only, progress=progress)
+    thread pools) or the files are few. `render` (a module-level function, so a worker can run it)
+    turns each report into the text to print where it was made: a report costs more to send
+    between processes than to render."""
+    job = partial(
+        _scan_one, base=base, allow_pickle=allow_pickle, header_only=header_only, progress=progress, render=render
+    )
     items = _work(paths, allow_pickle)
     if not header_only or workers == 1 or "torch" in sys.modules:
         yield from map(job, items)
@@ -112,6 +120,7 @@ def _scan_one(
     allow_pickle: bool,
     header_only: bool,
     progress: Progress | None,
+    render: Callable[[InspectReport], str] | None,
 ) -> Scanned:
     if isinstance(item, Scanned):
         return item
@@ -119,4 +128,6 @@ def _scan_one(
         report = inspect(item, base, progress, allow_pickle, header_only)
     except LoratoolError as exc:
         return Scanned(str(item), error=exc)
+    if render is not None:
+        return Scanned(str(item), text=render(report), error_findings=report.count("error"))
     return Scanned(str(item), report=report)

@@ -61,16 +61,18 @@ class Suffixes:
 
     def __init__(self, suffixes: Iterable[str]) -> None:
         self.names = frozenset(suffixes)
-        self.parts = sorted({s.count(".") + 1 for s in self.names}, reverse=True)
+        self.most_parts = max((s.count(".") + 1 for s in self.names), default=0)
 
     def split(self, key: str) -> tuple[str, str] | None:
-        for parts in self.parts:
-            pieces = key.rsplit(".", parts)
-            if len(pieces) > parts and pieces[0]:
-                suffix = ".".join(pieces[1:])
-                if suffix in self.names:
-                    return pieces[0], suffix
-        return None
+        found = None
+        cut = len(key)
+        for _ in range(self.most_parts):  # one more part each time: the last match is the longest
+            cut = key.rfind(".", 0, cut)
+            if cut <= 0:  # no dot left, or nothing before it to be the module
+                break
+            if key[cut + 1 :] in self.names:
+                found = (key[:cut], key[cut + 1 :])
+        return found
 
 
 def split_dotted(key: str, suffixes: Suffixes) -> tuple[str, str] | None:
@@ -151,11 +153,15 @@ def build_modules(
 
 
 def implied_shape_of(modules: dict[str, AdapterModule]) -> Callable[[str], tuple[int, ...] | None]:
+    """The weight shape each module's factors imply (None when they do not fit together), computed
+    once per module however often detection asks."""
+    known: dict[str, tuple[int, ...] | None] = {}
+
     def implied(name: str) -> tuple[int, ...] | None:
-        module = modules.get(name)
-        if module is None or module.kind.check(module.shapes):
-            return None
-        return module.weight_shape
+        if name not in known:
+            module = modules.get(name)
+            known[name] = None if module is None or module.shape_problem else module.weight_shape
+        return known[name]
 
     return implied
 
