@@ -38,6 +38,42 @@ class Piece:
         return cls(dtype or like.dtype, tuple(shape), None, compute)
 
 
+class _HeaderFacts:
+    """What a module's pieces say about it from their headers alone (see AdapterModule._facts)."""
+
+    def __init__(self, pieces: dict[str, Piece], kind: Kind) -> None:
+        self.pieces = pieces
+        self.kind = kind
+        shapes = {r: p.shape for r, p in pieces.items() if r != dora.ROLE}
+        dtypes = {r: p.dtype for r, p in pieces.items() if r != dora.ROLE}
+        self.shapes = MappingProxyType(shapes)
+        self.dtypes = MappingProxyType(dtypes)
+        self.shape_problem = kind.check(shapes)
+        self.factor_problem = self.shape_problem or _factor_problem(kind, shapes, dtypes)
+        self.rank = kind.rank(shapes)
+        self.parameters = kind.parameters(shapes)
+        self._weight_shape: tuple[int, ...] | None = None
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Asked only of factors that fit together, so computed only then."""
+        if self._weight_shape is None:
+            self._weight_shape = self.kind.weight_shape(self.shapes)
+        return self._weight_shape
+
+
+def _factor_problem(kind: Kind, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> str | None:
+    """A factor that is not floating point, or is empty."""
+    for role, dtype in dtypes.items():
+        if role in kind.flag_roles:
+            continue
+        if dtype not in FLOAT_DTYPES:
+            return f"{role} is stored as {dtype}; adapter factors must be floating point"
+        if 0 in shapes[role]:
+            return f"{role} is empty (shape {list(shapes[role])})"
+    return None
+
+
 @dataclass
 class AdapterModule:
     """One module of an adapter, as read from a file or as planned for one (a split part, a fused
@@ -68,31 +104,23 @@ class AdapterModule:
         """role -> source tensor key, for the roles other than DoRA's magnitude."""
         return {r: p.key for r, p in self.pieces.items() if r != dora.ROLE and p.key is not None}
 
-    def _facts(self) -> tuple[Mapping[str, tuple[int, ...]], Mapping[str, str], str | None]:
-        """(shapes, dtypes, shape problem), computed once per `pieces` and `kind`: every report,
-        check and plan asks for them many times per module. Assign a new `pieces` (do not edit
-        it in place) to change them."""
+    def _facts(self) -> _HeaderFacts:
+        """What the pieces' headers say about the module, computed once per `pieces` and `kind`:
+        every report, check and plan asks for it many times per module. Assign a new `pieces` (do
+        not edit it in place) to change it."""
         facts = self.__dict__.get("_header_facts")
-        if facts is None or facts[0] is not self.pieces or facts[1] is not self.kind:
-            shapes = {r: p.shape for r, p in self.pieces.items() if r != dora.ROLE}
-            dtypes = {r: p.dtype for r, p in self.pieces.items() if r != dora.ROLE}
-            facts = (
-                self.pieces,
-                self.kind,
-                MappingProxyType(shapes),
-                MappingProxyType(dtypes),
-                self.kind.check(shapes),
-            )
+        if facts is None or facts.pieces is not self.pieces or facts.kind is not self.kind:
+            facts = _HeaderFacts(self.pieces, self.kind)
             self.__dict__["_header_facts"] = facts
-        return facts[2:]
+        return facts
 
     @property
     def shapes(self) -> Mapping[str, tuple[int, ...]]:
-        return self._facts()[0]
+        return self._facts().shapes
 
     @property
     def dtypes(self) -> Mapping[str, str]:
-        return self._facts()[1]
+        return self._facts().dtypes
 
     @property
     def dora_key(self) -> str | None:
@@ -107,7 +135,7 @@ class AdapterModule:
     @property
     def shape_problem(self) -> str | None:
         """Why the factor shapes cannot belong together (None when they can)."""
-        return self._facts()[2]
+        return self._facts().shape_problem
 
     @property
     def problem(self) -> str | None:
@@ -115,17 +143,10 @@ class AdapterModule:
         alone: factors that do not fit together, empty or non-float factors, a config rank the
         factors do not have (PEFT refuses to load those), a non-finite alpha. Nothing numeric is
         computed for a module with a problem, and no command writes one."""
-        shapes, dtypes, shape_problem = self._facts()
-        if shape_problem:
-            return shape_problem
-        for role, dtype in dtypes.items():
-            if role in self.kind.flag_roles:
-                continue
-            if dtype not in FLOAT_DTYPES:
-                return f"{role} is stored as {dtype}; adapter factors must be floating point"
-            if 0 in shapes[role]:
-                return f"{role} is empty (shape {list(shapes[role])})"
-        shown = self.kind.rank(shapes)
+        facts = self._facts()
+        if facts.factor_problem:
+            return facts.factor_problem
+        shown = facts.rank
         declared = self.declared_rank if self.kind.declares_factor_rank else None
         if declared is not None and shown is not None and shown != declared:
             return f"the adapter config gives r={self.declared_rank} but the factors have rank {shown}"
@@ -135,7 +156,7 @@ class AdapterModule:
 
     @property
     def rank(self) -> int | None:
-        return self.kind.rank(self.shapes) or self.declared_rank
+        return self._facts().rank or self.declared_rank
 
     @property
     def effective_alpha(self) -> float | None:
@@ -167,12 +188,12 @@ class AdapterModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the weight this module updates, oriented as the base model stores it."""
-        shape = self.kind.weight_shape(self.shapes)
+        shape = self._facts().weight_shape
         return (shape[1], shape[0], *shape[2:]) if self.transposed else shape
 
     @property
     def parameters(self) -> int:
-        return self.kind.parameters(self.shapes)
+        return self._facts().parameters
 
     @property
     def kind_label(self) -> str:

@@ -140,6 +140,17 @@ def _yield(
     return tied, f"{why}; {', '.join(yielded)} fits as well and yields to {kept}"
 
 
+@cache
+def _owners(scheme: str) -> dict[str, list[tuple[str, Targets]]]:
+    """Each module name written in `scheme` -> the tables that know it (in table order) and what it
+    targets there: detection looks each name up once instead of asking every table."""
+    owners: dict[str, list[tuple[str, Targets]]] = {}
+    for arch in architectures().values():
+        for n, targets in arch.index(scheme).items():
+            owners.setdefault(n, []).append((arch.name, targets))
+    return owners
+
+
 def detect(
     names: list[str],
     scheme: str,
@@ -154,12 +165,12 @@ def detect(
     names, then to the one whose full-size shapes match the factors, then to table order.
     `only` restricts the choice to one architecture (the user said which).
     """
-    scored: list[tuple[Architecture, dict[str, Targets]]] = []
-    for arch in architectures().values():
-        if only is not None and arch.name != only:
-            continue
-        index = arch.index(scheme)
-        scored.append((arch, {n: index[n] for n in names if n in index} if not index.keys().isdisjoint(names) else {}))
+    found: dict[str, dict[str, Targets]] = {name: {} for name in architectures()}
+    owners = _owners(scheme)
+    for n in names:
+        for arch_name, targets in owners.get(n, ()):
+            found[arch_name][n] = targets
+    scored = [(arch, found[arch.name]) for arch in architectures().values() if only in (None, arch.name)]
     scored.sort(key=lambda ar: -len(ar[1]))
     best_count = len(scored[0][1])
     scores = [(a.name, len(r)) for a, r in scored]

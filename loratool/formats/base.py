@@ -9,8 +9,9 @@ the same for every layout and live here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 
 from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, detect
@@ -57,13 +58,16 @@ class Codec(ABC):
 
 class Suffixes:
     """Tensor-name suffixes (`lora_A.weight`, `alpha`), matched on dot boundaries by set lookups of
-    a key's last parts, most parts first: the longest match, without trying every suffix on every key."""
+    a key's last parts, most parts first: the longest match, without trying every suffix on every key.
+    One instance per set of suffixes, remembering its answers: the files of a library repeat the
+    same tensor names, and every codec's claim asks about every key."""
 
-    def __init__(self, suffixes: Iterable[str]) -> None:
-        self.names = frozenset(suffixes)
+    def __init__(self, suffixes: frozenset[str]) -> None:
+        self.names = suffixes
         self.most_parts = max((s.count(".") + 1 for s in self.names), default=0)
+        self.split = lru_cache(maxsize=1 << 16)(self._split)
 
-    def split(self, key: str) -> tuple[str, str] | None:
+    def _split(self, key: str) -> tuple[str, str] | None:
         found = None
         cut = len(key)
         for _ in range(self.most_parts):  # one more part each time: the last match is the longest
@@ -80,8 +84,13 @@ def split_dotted(key: str, suffixes: Suffixes) -> tuple[str, str] | None:
     return suffixes.split(key)
 
 
-def suffixes_longest_first(*tables: dict[str, object]) -> Suffixes:
-    return Suffixes(s for t in tables for s in t)
+def suffixes_longest_first(*tables: Mapping[str, object]) -> Suffixes:
+    return _suffixes(frozenset(s for t in tables for s in t))
+
+
+@cache
+def _suffixes(names: frozenset[str]) -> Suffixes:
+    return Suffixes(names)
 
 
 def group_by_module(claimed: dict[str, tuple[str, str]]) -> dict[str, dict[str, str]]:
