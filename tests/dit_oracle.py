@@ -4,10 +4,12 @@ diffusers itself saves on it, and diffusers' own fused weights with that LoRA (t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 @dataclass
@@ -58,3 +60,29 @@ def assert_folder_merge_is_fuse(
     assert {k for k in got if not torch.equal(got[k], before[k])} == {t + ".weight" for t in targets}
     for key, value in got.items():
         torch.testing.assert_close(value, fused[key], rtol=1e-5, atol=1e-6)
+
+
+def assert_single_file_merge_is_fuse(
+    single: Path,
+    lora: Path,
+    fused: dict[str, torch.Tensor],
+    to_diffusers: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    tmp_path: Path,
+    layouts: tuple[str, ...] = ("comfyui",),
+) -> None:
+    """Merging `lora`, and loratool's conversions of it to `layouts`, into the original single file,
+    then mapping the merged file to diffusers names with the family's converter, gives diffusers'
+    own fused weights."""
+    import loratool
+
+    loras = [lora]
+    for layout in layouts:
+        loras.append(tmp_path / f"{layout}.safetensors")
+        loratool.convert(lora, layout, loras[-1])
+    for each in loras:
+        out = tmp_path / f"merged_{each.stem}.safetensors"
+        loratool.merge(single, [each], out, device="cpu")
+        converted = to_diffusers(dict(load_file(str(out))))
+        assert set(converted) == set(fused)
+        for key, value in fused.items():
+            torch.testing.assert_close(converted[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

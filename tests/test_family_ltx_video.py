@@ -19,7 +19,7 @@ import json
 
 import pytest
 import torch
-from dit_oracle import assert_folder_merge_is_fuse, tiny_dit
+from dit_oracle import assert_folder_merge_is_fuse, assert_single_file_merge_is_fuse, tiny_dit
 from safetensors.torch import load_file, save_file
 from test_archs import _rows_marker
 from test_merge_diffusers import base_checkpoint
@@ -198,15 +198,9 @@ def test_merge_into_the_diffusers_folder_equals_fuse_lora(tiny, tmp_path) -> Non
 
 
 def test_merge_into_the_original_single_file_equals_fuse_lora_after_diffusers_converter(tiny, tmp_path) -> None:
-    comfy = tmp_path / "comfyui.safetensors"
-    loratool.convert(tiny["lora"], "comfyui", comfy)
-    for lora in (tiny["lora"], comfy):
-        out = tmp_path / f"merged_{lora.stem}.safetensors"
-        loratool.merge(tiny["single"], [lora], out, device="cpu")
-        converted = convert_ltx_transformer_checkpoint_to_diffusers(dict(load_file(str(out))))
-        assert set(converted) == set(tiny["fused"])
-        for key, value in tiny["fused"].items():
-            torch.testing.assert_close(converted[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    assert_single_file_merge_is_fuse(
+        tiny["single"], tiny["lora"], tiny["fused"], convert_ltx_transformer_checkpoint_to_diffusers, tmp_path
+    )
 
 
 @pytest.mark.parametrize("prefix", ["lora_transformer_", "lycoris_"])
