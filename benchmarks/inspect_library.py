@@ -8,7 +8,8 @@ folder) and the same files converted by loratool to diffusers, comfyui and peft,
 own subset of modules, its own alphas and its own metadata. Page cache warm. Then times, in one
 process: the header-only scan of the whole folder (`inspect_each`), and the full inspect of every
 file; in a process that has not loaded torch, the header-only scan as the command line runs it
-(one worker process per core); and, as a user runs it, `loratool inspect FOLDER --header-only
+(one worker process per core, each file's JSON line rendered in its worker, the architecture tables
+loaded as the files ask for them); and, as a user runs it, `loratool inspect FOLDER --header-only
 --json` (process start included). Checks that every file gets the same format, architecture and
 per-module rank and alpha from both. Last, the header-only rate on one full-size SDXL kohya LoRA
 (986 modules, 2958 keys), where parsing the header itself is most of the work.
@@ -101,9 +102,10 @@ def generate(library: Path, sources: list[Path], count: int) -> None:
 SCAN_IN_CHILD = """
 import os, sys, time
 from loratool import api
+from loratool.report import inspect_json_line
 api.inspect_each  # the API loaded before the clock starts, as a CLI start pays for it
 start = time.perf_counter()
-n = sum(1 for _ in api.inspect_each([sys.argv[1]], header_only=True))
+n = sum(1 for _ in api.inspect_each([sys.argv[1]], header_only=True, render=inspect_json_line))
 print(os.cpu_count(), n / (time.perf_counter() - start))
 """
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import MappingProxyType
+from typing import NamedTuple
 
 from .archs import BaseArchitecture, Targets
 from .archs.base_keys import base_architecture, base_key_index
@@ -21,11 +23,10 @@ from .kinds import Kind, dora
 from .lazy_torch import torch
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One tensor of a module: a source tensor, copied byte for byte when written (its shape may
     differ from the stored one by size-1 dims), or a computation deferred until it is written, so
-    planning holds no tensor data."""
+    planning holds no tensor data. (A tuple: a library scan builds one per tensor of every file.)"""
 
     dtype: str
     shape: tuple[int, ...]
@@ -39,13 +40,13 @@ class Piece:
 
 
 class _HeaderFacts:
-    """What a module's pieces say about it from their headers alone (see AdapterModule._facts)."""
+    """What a module's factor shapes and dtypes say about it (see AdapterModule._facts): the same
+    for every module of the same kind, shapes and dtypes, so shared between them."""
 
-    def __init__(self, pieces: dict[str, Piece], kind: Kind) -> None:
-        self.pieces = pieces
+    def __init__(self, kind: Kind, signature: tuple[tuple[str, tuple[int, ...], str], ...]) -> None:
+        shapes = {role: shape for role, shape, _ in signature}
+        dtypes = {role: dtype for role, _, dtype in signature}
         self.kind = kind
-        shapes = {r: p.shape for r, p in pieces.items() if r != dora.ROLE}
-        dtypes = {r: p.dtype for r, p in pieces.items() if r != dora.ROLE}
         self.shapes = MappingProxyType(shapes)
         self.dtypes = MappingProxyType(dtypes)
         self.shape_problem = kind.check(shapes)
@@ -60,6 +61,12 @@ class _HeaderFacts:
         if self._weight_shape is None:
             self._weight_shape = self.kind.weight_shape(self.shapes)
         return self._weight_shape
+
+
+@lru_cache(maxsize=1 << 14)
+def _facts_of(kind: Kind, signature: tuple[tuple[str, tuple[int, ...], str], ...]) -> _HeaderFacts:
+    """The facts of a kind, shapes and dtypes, remembered: a library's files repeat a few."""
+    return _HeaderFacts(kind, signature)
 
 
 def _factor_problem(kind: Kind, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str]) -> str | None:
@@ -108,11 +115,12 @@ class AdapterModule:
         """What the pieces' headers say about the module, computed once per `pieces` and `kind`:
         every report, check and plan asks for it many times per module. Assign a new `pieces` (do
         not edit it in place) to change it."""
-        facts = self.__dict__.get("_header_facts")
-        if facts is None or facts.pieces is not self.pieces or facts.kind is not self.kind:
-            facts = _HeaderFacts(self.pieces, self.kind)
-            self.__dict__["_header_facts"] = facts
-        return facts
+        known = self.__dict__.get("_header_facts")
+        if known is None or known[0] is not self.pieces or known[1] is not self.kind:
+            signature = tuple((r, p.shape, p.dtype) for r, p in self.pieces.items() if r != dora.ROLE)
+            known = (self.pieces, self.kind, _facts_of(self.kind, signature))
+            self.__dict__["_header_facts"] = known
+        return known[2]
 
     @property
     def shapes(self) -> Mapping[str, tuple[int, ...]]:

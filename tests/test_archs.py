@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from loratool.archs import Architecture, architectures, detect, get_architecture, kohya_flat
+from loratool.archs import Architecture, architectures, catalog, detect, get_architecture, kohya_flat
 from loratool.archs import generate as gen
 from loratool.archs.families._build import is_norm, table_modules
 from loratool.archs.families.sd1 import SD1_UNET
@@ -107,6 +107,26 @@ def test_committed_tables_equal_fresh_generation(fresh_tables: dict[str, dict]) 
     assert set(committed) == set(fresh_tables) == set(ARCHS)
     found = [line for name in ARCHS for line in table_differences(name, committed[name], fresh_tables[name])]
     assert not found, "regenerate with `python -m loratool.archs.generate`:\n" + "\n".join(found)
+
+
+def test_the_catalog_is_the_committed_tables() -> None:
+    """The catalog lists every table, in detection's order, with its hints and components, and
+    every module name each table knows in each scheme, as the tables say (so detection reading the
+    catalog decides exactly as asking every table would)."""
+    committed = gen.committed_tables()
+    expected = catalog.build(committed)
+    assert json.loads(catalog.CATALOG.read_text(encoding="utf-8")) == expected, (
+        "regenerate with `python -m loratool.archs.generate`"
+    )
+    assert catalog.dump(expected) == catalog.CATALOG.read_text(encoding="utf-8")
+    loaded = catalog.get_catalog()
+    assert loaded.names == tuple(a.name for a in committed)
+    for scheme in catalog.SCHEMES:
+        owners: dict[str, list[str]] = {}
+        for arch in committed:
+            for name in arch.index(scheme):
+                owners.setdefault(name, []).append(arch.name)
+        assert loaded.owners[scheme] == {n: tuple(o) for n, o in owners.items()}, scheme
 
 
 def test_freshness_ignores_library_versions_and_names_a_changed_row() -> None:

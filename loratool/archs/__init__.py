@@ -7,11 +7,13 @@ most of a file's module names, breaking ties with metadata and then with factor 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
 from .base import BaseArchitecture
+from .catalog import TableEntry, get_catalog
 from .hf import HFArchitecture, detect_hf
 from .table import TABLES, Architecture, Component, FusedSpec, ModuleSpec, Targets, kohya_flat
 
@@ -35,13 +37,17 @@ __all__ = [
 @cache
 def architectures() -> dict[str, Architecture]:
     """Every table under `tables/`, sorted by the `order` its family declares: detection breaks ties
-    by this order, so it is part of the behaviour. No list to edit when a family is added."""
-    tables = sorted((Architecture.load(path) for path in TABLES.glob("*.json")), key=lambda a: (a.order, a.name))
-    return {a.name: a for a in tables}
+    by this order, so it is part of the behaviour. No list to edit when a family is added (the
+    catalog lists them in that order)."""
+    return {name: get_architecture(name) for name in get_catalog().names}
 
 
+@cache
 def get_architecture(name: str) -> Architecture:
-    return architectures()[name]
+    """One table, loaded on first use (most files need one or two of them)."""
+    if name not in get_catalog().names:
+        raise KeyError(name)
+    return Architecture.load(TABLES / f"{name}.json")
 
 
 @dataclass
@@ -53,11 +59,11 @@ class ArchDetection:
     tied: list[str] = field(default_factory=list)  # architectures the names could not tell apart
 
 
-def hint_matches(arch: Architecture, metadata: dict[str, str]) -> bool:
+def hint_matches(arch: Architecture | TableEntry, metadata: dict[str, str]) -> bool:
     return hint_length(arch, metadata) > 0
 
 
-def hint_length(arch: Architecture, metadata: dict[str, str]) -> int:
+def hint_length(arch: Architecture | TableEntry, metadata: dict[str, str]) -> int:
     """How much of the metadata names this architecture: the longest of its prefixes a value starts
     with (0 for none), so `qwen_image_2.1` names Qwen-Image 2.1 rather than Qwen-Image."""
     return max(
@@ -111,15 +117,18 @@ def _best_fit(
         (_same_shape, ", full-size shapes match"),
     )
 
-    def score(fits: Callable, arch: Architecture, resolved: dict[str, Targets]) -> int:
-        return sum(1 for n, t in resolved.items() if fits(implied_shape(n), _full_shape(arch, t)))
+    # (the factors' shape, the table's) per module, per tied architecture
+    shapes = {a.name: [(implied_shape(n), _full_shape(a, t)) for n, t in r.items()] for a, r in tied}
+
+    def score(fits: Callable, arch: Architecture) -> int:
+        return sum(1 for implied, full in shapes[arch.name] if fits(implied, full))
 
     for fits, why in steps:
-        scores = [(score(fits, a, r), a, r) for a, r in tied]
+        scores = [(score(fits, a), a, r) for a, r in tied]
         best = max(s for s, _, _ in scores)
         tied = [(a, r) for s, a, r in scores if s == best]
         if len(tied) == 1:
-            if fits is _same_proportions and score(steps[-1][0], *tied[0]) == best:
+            if fits is _same_proportions and score(steps[-1][0], tied[0][0]) == best:
                 why = steps[-1][1]  # the ratios decided, and the winner's shapes are its full-size ones too
             return tied, why
     return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
@@ -140,15 +149,13 @@ def _yield(
     return tied, f"{why}; {', '.join(yielded)} fits as well and yields to {kept}"
 
 
-@cache
-def _owners(scheme: str) -> dict[str, list[tuple[str, Targets]]]:
-    """Each module name written in `scheme` -> the tables that know it (in table order) and what it
-    targets there: detection looks each name up once instead of asking every table."""
-    owners: dict[str, list[tuple[str, Targets]]] = {}
-    for arch in architectures().values():
-        for n, targets in arch.index(scheme).items():
-            owners.setdefault(n, []).append((arch.name, targets))
-    return owners
+def _counts(names: list[str], scheme: str) -> dict[str, int]:
+    """How many of `names` each table knows (names that the same tables know counted together)."""
+    counts = dict.fromkeys(get_catalog().names, 0)
+    for owned, n in Counter(map(get_catalog().owners[scheme].get, names)).items():
+        for arch_name in owned or ():
+            counts[arch_name] += n
+    return counts
 
 
 def detect(
@@ -165,24 +172,24 @@ def detect(
     names, then to the one whose full-size shapes match the factors, then to table order.
     `only` restricts the choice to one architecture (the user said which).
     """
-    found: dict[str, dict[str, Targets]] = {name: {} for name in architectures()}
-    owners = _owners(scheme)
-    for n in names:
-        for arch_name, targets in owners.get(n, ()):
-            found[arch_name][n] = targets
-    scored = [(arch, found[arch.name]) for arch in architectures().values() if only in (None, arch.name)]
-    scored.sort(key=lambda ar: -len(ar[1]))
-    best_count = len(scored[0][1])
-    scores = [(a.name, len(r)) for a, r in scored]
+    counts = _counts(names, scheme)
+    scores = sorted(((a, n) for a, n in counts.items() if only in (None, a)), key=lambda an: -an[1])
+    best_count = scores[0][1]
+
+    def resolved(arch: Architecture) -> dict[str, Targets]:
+        index = arch.index(scheme)
+        return {n: index[n] for n in names if n in index}
+
     if only is not None:
         reason = f"{best_count} of {len(names)} module names, architecture given"
-        return ArchDetection(scored[0][0], scored[0][1], scores, reason)
+        arch = get_architecture(only)
+        return ArchDetection(arch, resolved(arch), scores, reason)
     if best_count == 0:
         hf = detect_hf(names, name_hint=hf_name_hint) if scheme == "diffusers" else None
         if hf is not None:
             return ArchDetection(hf, {n: (n,) for n in names}, scores, f"HF {hf.name} module paths")
         return ArchDetection(None, {}, scores, "no known architecture has these module names")
-    tied = [(a, r) for a, r in scored if len(r) == best_count]
+    tied = [(get_architecture(a), resolved(get_architecture(a))) for a, n in scores if n == best_count]
     reason = f"{best_count} of {len(names)} module names"
     if len(tied) > 1:
         lengths = [hint_length(a, metadata) for a, _ in tied]

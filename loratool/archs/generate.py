@@ -24,8 +24,11 @@ import pkgutil
 from dataclasses import replace
 from pathlib import Path
 
+from . import catalog
 from . import families as families_package
+from .catalog import CATALOG
 from .families._build import TableFamily
+from .table import Architecture
 
 TABLES = Path(__file__).with_name("tables")
 
@@ -105,6 +108,13 @@ def main() -> None:
         path = TABLES / f"{arch}.json"
         path.write_text(dump(table), encoding="utf-8")
         print(f"{path}: {len(table['modules'])} modules, {len(table['fused'])} fused weights")
+    CATALOG.write_text(catalog.dump(catalog.build(committed_tables())), encoding="utf-8")
+    print(f"{CATALOG}: every table's hints, components and module names")
+
+
+def committed_tables() -> list[Architecture]:
+    """Every table under `tables/`, in the order their families declare."""
+    return sorted((Architecture.load(path) for path in TABLES.glob("*.json")), key=lambda a: (a.order, a.name))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,34 @@ class Codec(ABC):
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         """Build the adapter from the keys this codec claimed (on `arch` when the user named it)."""
 
+    def verdict(self, key: str) -> tuple[str, str] | str | None:
+        """For a layout that explains a key by its name alone: (module, suffix) for an adapter
+        tensor, what it is for another tensor the layout explains, None for a key it does not."""
+        raise NotImplementedError(f"{self.name} claims keys by more than their names")
+
+    def claim_by_name(self, source: TensorSource) -> Claim:
+        """Claim every key by its `verdict`, remembered per key name: the files of a library repeat
+        their key names, and every codec is asked about every key of every file."""
+        verdicts: dict[str, tuple[str, str] | str | None] = self.__dict__.setdefault("_verdicts", {})
+        if len(verdicts) > VERDICTS_KEPT:
+            verdicts.clear()
+        claim = Claim(self)
+        for key in source:
+            found = verdicts.get(key, _UNSEEN)
+            if found is _UNSEEN:
+                found = verdicts[key] = self.verdict(key)
+            if found is None:
+                continue
+            if type(found) is tuple:
+                claim.keys[key] = found
+            else:
+                claim.extra[key] = found
+        return claim
+
+
+VERDICTS_KEPT = 1 << 18  # key names a codec remembers before it starts over (bounded memory on any library)
+_UNSEEN = object()
+
 
 class Suffixes:
     """Tensor-name suffixes (`lora_A.weight`, `alpha`), matched on dot boundaries by set lookups of

@@ -18,10 +18,20 @@ import json
 from functools import cache
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import BaseArchitecture, Targets, architectures
+from ..archs import BaseArchitecture, Targets
+from ..archs.catalog import get_catalog
 from ..io.source import TensorSource
 from ..kinds import suffix_table
-from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .base import (
+    MODIFIERS,
+    Claim,
+    Codec,
+    Suffixes,
+    build_modules,
+    place_on_architecture,
+    split_dotted,
+    suffixes_longest_first,
+)
 from .layout import DIFFUSERS_CONFIG_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
 from .peft_keyed import PeftKeyed, lora_config
@@ -29,8 +39,14 @@ from .peft_keyed import PeftKeyed, lora_config
 EMBEDDING_SUFFIXES = ("lora_embedding_A", "lora_embedding_B")
 
 
-def diffusers_components() -> set[str]:
-    return {c for arch in architectures().values() for c in arch.components}
+@cache
+def _suffixes() -> Suffixes:
+    return suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
+
+
+@cache
+def diffusers_components() -> frozenset[str]:
+    return frozenset(c for table in get_catalog().tables for c in table.components)
 
 
 # ai-toolkit's files (Z-Image; older Flux ones) and ComfyUI's Z-Image loader: the denoiser's diffusers
@@ -51,10 +67,9 @@ def unprefixed_paths() -> dict[str, str]:
     """Module path -> the component it belongs to, for paths only one component of any table has
     (a UNet's `down_blocks...` and a text encoder's `text_model...` never meet)."""
     owners: dict[str, set[str]] = {}
-    for arch in architectures().values():
-        for name in arch.index("diffusers"):
-            component, _, path = name.partition(".")
-            owners.setdefault(path, set()).add(component)
+    for name in get_catalog().owners["diffusers"]:
+        component, _, path = name.partition(".")
+        owners.setdefault(path, set()).add(component)
     return {path: next(iter(c)) for path, c in owners.items() if len(c) == 1}
 
 
@@ -85,8 +100,8 @@ def native_only_names() -> frozenset[str]:
     """Single-file module names some table reads under a component's name (HunyuanVideo's
     `transformer.double_blocks.0.img_attn_qkv`, which ComfyUI also loads) and no table has as a
     diffusers path: those keys are the native layout's, not ours."""
-    tables = architectures().values()
-    return frozenset(set().union(*(a.native_index for a in tables)) - set().union(*(a.path_index for a in tables)))
+    owners = get_catalog().owners
+    return frozenset(owners["native"].keys() - owners["diffusers"].keys())
 
 
 class DiffusersCodec(Codec):
@@ -94,19 +109,14 @@ class DiffusersCodec(Codec):
     alpha_convention = "config"
 
     def claim(self, source: TensorSource) -> Claim:
-        suffixes = suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
-        components = diffusers_components()
-        bare = unprefixed_paths()
-        native = native_only_names()
-        claim = Claim(self)
-        for key in source:
-            split = split_dotted(key, suffixes)
-            if split is None:
-                continue
-            named = key.partition(".")[0] in components and split[0] not in native
-            if named or bare_path(split[0], bare):
-                claim.keys[key] = split
-        return claim
+        return self.claim_by_name(source)
+
+    def verdict(self, key: str) -> tuple[str, str] | None:
+        split = split_dotted(key, _suffixes())
+        if split is None:
+            return None
+        named = key.partition(".")[0] in diffusers_components() and split[0] not in native_only_names()
+        return split if named or bare_path(split[0], unprefixed_paths()) else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         metadata = source.metadata

@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from functools import cache
 
 from ..adapter import TOKEN_WHAT, Adapter, AdapterModule, Piece
 from ..archs import BaseArchitecture, Targets, kohya_flat
@@ -44,6 +45,11 @@ BUNDLED = re.compile(r"^bundle_emb\.(.+)\.string_to_param\.\*$")
 # for one carry the map (kohya name -> {"path", "type"}) and the PEFT config fields that are not math.
 
 
+@cache
+def _known_suffixes() -> frozenset[str]:
+    return frozenset(suffix_table("kohya")) | frozenset(MODIFIERS["kohya"])
+
+
 def _json_dict(metadata: dict[str, str], key: str) -> dict | None:
     try:
         value = json.loads(metadata.get(key, ""))
@@ -66,16 +72,15 @@ class KohyaCodec(Codec):
     alpha_convention = "tensor"
 
     def claim(self, source: TensorSource) -> Claim:
-        known = set(suffix_table("kohya")) | set(MODIFIERS["kohya"])
-        claim = Claim(self)
-        for key in source:
-            module, dot, suffix = key.partition(".")
-            if dot and module.startswith(PREFIXES) and suffix in known:
-                claim.keys[key] = (module, suffix)
-            elif BUNDLED.match(key):
-                claim.extra[key] = TOKEN_WHAT
+        claim = self.claim_by_name(source)
         claim.keys = without_lone_generics(claim.keys)
         return claim
+
+    def verdict(self, key: str) -> tuple[str, str] | str | None:
+        module, dot, suffix = key.partition(".")
+        if dot and module.startswith(PREFIXES) and suffix in _known_suffixes():
+            return module, suffix
+        return TOKEN_WHAT if BUNDLED.match(key) else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("kohya",))

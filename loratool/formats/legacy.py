@@ -7,10 +7,12 @@ carry no alpha: diffusers applied them at scale 1.
 
 from __future__ import annotations
 
+from functools import cache
+
 from ..adapter import Adapter
 from ..io.source import TensorSource
 from ..kinds import suffix_table
-from .base import Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .base import Claim, Codec, Suffixes, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
 from .diffusers import diffusers_components
 
 # Module-name endings of the legacy layout -> the module path ending they stand for, first match wins.
@@ -32,7 +34,12 @@ LEGACY_ENDINGS: tuple[tuple[str, str], ...] = (
 )
 
 
-def legacy_to_path(module: str, components: set[str]) -> str | None:
+@cache
+def _suffixes() -> Suffixes:
+    return suffixes_longest_first(suffix_table("legacy"))
+
+
+def legacy_to_path(module: str, components: frozenset[str]) -> str | None:
     for ending, replacement in LEGACY_ENDINGS:
         if module.endswith(ending):
             path = module[: -len(ending)] + replacement
@@ -46,14 +53,11 @@ class LegacyCodec(Codec):
     alpha_convention = "none"
 
     def claim(self, source: TensorSource) -> Claim:
-        suffixes = suffixes_longest_first(suffix_table("legacy"))
-        components = diffusers_components()
-        claim = Claim(self)
-        for key in source:
-            split = split_dotted(key, suffixes)
-            if split is not None and legacy_to_path(split[0], components) is not None:
-                claim.keys[key] = split
-        return claim
+        return self.claim_by_name(source)
+
+    def verdict(self, key: str) -> tuple[str, str] | None:
+        split = split_dotted(key, _suffixes())
+        return split if split is not None and legacy_to_path(split[0], diffusers_components()) is not None else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("legacy",))

@@ -14,20 +14,30 @@ every kind and every scale travels exactly.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, cached_property
 
 from ..adapter import Adapter
-from ..archs import BaseArchitecture, Targets, architectures
+from ..archs import BaseArchitecture, Targets
+from ..archs.catalog import get_catalog
 from ..io.source import TensorSource
 from ..kinds import suffix_table, without_lone_generics
-from .base import MODIFIERS, Claim, Codec, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
+from .base import (
+    MODIFIERS,
+    Claim,
+    Codec,
+    Suffixes,
+    build_modules,
+    place_on_architecture,
+    split_dotted,
+    suffixes_longest_first,
+)
 from .kohya import KohyaLayout
 
 
 @cache
 def native_names() -> frozenset[str]:
     """Every single-file module name any table knows (with its LoRA prefixes)."""
-    return frozenset(set().union(*(arch.native_index for arch in architectures().values())))
+    return frozenset(get_catalog().owners["native"])
 
 
 class NativeCodec(Codec):
@@ -36,17 +46,17 @@ class NativeCodec(Codec):
     schemes: tuple[str, ...] = ("kohya", "peft", "bfl")  # the tensor names this layout's files use
 
     def claim(self, source: TensorSource) -> Claim:
-        suffixes = suffixes_longest_first(
-            *(suffix_table(s) for s in self.schemes), *(MODIFIERS[s] for s in self.schemes)
-        )
-        known = native_names()
-        claim = Claim(self)
-        for key in source:
-            split = split_dotted(key, suffixes)
-            if split is not None and split[0] in known:
-                claim.keys[key] = split
+        claim = self.claim_by_name(source)
         claim.keys = without_lone_generics(claim.keys)
         return claim
+
+    @cached_property
+    def suffixes(self) -> Suffixes:
+        return suffixes_longest_first(*(suffix_table(s) for s in self.schemes), *(MODIFIERS[s] for s in self.schemes))
+
+    def verdict(self, key: str) -> tuple[str, str] | None:
+        split = split_dotted(key, self.suffixes)
+        return split if split is not None and split[0] in native_names() else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, self.schemes)

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..adapter import Adapter, AdapterModule, Orphan, Piece
-from ..archs import ArchDetection, BaseArchitecture, Targets, architectures, detect, hint_matches
+from ..archs import ArchDetection, BaseArchitecture, Targets, detect, hint_matches
+from ..archs.catalog import get_catalog
 from ..errors import ConversionError, FormatError
 from ..io.source import PEFT_CONFIG, TensorSource
 from ..kinds import KINDS, peft_ia3
@@ -203,7 +204,7 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     named = metadata.get(COMPONENT_KEY)
     if named in components:
         return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{named}.{m}", only=arch)
-    hinted = any(hint_matches(a, metadata) for a in architectures().values())
+    hinted = any(hint_matches(a, metadata) for a in get_catalog().tables)
     if arch is None and not hinted:  # a diffusion model's name in the metadata rules out a bare LLM
         found = place_on_architecture(
             modules, "diffusers", metadata, hf_name_hint=config.get("base_model_name_or_path") or None

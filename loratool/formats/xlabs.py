@@ -8,13 +8,14 @@ alphas: XLabs applies these at scale 1.
 from __future__ import annotations
 
 import re
+from functools import cache
 
 from ..adapter import Adapter
 from ..archs import get_architecture
 from ..errors import FormatError
 from ..io.source import TensorSource
 from ..kinds import suffix_table
-from .base import Claim, Codec, build_modules, split_dotted, suffixes_longest_first
+from .base import Claim, Codec, Suffixes, build_modules, split_dotted, suffixes_longest_first
 
 PATTERN = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(\w+)$")
 # (block type, processor LoRA) -> (BFL module path, how many of its row blocks it covers; None = all)
@@ -26,6 +27,11 @@ PROCESSOR_TARGETS: dict[tuple[str, str], tuple[str, int | None]] = {
     ("single", "qkv_lora"): ("single_blocks.{i}.linear1", 3),
     ("single", "proj_lora"): ("single_blocks.{i}.linear2", None),
 }
+
+
+@cache
+def _suffixes() -> Suffixes:
+    return suffixes_longest_first(suffix_table("legacy"))
 
 
 def native_path(module: str) -> tuple[str, int | None] | None:
@@ -41,13 +47,11 @@ class XLabsCodec(Codec):
     alpha_convention = "none"
 
     def claim(self, source: TensorSource) -> Claim:
-        suffixes = suffixes_longest_first(suffix_table("legacy"))
-        claim = Claim(self)
-        for key in source:
-            split = split_dotted(key, suffixes)
-            if split is not None and native_path(split[0]) is not None:
-                claim.keys[key] = split
-        return claim
+        return self.claim_by_name(source)
+
+    def verdict(self, key: str) -> tuple[str, str] | None:
+        split = split_dotted(key, _suffixes())
+        return split if split is not None and native_path(split[0]) is not None else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("legacy",))

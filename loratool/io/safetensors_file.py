@@ -14,9 +14,9 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy
 
@@ -25,6 +25,7 @@ from ..lazy_torch import torch
 
 # Larger headers are refused before anything is allocated for them (safetensors uses the same cap).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+PAGE = 4096  # what one small read of a setting fetches (see SafetensorsFile._small_read)
 
 # The safetensors dtype names and their torch dtypes (U16/U32/U64 where this torch has them). Built
 # on first use, so reading a header needs no torch; FLOAT_DTYPES is the same facts as plain data.
@@ -138,9 +139,9 @@ def as_float32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lives and what it is, from the header alone."""
+class TensorInfo(NamedTuple):
+    """Where a tensor lives and what it is, from the header alone (a tuple: a header holds
+    thousands, and a library scan builds them for every file)."""
 
     name: str
     dtype: str
@@ -183,6 +184,7 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: is a directory, expected a .safetensors file") from None
         except OSError as exc:
             raise InputError(f"{self.path}: cannot open ({exc.strerror})") from None
+        self._last_page: tuple[int, bytes] = (-1, b"")  # the last page `scalar` read
         try:
             self.file_size = os.fstat(self._fh.fileno()).st_size
             self.header_size, header = self._read_header()
@@ -228,21 +230,18 @@ class SafetensorsFile:
         data_len = self.file_size - 8 - self.header_size
         infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
-            if not isinstance(entry, dict):
+            if type(entry) is not dict:
                 raise self._fail(f"entry for {name!r} is not an object")
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
             if dtype not in DTYPE_SIZES:
                 raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
-            if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):  # not bool either
-                raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")
-            if (
-                type(offsets) is not list
-                or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets)
-                or offsets[0] > offsets[1]
-            ):
+            if type(shape) is not list or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)):
+                raise self._fail(f"tensor {name!r} has an invalid shape {shape!r}")  # bools are not ints here
+            if type(offsets) is not list or len(offsets) != 2 or set(map(type, offsets)) != _INT:
                 raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
             begin, end = offsets
+            if not 0 <= begin <= end:
+                raise self._fail(f"tensor {name!r} has invalid data_offsets {offsets!r}")
             if end > data_len:
                 raise self._fail(f"tensor {name!r} ends at byte {end}, past the {data_len}-byte data region")
             needed = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -252,7 +251,8 @@ class SafetensorsFile:
                 )
             infos[name] = TensorInfo(name, dtype, tuple(shape), begin, end)
         position = 0
-        for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        ordered = sorted(infos.values(), key=_span)
+        for info in ordered:
             if info.begin < position:
                 raise self._fail(f"tensor {info.name!r} overlaps the tensor before it")
             if info.begin > position:
@@ -260,6 +260,7 @@ class SafetensorsFile:
             position = info.end
         if position != data_len:
             raise self._fail(f"the tensors cover {position} bytes of a {data_len}-byte data region")
+        self._order = [info.name for info in ordered]
         return infos
 
     # -- access ---------------------------------------------------------------------------------
@@ -269,10 +270,10 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         """Tensor names in the order their bytes appear in the file (the order streaming reads want)."""
-        return [i.name for i in sorted(self._tensors.values(), key=lambda i: i.begin)]
+        return list(self._order)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
+        return iter(self._order)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -338,12 +339,25 @@ class SafetensorsFile:
         info = self._tensors[name]
         if info.numel == 0:
             raise self._fail(f"tensor {name!r} is empty where one value was expected")
-        raw = bytes(self.read_span(self.data_start + info.begin, DTYPE_SIZES[info.dtype], f"tensor {name!r}"))
+        raw = self._small_read(self.data_start + info.begin, DTYPE_SIZES[info.dtype], f"tensor {name!r}")
         if info.dtype == "BF16":  # the upper half of a float32
             return struct.unpack("<f", b"\0\0" + raw)[0]
         if info.dtype not in SCALAR_FORMATS:  # fp8
             return float(self.load(name).reshape(-1)[0].float())
         return as_float32(struct.unpack(SCALAR_FORMATS[info.dtype], raw)[0])
+
+    def _small_read(self, offset: int, size: int, what: str) -> bytes:
+        """A few bytes, served from the last page read when they lie in it: a file's settings
+        (kohya's alphas) sit among small tensors, often many to a page, and a read costs a syscall."""
+        page = offset - offset % PAGE
+        at, data = self._last_page  # one tuple, so a reader in another thread never sees half of it
+        if at != page:
+            data = bytes(self.read_span(page, min(PAGE, self.file_size - page), what))
+            self._last_page = (page, data)
+        start = offset - page
+        if start + size <= len(data):
+            return data[start : start + size]
+        return bytes(self.read_span(offset, size, what))
 
     def close(self) -> None:
         self._fh.close()
@@ -361,6 +375,13 @@ def _pread_into(fh, view: memoryview, offset: int) -> int:
         return os.preadv(fh.fileno(), [view], offset)
     fh.seek(offset)  # pragma: no cover - platforms without preadv
     return fh.readinto(view)  # pragma: no cover
+
+
+_INT = {int}
+
+
+def _span(info: TensorInfo) -> tuple[int, int]:
+    return info.begin, info.end
 
 
 class _DuplicateKey(Exception):

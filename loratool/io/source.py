@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import InputError
 from ..lazy_torch import torch
@@ -27,9 +28,9 @@ DIFFUSERS_INDEX = "model_index.json"
 HF_CONFIG = "config.json"
 
 
-@dataclass(frozen=True)
-class TensorRef:
-    """A tensor's home: which file, and its name inside that file."""
+class TensorRef(NamedTuple):
+    """A tensor's home: which file, and its name inside that file (a tuple: a source holds one per
+    key, and a library scan opens thousands of sources)."""
 
     file: SafetensorsFile
     name: str
@@ -116,11 +117,13 @@ def open_source(path: str | os.PathLike, allow_pickle: bool = False) -> TensorSo
     Pickle checkpoints are refused unless `allow_pickle`; then only their tensors are read.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or directory")
+    try:
+        mode = p.stat().st_mode
+    except (OSError, ValueError):
+        raise InputError(f"{p}: no such file or directory") from None
     opener = _Opener(allow_pickle)
     try:
-        if p.is_dir():
+        if stat.S_ISDIR(mode):
             source = _open_dir(p, opener)
         elif p.name.endswith(".index.json"):
             config = _read_json(p.parent / HF_CONFIG) if (p.parent / HF_CONFIG).is_file() else None

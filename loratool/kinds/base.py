@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import ClassVar
 
 from ..lazy_torch import torch
@@ -154,11 +155,12 @@ class Kind(ABC):
         return None
 
     def parameters(self, shapes: Shapes) -> int:
-        return sum(math.prod(s) for role, s in shapes.items() if role in self.roles)
+        roles = self.roles
+        return sum(math.prod(s) for role, s in shapes.items() if role in roles)
 
-    @property
-    def roles(self) -> set[str]:
-        return {role for scheme in self.names.values() for role in scheme.values()}
+    @cached_property
+    def roles(self) -> frozenset[str]:
+        return frozenset(role for scheme in self.names.values() for role in scheme.values())
 
     def __repr__(self) -> str:
         return f"<kind {self.name}>"

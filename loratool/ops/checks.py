@@ -12,7 +12,7 @@ import math
 from collections import Counter
 
 from ..adapter import Adapter, AdapterModule
-from ..archs import architectures
+from ..archs.catalog import get_catalog
 from ..io.safetensors_file import DTYPE_SIZES, rounded
 from ..lazy_torch import torch
 from .findings import BasePiece, Finding, ModuleFacts, finding
@@ -436,8 +436,10 @@ class Checker:
             return None
         for key in ARCHITECTURE_KEYS:
             value = self.adapter.metadata.get(key, "")
-            named = [a for a in architectures().values() if any(value.startswith(p) for p in a.hints.get(key, ()))]
-            if value and named and arch.name not in {a.name for a in named}:
+            if not value:
+                continue
+            named = [a for a in get_catalog().tables if any(value.startswith(p) for p in a.hints.get(key, ()))]
+            if named and arch.name not in {a.name for a in named}:
                 titles = " or ".join(a.title for a in named)
                 return finding(
                     "metadata-mismatch", None, f"{key} says {value!r} ({titles}), but the modules are {arch.title}'s"
