@@ -8,6 +8,7 @@ header to hold.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 from .archs import BaseArchitecture, Targets
 from .archs.base_keys import base_architecture, base_key_index
+from .archs.fit import shape_text
 from .errors import InputError, LoratoolError
 from .io.safetensors_file import FLOAT_DTYPES
 from .io.source import TensorSource
@@ -105,6 +107,9 @@ class AdapterModule:
     dora_columns: bool = False  # the DoRA magnitude is per input column (LyCORIS wd_on_out off)
     bias_unscaled: bool = False  # its "bias" is a kohya `diff_b` beside LoRA factors: applied at strength alone
     notes: list[str] = field(default_factory=list)  # what planning did to it, for the report
+    # The table's full-size shape for its targets, when the factors have other widths (a real-width
+    # file only; see archs/fit.py): the module is not what its name says in that architecture.
+    table_shape: tuple[int, ...] | None = None
 
     @property
     def keys(self) -> dict[str, str]:
@@ -315,3 +320,26 @@ def refuse_unusable(
     for module in adapter.modules.values():
         if module.problem:
             raise error(f"{module.name}: {module.problem}")
+        if module.table_shape is not None:
+            raise error(f"{module.name}: {table_misfit(adapter, module)}")
+
+
+def table_misfit(adapter: Adapter, module: AdapterModule) -> str:
+    """Why a module's widths rule out what its name means in the adapter's architecture."""
+    arch = adapter.arch
+    title = f"{arch.name} ({arch.title})" if arch is not None else "the architecture"
+    return (
+        f"factors give a {shape_text(module.weight_shape)} update, but {title} has "
+        f"{shape_text(module.table_shape or ())} for {compact_targets(module.targets)}: this module is not "
+        f"{getattr(arch, 'title', 'that model')}'s (another model with the same names, or a wrong --arch)"
+    )
+
+
+def compact_targets(targets: tuple[str, ...]) -> str:
+    """`a.b.{q,k,v}` for several targets that share a path."""
+    if len(targets) <= 1:
+        return targets[0] if targets else ""
+    split = [t.split(".") for t in targets]
+    common = os.path.commonprefix(split)  # noqa: RUF071 - lists of path parts, not strings
+    tails = [".".join(s[len(common) :]) for s in split]
+    return ".".join(common) + ".{" + ",".join(tails) + "}"

@@ -1119,7 +1119,7 @@ def test_detect_sd1_names_and_sd2_tie_breaks() -> None:
 
     assert detect(names, "kohya", {}, implied(1024)).arch.name == "sd2"
     found = detect(names, "kohya", {}, implied(768))
-    assert found.arch.name == "sd1" and "shape" in found.reason
+    assert found.arch.name == "sd1" and "sd2 has these names at other widths" in found.reason
 
 
 def test_detect_sdxl_and_flux() -> None:

@@ -14,10 +14,13 @@ from functools import cache
 
 from .base import BaseArchitecture
 from .catalog import TableEntry, get_catalog
+from .fit import TableFit, full_shape, same_proportions, same_shape, same_type, table_fit
 from .hf import HFArchitecture, detect_hf
 from .table import TABLES, Architecture, Component, FusedSpec, ModuleSpec, Targets, kohya_flat
 
 __all__ = [
+    "NO_FIT",
+    "NO_NAMES",
     "ArchDetection",
     "Architecture",
     "BaseArchitecture",
@@ -32,6 +35,10 @@ __all__ = [
     "hint_matches",
     "kohya_flat",
 ]
+
+
+NO_NAMES = "no known architecture has these module names"
+NO_FIT = "no known architecture fits both names and shapes"
 
 
 @cache
@@ -57,6 +64,8 @@ class ArchDetection:
     scores: list[tuple[str, int]] = field(default_factory=list)  # (arch name, names explained), best first
     reason: str = ""
     tied: list[str] = field(default_factory=list)  # architectures the names could not tell apart
+    # module name -> (the factors' shape, the table's) where they disagree (full-size files only)
+    misfits: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
 def hint_matches(arch: Architecture | TableEntry, metadata: dict[str, str]) -> bool:
@@ -72,39 +81,6 @@ def hint_length(arch: Architecture | TableEntry, metadata: dict[str, str]) -> in
     )
 
 
-def _same_type(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
-    """Whether factors can belong to the table's kind of layer: a Linear, or a conv with the same
-    kernel. 4-D factors of a 1x1 conv rule out a Linear (SD1's `proj_in` is a Linear in SD2); 2-D
-    ones rule out nothing, since LyCORIS flattens 1x1 convs."""
-    if implied is None:
-        return False
-    if len(implied) == 2 and all(k == 1 for k in full[2:]):
-        return True
-    return len(implied) == len(full) and implied[2:] == full[2:]
-
-
-def _same_proportions(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
-    """Whether factors have the table's ratio of output to input width: scale-free evidence that
-    tells families apart at any width (a Flux.1 `linear1` has 7x its input's rows, Flux.2's 9x;
-    an MLP widens 4x in one family and 6x in another), even for narrow test models."""
-    if implied is None or len(implied) < 2 or len(full) < 2:
-        return implied == full
-    return _same_type(implied, full) and implied[0] * full[1] == full[0] * implied[1]
-
-
-def _same_shape(implied: tuple[int, ...] | None, full: tuple[int, ...]) -> bool:
-    """Whether factors have the table's full-size shape (a 1x1 conv's as a flattened Linear too)."""
-    if implied is not None and len(implied) == 2 and len(full) > 2 and all(k == 1 for k in full[2:]):
-        return implied == full[:2]
-    return implied == full
-
-
-def _full_shape(arch: Architecture, targets: Targets) -> tuple[int, ...]:
-    """The full-size shape of one module, or of the fused weight whose row blocks are `targets`."""
-    first = arch.modules[targets[0]].shape
-    return (sum(arch.modules[t].shape[0] for t in targets), *first[1:]) if len(targets) > 1 else first
-
-
 def _best_fit(
     tied: list[tuple[Architecture, dict[str, Targets]]], implied_shape: Callable[[str], tuple[int, ...] | None]
 ) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
@@ -112,13 +88,13 @@ def _best_fit(
     of its widths, then the full-size shapes, each step keeping only the architectures that fit
     best; what still ties is reported as ambiguous."""
     steps = (
-        (_same_type, ", layer types match"),
-        (_same_proportions, ", width ratios match"),
-        (_same_shape, ", full-size shapes match"),
+        (same_type, ", layer types match"),
+        (same_proportions, ", width ratios match"),
+        (same_shape, ", full-size shapes match"),
     )
 
     # (the factors' shape, the table's) per module, per tied architecture
-    shapes = {a.name: [(implied_shape(n), _full_shape(a, t)) for n, t in r.items()] for a, r in tied}
+    shapes = {a.name: [(implied_shape(n), full_shape(a, t)) for n, t in r.items()] for a, r in tied}
 
     def score(fits: Callable, arch: Architecture) -> int:
         return sum(1 for implied, full in shapes[arch.name] if fits(implied, full))
@@ -128,7 +104,7 @@ def _best_fit(
         best = max(s for s, _, _ in scores)
         tied = [(a, r) for s, a, r in scores if s == best]
         if len(tied) == 1:
-            if fits is _same_proportions and score(steps[-1][0], tied[0][0]) == best:
+            if fits is same_proportions and score(steps[-1][0], tied[0][0]) == best:
                 why = steps[-1][1]  # the ratios decided, and the winner's shapes are its full-size ones too
             return tied, why
     return tied, f", ambiguous between {', '.join(a.name for a, _ in tied)} (names alone cannot tell)"
@@ -183,13 +159,22 @@ def detect(
     if only is not None:
         reason = f"{best_count} of {len(names)} module names, architecture given"
         arch = get_architecture(only)
-        return ArchDetection(arch, resolved(arch), scores, reason)
+        found = resolved(arch)
+        fit = table_fit(arch, found, implied_shape)
+        return ArchDetection(arch, found, scores, reason, misfits=fit.misfits)
     if best_count == 0:
         hf = detect_hf(names, name_hint=hf_name_hint) if scheme == "diffusers" else None
         if hf is not None:
             return ArchDetection(hf, {n: (n,) for n in names}, scores, f"HF {hf.name} module paths")
-        return ArchDetection(None, {}, scores, "no known architecture has these module names")
+        return ArchDetection(None, {}, scores, NO_NAMES)
+    # The tables that know the most names; those whose widths disagree with most of them are out.
     tied = [(get_architecture(a), resolved(get_architecture(a))) for a, n in scores if n == best_count]
+    fits = {a.name: table_fit(a, r, implied_shape) for a, r in tied}
+    out = [a for a, _ in tied if fits[a.name].rejected]
+    tied = [(a, r) for a, r in tied if not fits[a.name].rejected]
+    if not tied:
+        why = "; ".join(_rejection(a, fits[a.name], best_count, len(names)) for a in out[:3])
+        return ArchDetection(None, {}, scores, f"{NO_FIT}: {why}")
     reason = f"{best_count} of {len(names)} module names"
     if len(tied) > 1:
         lengths = [hint_length(a, metadata) for a, _ in tied]
@@ -200,5 +185,15 @@ def detect(
             tied, why = _best_fit(tied, implied_shape)
             tied, why = _yield(tied, why)
             reason += why
-    arch, resolved = tied[0]
-    return ArchDetection(arch, resolved, scores, reason, [a.name for a, _ in tied] if len(tied) > 1 else [])
+    if out:
+        reason += f"; {', '.join(a.name for a in out)} {'has' if len(out) == 1 else 'have'} these names at other widths"
+    arch, found = tied[0]
+    tied_names = [a.name for a, _ in tied] if len(tied) > 1 else []
+    return ArchDetection(arch, found, scores, reason, tied_names, fits[arch.name].misfits)
+
+
+def _rejection(arch: Architecture, fit: TableFit, known: int, total: int) -> str:
+    return (
+        f"{arch.name} ({arch.title}) knows {known} of {total} module names, but {len(fit.misfits)} of the "
+        f"{fit.checked} have other widths (e.g. {fit.example()})"
+    )

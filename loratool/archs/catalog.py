@@ -41,6 +41,33 @@ class Catalog:
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tables)
 
+    @cached_property
+    def components(self) -> frozenset[str]:
+        """Every diffusers component name any table has."""
+        return frozenset(c for t in self.tables for c in t.components)
+
+    @cached_property
+    def native_names(self) -> frozenset[str]:
+        """Every single-file module name any table knows (with its LoRA prefixes)."""
+        return frozenset(self.owners["native"])
+
+    @cached_property
+    def native_only_names(self) -> frozenset[str]:
+        """Single-file module names some table reads under a component's name (HunyuanVideo's
+        `transformer.double_blocks.0.img_attn_qkv`, which ComfyUI also loads) and no table has as a
+        diffusers path: those keys are the native layout's, not diffusers'."""
+        return frozenset(self.owners["native"].keys() - self.owners["diffusers"].keys())
+
+    @cached_property
+    def unprefixed_paths(self) -> dict[str, str]:
+        """Module path -> the component it belongs to, for paths only one component of any table
+        has (a UNet's `down_blocks...` and a text encoder's `text_model...` never meet)."""
+        owners: dict[str, set[str]] = {}
+        for name in self.owners["diffusers"]:
+            component, _, path = name.partition(".")
+            owners.setdefault(path, set()).add(component)
+        return {path: next(iter(c)) for path, c in owners.items() if len(c) == 1}
+
 
 def build(tables: Iterable[Architecture]) -> dict:
     """The catalog of `tables` (given in their order) as the JSON document it is stored as: the

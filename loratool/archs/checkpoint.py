@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..io.source import TensorSource
 from . import architectures, hint_matches
 from .base_keys import base_architecture
+from .fit import Shape, table_fit
 from .hf import COMMON_LEAVES, EMBEDDING_LEAVES, HFArchitecture, detect_hf
 from .locate import Location, locate
 from .table import MODULE_NDIMS, Architecture
@@ -69,6 +70,19 @@ def _hf(source: TensorSource) -> HFArchitecture:
     if not any(k.endswith(".weight") and 2 <= len(source.info(k).shape) <= 5 for k in source):
         raise InputError(f"{source.path}: no weights a LoRA could adapt (no 2-D to 5-D `.weight` tensors)")
     return base_architecture()
+
+
+def checkpoint_misfits(arch: Architecture, source: TensorSource) -> dict[str, tuple[Shape, Shape]]:
+    """The table's modules whose weights the checkpoint stores at other widths (module -> (stored,
+    table's)): none for a reduced test model, whose widths are not compared (see fit.py)."""
+    stored: dict[str, Shape] = {}
+    for weight in _table_weights(arch, source):
+        location = weight.location
+        shape = tuple(source.info(location.key).shape)
+        if location.rows is not None:
+            shape = (location.rows[1] - location.rows[0], *shape[1:])
+        stored[weight.name] = shape[::-1] if location.transposed else shape
+    return table_fit(arch, {name: (name,) for name in stored}, stored.get).misfits
 
 
 def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource) -> list[Weight]:

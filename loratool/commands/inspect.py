@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapter import TOKEN_WHAT, Adapter, AdapterModule
+from ..adapter import TOKEN_WHAT, Adapter, AdapterModule, compact_targets
 from ..archs import Architecture
 from ..archs.checkpoint import checkpoint_architecture
 from ..archs.hf import detect_hf
@@ -121,16 +121,6 @@ class InspectReport:
             "modules": [m.to_json() for m in self.modules],
             "findings": [f.to_json() for f in self.findings],
         }
-
-
-def compact_targets(targets: tuple[str, ...]) -> str:
-    """`a.b.{q,k,v}` for several targets that share a path."""
-    if len(targets) <= 1:
-        return targets[0] if targets else ""
-    split = [t.split(".") for t in targets]
-    common = os.path.commonprefix(split)  # noqa: RUF071 - lists of path parts, not strings
-    tails = [".".join(s[len(common) :]) for s in split]
-    return ".".join(common) + ".{" + ",".join(tails) + "}"
 
 
 def _other_base(adapter: Adapter, theirs: Architecture, findings: list[Finding]) -> Finding:

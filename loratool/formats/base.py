@@ -15,6 +15,7 @@ from functools import cache, lru_cache
 
 from ..adapter import Adapter, AdapterModule, Orphan, Piece
 from ..archs import ArchDetection, detect
+from ..archs.catalog import get_catalog
 from ..io.source import TensorSource
 from ..kinds import KINDS, Kind, dora, suffix_table
 
@@ -63,9 +64,10 @@ class Codec(ABC):
     def claim_by_name(self, source: TensorSource) -> Claim:
         """Claim every key by its `verdict`, remembered per key name: the files of a library repeat
         their key names, and every codec is asked about every key of every file."""
-        verdicts: dict[str, tuple[str, str] | str | None] = self.__dict__.setdefault("_verdicts", {})
-        if len(verdicts) > VERDICTS_KEPT:
-            verdicts.clear()
+        catalog, verdicts = self.__dict__.get("_verdicts", (None, {}))
+        if catalog is not get_catalog() or len(verdicts) > VERDICTS_KEPT:  # they hold for one set of tables
+            catalog, verdicts = get_catalog(), {}
+            self.__dict__["_verdicts"] = (catalog, verdicts)
         claim = Claim(self)
         for key in source:
             found = verdicts.get(key, _UNSEEN)
@@ -223,6 +225,8 @@ def place_on_architecture(
         module = modules[lookup[index_name]]
         module.targets = targets
         module.component = found.arch.component_of(targets[0])
+        if index_name in found.misfits:
+            module.table_shape = found.misfits[index_name][1]
     return found
 
 

@@ -44,9 +44,8 @@ def _suffixes() -> Suffixes:
     return suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
 
 
-@cache
 def diffusers_components() -> frozenset[str]:
-    return frozenset(c for table in get_catalog().tables for c in table.components)
+    return get_catalog().components
 
 
 # ai-toolkit's files (Z-Image; older Flux ones) and ComfyUI's Z-Image loader: the denoiser's diffusers
@@ -62,15 +61,8 @@ def bare_path(name: str, bare: dict[str, str]) -> str | None:
     return None
 
 
-@cache
 def unprefixed_paths() -> dict[str, str]:
-    """Module path -> the component it belongs to, for paths only one component of any table has
-    (a UNet's `down_blocks...` and a text encoder's `text_model...` never meet)."""
-    owners: dict[str, set[str]] = {}
-    for name in get_catalog().owners["diffusers"]:
-        component, _, path = name.partition(".")
-        owners.setdefault(path, set()).add(component)
-    return {path: next(iter(c)) for path, c in owners.items() if len(c) == 1}
+    return get_catalog().unprefixed_paths
 
 
 def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
@@ -95,13 +87,8 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
     return {name: checked_config(config, f"{DIFFUSERS_CONFIG_KEY} in the header") for name, config in configs.items()}
 
 
-@cache
 def native_only_names() -> frozenset[str]:
-    """Single-file module names some table reads under a component's name (HunyuanVideo's
-    `transformer.double_blocks.0.img_attn_qkv`, which ComfyUI also loads) and no table has as a
-    diffusers path: those keys are the native layout's, not ours."""
-    owners = get_catalog().owners
-    return frozenset(owners["native"].keys() - owners["diffusers"].keys())
+    return get_catalog().native_only_names
 
 
 class DiffusersCodec(Codec):

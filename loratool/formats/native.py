@@ -14,7 +14,7 @@ every kind and every scale travels exactly.
 
 from __future__ import annotations
 
-from functools import cache, cached_property
+from functools import cached_property
 
 from ..adapter import Adapter
 from ..archs import BaseArchitecture, Targets
@@ -34,10 +34,8 @@ from .base import (
 from .kohya import KohyaLayout
 
 
-@cache
 def native_names() -> frozenset[str]:
-    """Every single-file module name any table knows (with its LoRA prefixes)."""
-    return frozenset(get_catalog().owners["native"])
+    return get_catalog().native_names
 
 
 class NativeCodec(Codec):

@@ -11,7 +11,8 @@ import json
 import math
 from collections import Counter
 
-from ..adapter import Adapter, AdapterModule
+from ..adapter import Adapter, AdapterModule, table_misfit
+from ..archs import NO_FIT, NO_NAMES
 from ..archs.catalog import get_catalog
 from ..io.safetensors_file import DTYPE_SIZES, rounded
 from ..lazy_torch import torch
@@ -300,13 +301,8 @@ class Checker:
         adapter = self.adapter
         out: list[Finding] = []
         if adapter.arch is None:
-            out.append(
-                finding(
-                    "unknown-architecture",
-                    None,
-                    "no known architecture has these module names; modules are listed as written",
-                )
-            )
+            why = adapter.arch_reason if adapter.arch_reason.startswith(NO_FIT) else NO_NAMES
+            out.append(finding("unknown-architecture", None, f"{why}; modules are listed as written"))
         for orphan in adapter.orphans:
             out.append(finding("orphan-tensor", orphan.module, f"{orphan.key}: {orphan.reason}", orphan.severity))
         for key in unexplained:
@@ -326,6 +322,8 @@ class Checker:
     def _module_header_checks(self, module: AdapterModule, have_base: bool) -> list[Finding]:
         out: list[Finding] = []
         name = module.name
+        if module.table_shape is not None:
+            out.append(finding("table-mismatch", name, table_misfit(self.adapter, module)))
         if not module.targets and self.adapter.arch is not None and not have_base:
             out.append(
                 finding(

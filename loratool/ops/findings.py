@@ -22,6 +22,7 @@ CODES: dict[str, str] = {
     "unknown-key": "warning",
     "orphan-tensor": "error",
     "shape-mismatch": "error",
+    "table-mismatch": "error",
     "update-unmeasured": "warning",
     "widened-input": "info",
     "base-mismatch": "error",
