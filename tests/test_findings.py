@@ -164,6 +164,7 @@ def test_codes_and_default_severities() -> None:
         "unknown-key": "warning",
         "orphan-tensor": "error",
         "shape-mismatch": "error",
+        "table-mismatch": "error",
         "update-unmeasured": "warning",
         "widened-input": "info",
         "base-mismatch": "error",

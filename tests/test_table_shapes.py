@@ -237,3 +237,10 @@ def test_reduced_test_models_keep_their_family() -> None:
         report = loratool.inspect(fixtures / name, header_only=True)
         assert report.architecture == arch
         assert not errors(report, "table-mismatch")
+
+
+def test_the_width_the_factors_do_not_fix_is_the_kinds_own() -> None:
+    from loratool.archs import fit
+    from loratool.kinds.base import ANY
+
+    assert fit.ANY == ANY

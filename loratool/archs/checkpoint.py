@@ -72,9 +72,12 @@ def _hf(source: TensorSource) -> HFArchitecture:
     return base_architecture()
 
 
-def checkpoint_misfits(arch: Architecture, source: TensorSource) -> dict[str, tuple[Shape, Shape]]:
+def checkpoint_misfits(arch: Architecture | HFArchitecture, source: TensorSource) -> dict[str, tuple[Shape, Shape]]:
     """The table's modules whose weights the checkpoint stores at other widths (module -> (stored,
-    table's)): none for a reduced test model, whose widths are not compared (see fit.py)."""
+    table's)): none for a reduced test model, whose widths are not compared (see fit.py), nor for
+    a model known by its paths only."""
+    if not isinstance(arch, Architecture):
+        return {}
     stored: dict[str, Shape] = {}
     for weight in _table_weights(arch, source):
         location = weight.location

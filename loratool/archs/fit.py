@@ -15,7 +15,6 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..kinds.base import ANY
 from .table import Architecture, Targets
 
 # A file whose modules are, in the median, narrower than this share of the table's widths is a
@@ -25,6 +24,7 @@ REDUCED_BELOW = 0.25
 BROKEN_ABOVE = 4
 
 Shape = tuple[int, ...]
+ANY = -1  # a width the factors do not fix (kinds.base.ANY: IA3's vector fixes one of the two)
 
 
 def same_type(implied: Shape | None, full: Shape) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapter import AdapterModule
-from ..archs import Architecture, BaseArchitecture
+from ..archs import BaseArchitecture
 from ..archs.checkpoint import checkpoint_architecture, checkpoint_misfits
 from ..archs.fit import shape_text
 from ..errors import ExtractError
@@ -138,13 +138,12 @@ def extract(
         tuned_arch = checkpoint_architecture(tuned_src)
         if tuned_arch.name != arch.name:
             raise ExtractError(f"BASE {base_path} is {arch.name} but TUNED {tuned_path} is {tuned_arch.name}")
-        if isinstance(arch, Architecture):
-            for module, (stored, table) in checkpoint_misfits(arch, base_src).items():
-                raise ExtractError(
-                    f"{module}: {base_path} stores a {shape_text(stored)} weight where {arch.name} ({arch.title}) "
-                    f"has {shape_text(table)}: not {arch.title}'s module (another model with the same names); "
-                    "nothing written"
-                )
+        for module, (stored, table) in checkpoint_misfits(arch, base_src).items():
+            raise ExtractError(
+                f"{module}: {base_path} stores a {shape_text(stored)} weight where {arch.name} ({arch.title}) "
+                f"has {shape_text(table)}: not {arch.title}'s module (another model with the same names); "
+                "nothing written"
+            )
         layout = LAYOUTS[to or arch.default_layout]
         check_destination([base_path, tuned_path], Path(dest), force, directory=layout.is_directory)
         jobs = plan_jobs(arch, base_src, tuned_src, layout, selection)
