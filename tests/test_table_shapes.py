@@ -193,20 +193,28 @@ def test_every_writer_refuses_the_module_at_other_widths(flux_one_wrong, tmp_pat
         loratool.resize(flux_one_wrong, tmp_path / "resized.safetensors", rank=1)
 
 
-def test_merge_refuses_the_module_at_other_widths(flux_one_wrong, tmp_path) -> None:
-    """The base holds the two weights of block 1 at Flux.1's widths; the LoRA is refused before
-    anything is computed, naming the module and both shapes."""
-    base = tmp_path / "base.safetensors"
-    save_file(
-        {
-            "transformer_blocks.1.attn.to_q.weight": torch.zeros(3072, 3072, dtype=torch.bfloat16),
-            "transformer_blocks.1.attn.to_k.weight": torch.zeros(3072, 3072, dtype=torch.bfloat16),
-        },
-        str(base),
-    )
+@pytest.fixture(scope="module")
+def block1_base(tmp_path_factory) -> Path:
+    """A base holding block 1's to_q and to_k at Flux.1's widths (diffusers names)."""
+    base = tmp_path_factory.mktemp("base") / "base.safetensors"
+    weights = {
+        f"transformer_blocks.1.attn.{m}.weight": torch.zeros(3072, 3072, dtype=torch.bfloat16) for m in ("to_q", "to_k")
+    }
+    save_file(weights, str(base))
+    return base
+
+
+def test_the_finding_stands_with_a_base(flux_one_wrong, block1_base) -> None:
+    report = loratool.inspect(flux_one_wrong, base=block1_base)
+    (found,) = errors(report, "table-mismatch")
+    assert found.module == WRONG and "3072x1536" in found.message and "3072x3072" in found.message
+
+
+def test_merge_refuses_the_module_at_other_widths(flux_one_wrong, block1_base, tmp_path) -> None:
+    """The LoRA is refused before anything is computed, naming the module and both shapes."""
     dest = tmp_path / "merged.safetensors"
     with pytest.raises((MergeError, ConversionError), match=r"3072x1536.*3072x3072|3072x3072.*3072x1536"):
-        loratool.merge(base, [flux_one_wrong], dest)
+        loratool.merge(block1_base, [flux_one_wrong], dest)
     assert not dest.exists()
 
 

@@ -14,7 +14,7 @@ from functools import cache
 
 from .base import BaseArchitecture
 from .catalog import TableEntry, get_catalog
-from .fit import TableFit, full_shape, same_proportions, same_shape, same_type, table_fit
+from .fit import Pairs, TableFit, same_proportions, same_shape, same_type, shape_pairs, table_fit
 from .hf import HFArchitecture, detect_hf
 from .table import TABLES, Architecture, Component, FusedSpec, ModuleSpec, Targets, kohya_flat
 
@@ -82,22 +82,20 @@ def hint_length(arch: Architecture | TableEntry, metadata: dict[str, str]) -> in
 
 
 def _best_fit(
-    tied: list[tuple[Architecture, dict[str, Targets]]], implied_shape: Callable[[str], tuple[int, ...] | None]
+    tied: list[tuple[Architecture, dict[str, Targets]]], pairs: dict[str, Pairs]
 ) -> tuple[list[tuple[Architecture, dict[str, Targets]]], str]:
     """Break a tie of names with the factors: first the kind of layer each module is, then the ratio
     of its widths, then the full-size shapes, each step keeping only the architectures that fit
-    best; what still ties is reported as ambiguous."""
+    best; what still ties is reported as ambiguous. `pairs`: per architecture, each module's
+    factors' and table's shape."""
     steps = (
         (same_type, ", layer types match"),
         (same_proportions, ", width ratios match"),
         (same_shape, ", full-size shapes match"),
     )
 
-    # (the factors' shape, the table's) per module, per tied architecture
-    shapes = {a.name: [(implied_shape(n), full_shape(a, t)) for n, t in r.items()] for a, r in tied}
-
     def score(fits: Callable, arch: Architecture) -> int:
-        return sum(1 for implied, full in shapes[arch.name] if fits(implied, full))
+        return sum(1 for _, implied, full in pairs[arch.name] if fits(implied, full))
 
     for fits, why in steps:
         scores = [(score(fits, a), a, r) for a, r in tied]
@@ -160,7 +158,7 @@ def detect(
         reason = f"{best_count} of {len(names)} module names, architecture given"
         arch = get_architecture(only)
         found = resolved(arch)
-        fit = table_fit(arch, found, implied_shape)
+        fit = table_fit(shape_pairs(arch, found, implied_shape))
         return ArchDetection(arch, found, scores, reason, misfits=fit.misfits)
     if best_count == 0:
         hf = detect_hf(names, name_hint=hf_name_hint) if scheme == "diffusers" else None
@@ -169,7 +167,17 @@ def detect(
         return ArchDetection(None, {}, scores, NO_NAMES)
     # The tables that know the most names; those whose widths disagree with most of them are out.
     tied = [(get_architecture(a), resolved(get_architecture(a))) for a, n in scores if n == best_count]
-    fits = {a.name: table_fit(a, r, implied_shape) for a, r in tied}
+    pairs: dict[str, Pairs] = {}
+
+    def pairs_of(arch: Architecture, found: dict[str, Targets]) -> Pairs:
+        if arch.name not in pairs:
+            pairs[arch.name] = shape_pairs(arch, found, implied_shape)
+        return pairs[arch.name]
+
+    # A reduced model is one against every table (their widths are within a few times of each
+    # other): judged once, against the first, so a test model's scan weighs no widths.
+    lead = table_fit(pairs_of(*tied[0]))
+    fits = {a.name: lead if lead.reduced else table_fit(pairs_of(a, r)) for a, r in tied}
     out = [a for a, _ in tied if fits[a.name].rejected]
     tied = [(a, r) for a, r in tied if not fits[a.name].rejected]
     if not tied:
@@ -182,7 +190,7 @@ def detect(
         if len(by_hint) == 1:
             tied, reason = by_hint, reason + ", metadata names it"
         else:
-            tied, why = _best_fit(tied, implied_shape)
+            tied, why = _best_fit(tied, {a.name: pairs_of(a, r) for a, r in tied})
             tied, why = _yield(tied, why)
             reason += why
     if out:

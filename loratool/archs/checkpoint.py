@@ -85,7 +85,7 @@ def checkpoint_misfits(arch: Architecture | HFArchitecture, source: TensorSource
         if location.rows is not None:
             shape = (location.rows[1] - location.rows[0], *shape[1:])
         stored[weight.name] = shape[::-1] if location.transposed else shape
-    return table_fit(arch, {name: (name,) for name in stored}, stored.get).misfits
+    return table_fit([(name, shape, arch.modules[name].shape) for name, shape in stored.items()]).misfits
 
 
 def checkpoint_weights(arch: Architecture | HFArchitecture, source: TensorSource) -> list[Weight]:

@@ -71,8 +71,20 @@ def _widths_fit(implied: Shape, full: Shape) -> bool:
 def _width_share(implied: Shape, full: Shape) -> float | None:
     """How wide the factors are against the table: the smaller of the two widths' shares (a
     reduced model keeps some widths, such as 4 latent channels or T5's 4096, and shrinks the rest)."""
+    if len(implied) > 1 and len(full) > 1 and ANY not in implied[:2] and full[0] > 0 and full[1] > 0:
+        return min(implied[0] / full[0], implied[1] / full[1])  # the common case, asked of every module
     shares = [i / f for i, f in zip(implied[:2], full[:2], strict=False) if i != ANY and f > 0]
     return min(shares) if shares else None
+
+
+Pairs = list[tuple[str, Shape | None, Shape]]  # per module: name, the factors' shape, the table's
+
+
+def shape_pairs(
+    arch: Architecture, resolved: dict[str, Targets], implied_shape: Callable[[str], Shape | None]
+) -> Pairs:
+    """The factors' and the table's shape of each module a table names: what every fit weighs."""
+    return [(n, implied_shape(n), full_shape(arch, t)) for n, t in resolved.items()]
 
 
 @dataclass
@@ -93,10 +105,7 @@ class TableFit:
         return f"{name}: factors {shape_text(found)}, table {shape_text(expected)}"
 
 
-def table_fit(
-    arch: Architecture, resolved: dict[str, Targets], implied_shape: Callable[[str], Shape | None]
-) -> TableFit:
-    pairs = [(n, implied_shape(n), full_shape(arch, t)) for n, t in resolved.items()]
+def table_fit(pairs: Pairs) -> TableFit:
     pairs = [(n, implied, full) for n, implied, full in pairs if implied is not None]
     shares = [s for _, implied, full in pairs if (s := _width_share(implied, full)) is not None]
     reduced = not shares or statistics.median(shares) < REDUCED_BELOW
