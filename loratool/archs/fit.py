@@ -84,7 +84,10 @@ def shape_pairs(
     arch: Architecture, resolved: dict[str, Targets], implied_shape: Callable[[str], Shape | None]
 ) -> Pairs:
     """The factors' and the table's shape of each module a table names: what every fit weighs."""
-    return [(n, implied_shape(n), full_shape(arch, t)) for n, t in resolved.items()]
+    specs = arch.modules
+    return [
+        (n, implied_shape(n), specs[t[0]].shape if len(t) == 1 else full_shape(arch, t)) for n, t in resolved.items()
+    ]
 
 
 @dataclass

@@ -191,18 +191,10 @@ def build_modules(
     return modules, orphans
 
 
-def implied_shape_of(modules: dict[str, AdapterModule]) -> Callable[[str], tuple[int, ...] | None]:
-    """The weight shape each module's factors imply (None when they do not fit together), computed
-    once per module however often detection asks."""
-    known: dict[str, tuple[int, ...] | None] = {}
-
-    def implied(name: str) -> tuple[int, ...] | None:
-        if name not in known:
-            module = modules.get(name)
-            known[name] = None if module is None or module.shape_problem else module.weight_shape
-        return known[name]
-
-    return implied
+def implied_shapes(modules: dict[str, AdapterModule]) -> dict[str, tuple[int, ...] | None]:
+    """The weight shape each module's factors imply (None when they do not fit together): what
+    detection weighs against the tables."""
+    return {name: None if m.shape_problem else m.weight_shape for name, m in modules.items()}
 
 
 def place_on_architecture(
@@ -219,8 +211,9 @@ def place_on_architecture(
     keys carry a wrapper prefix strip it here).
     """
     lookup = {names(m): m for m in modules}
-    implied = implied_shape_of(modules)
-    found = detect(list(lookup), scheme, metadata, lambda n: implied(lookup[n]), hf_name_hint, only)
+    implied = implied_shapes(modules)
+    implied = {n: implied[m] for n, m in lookup.items()}
+    found = detect(list(lookup), scheme, metadata, implied.get, hf_name_hint, only)
     for index_name, targets in found.resolved.items():
         module = modules[lookup[index_name]]
         module.targets = targets

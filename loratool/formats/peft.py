@@ -26,7 +26,7 @@ from .base import (
     Claim,
     Codec,
     build_modules,
-    implied_shape_of,
+    implied_shapes,
     piece_of,
     place_on_architecture,
     split_dotted,
@@ -211,7 +211,7 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
         )
         if found.arch is not None:
             return found
-    implied = implied_shape_of(modules)
+    implied = implied_shapes(modules)
     best: tuple[int, int, str | None] = (0, 0, None)
     for component in sorted(components):  # ties keep the first (text_encoder before text_encoder_2)
         found = detect([f"{component}.{n}" for n in modules], "diffusers", metadata, only=arch)
@@ -220,7 +220,7 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
         fits = sum(
             1
             for name, targets in found.resolved.items()
-            if implied(name[len(component) + 1 :]) == found.arch.spec(targets[0]).shape
+            if implied[name[len(component) + 1 :]] == found.arch.spec(targets[0]).shape
         )
         if (len(found.resolved), fits) > best[:2]:
             best = (len(found.resolved), fits, component)

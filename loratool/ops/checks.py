@@ -389,9 +389,12 @@ class Checker:
         # kohya and LyCORIS give linear layers and 1x1 convs the network dim/alpha; conv_dim and conv_alpha
         # apply to larger kernels only. A module without a rank (LoKr with two full factors) has no
         # meaningful alpha either: LyCORIS stores alpha = dim there and uses scale 1.
-        ranked = [m for m in self.adapter.modules.values() if not m.shape_problem and m.rank is not None]
-        linear = [m for m in ranked if not self._uses_conv_dim(m)]
-        conv = [m for m in ranked if self._uses_conv_dim(m)]
+        linear: list[AdapterModule] = []
+        conv: list[AdapterModule] = []
+        if any(k in meta for k in ("ss_network_dim", "ss_network_alpha", "ss_network_args")):
+            for m in self.adapter.modules.values():
+                if not m.shape_problem and m.rank is not None:
+                    (conv if self._uses_conv_dim(m) else linear).append(m)
         try:
             args = json.loads(meta.get("ss_network_args", "{}") or "{}")
         except json.JSONDecodeError:
