@@ -1,8 +1,9 @@
 """Which model a LoRA belongs to, and where each of its modules lives.
 
-`architectures()` loads every generated table it finds, in the order their families declare;
-`detect` picks the architecture whose table explains
-most of a file's module names, breaking ties with metadata and then with factor shapes.
+`get_architecture` loads one generated table when it is first asked for, `architectures()` all of
+them in the order their families declare. `detect` picks the architecture whose table explains
+most of a file's module names, unless its full-size widths disagree with most of those modules
+(fit.py), breaking ties with metadata and then with factor shapes.
 """
 
 from __future__ import annotations
@@ -142,9 +143,12 @@ def detect(
 ) -> ArchDetection:
     """Score every table on `names`, written in `scheme` (kohya, diffusers or native names).
 
-    Ties (an SD1 and an SD2 UNet share every module name) go to the architecture the metadata
-    names, then to the one whose full-size shapes match the factors, then to table order.
-    `only` restricts the choice to one architecture (the user said which).
+    Of the tables that know the most names, those whose full-size widths disagree with most of
+    the modules they name are out (SD3.5 Medium's 1536-wide blocks under Flux.1's names); none left
+    is an unknown architecture, with the reasons. Ties (an SD1 and an SD2 UNet share every module
+    name) go to the architecture the metadata names, then to the one whose full-size shapes match
+    the factors, then to table order. `only` restricts the choice to one architecture (the user said
+    which); its width misfits are still reported, per module.
     """
     counts = _counts(names, scheme)
     scores = sorted(((a, n) for a, n in counts.items() if only in (None, a)), key=lambda an: -an[1])
