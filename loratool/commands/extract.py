@@ -138,7 +138,9 @@ def extract(
         tuned_arch = checkpoint_architecture(tuned_src)
         if tuned_arch.name != arch.name:
             raise ExtractError(f"BASE {base_path} is {arch.name} but TUNED {tuned_path} is {tuned_arch.name}")
-        for module, (stored, table) in checkpoint_misfits(arch, base_src).items():
+        misfits = checkpoint_misfits(arch, base_src)
+        if misfits:
+            module, (stored, table) = next(iter(misfits.items()))
             raise ExtractError(
                 f"{module}: {base_path} stores a {shape_text(stored)} weight where {arch.name} ({arch.title}) "
                 f"has {shape_text(table)}: not {arch.title}'s module (another model with the same names); "

@@ -49,10 +49,6 @@ class Codec(ABC):
     alpha_convention = "tensor"  # where the layout keeps alpha: tensor | config | none | scale (the scale itself, mlx)
 
     @abstractmethod
-    def claim(self, source: TensorSource) -> Claim:
-        """Explain what you can of the file's keys, by name alone."""
-
-    @abstractmethod
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         """Build the adapter from the keys this codec claimed (on `arch` when the user named it)."""
 
@@ -61,9 +57,10 @@ class Codec(ABC):
         tensor, what it is for another tensor the layout explains, None for a key it does not."""
         raise NotImplementedError(f"{self.name} claims keys by more than their names")
 
-    def claim_by_name(self, source: TensorSource) -> Claim:
-        """Claim every key by its `verdict`, remembered per key name: the files of a library repeat
-        their key names, and every codec is asked about every key of every file."""
+    def claim(self, source: TensorSource) -> Claim:
+        """Explain what you can of the file's keys, by name alone: by default every key by its
+        `verdict`, remembered per key name (the files of a library repeat their key names, and every
+        codec is asked about every key of every file); layouts that need more override this."""
         catalog, verdicts = self.__dict__.get("_verdicts", (None, {}))
         if catalog is not get_catalog() or len(verdicts) > VERDICTS_KEPT:  # they hold for one set of tables
             catalog, verdicts = get_catalog(), {}
@@ -211,8 +208,8 @@ def place_on_architecture(
     keys carry a wrapper prefix strip it here).
     """
     lookup = {names(m): m for m in modules}
-    implied = implied_shapes(modules)
-    implied = {n: implied[m] for n, m in lookup.items()}
+    shapes = implied_shapes(modules)
+    implied = {index_name: shapes[name] for index_name, name in lookup.items()}
     found = detect(list(lookup), scheme, metadata, implied.get, hf_name_hint, only)
     for index_name, targets in found.resolved.items():
         module = modules[lookup[index_name]]

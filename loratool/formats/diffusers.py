@@ -44,10 +44,6 @@ def _suffixes() -> Suffixes:
     return suffixes_longest_first(suffix_table("peft"), MODIFIERS["peft"])
 
 
-def diffusers_components() -> frozenset[str]:
-    return get_catalog().components
-
-
 # ai-toolkit's files (Z-Image; older Flux ones) and ComfyUI's Z-Image loader: the denoiser's diffusers
 # paths under ComfyUI's `diffusion_model.` instead of the component's name.
 DENOISER_PREFIX = "diffusion_model."
@@ -61,10 +57,6 @@ def bare_path(name: str, bare: dict[str, str]) -> str | None:
     return None
 
 
-def unprefixed_paths() -> dict[str, str]:
-    return get_catalog().unprefixed_paths
-
-
 def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
     """Per-component LoraConfig dicts from `lora_adapter_metadata`; key "" when not prefixed."""
     raw = metadata.get(DIFFUSERS_CONFIG_KEY)
@@ -76,7 +68,7 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
         return None
     if not isinstance(data, dict):
         return None
-    components = diffusers_components()
+    components = get_catalog().components
     configs: dict[str, dict] = {}
     for key, value in data.items():
         head, dot, field = key.partition(".")
@@ -87,30 +79,23 @@ def component_configs(metadata: dict[str, str]) -> dict[str, dict] | None:
     return {name: checked_config(config, f"{DIFFUSERS_CONFIG_KEY} in the header") for name, config in configs.items()}
 
 
-def native_only_names() -> frozenset[str]:
-    return get_catalog().native_only_names
-
-
 class DiffusersCodec(Codec):
     name = "diffusers"
     alpha_convention = "config"
-
-    def claim(self, source: TensorSource) -> Claim:
-        return self.claim_by_name(source)
 
     def verdict(self, key: str) -> tuple[str, str] | None:
         split = split_dotted(key, _suffixes())
         if split is None:
             return None
-        named = key.partition(".")[0] in diffusers_components() and split[0] not in native_only_names()
-        return split if named or bare_path(split[0], unprefixed_paths()) else None
+        named = key.partition(".")[0] in get_catalog().components and split[0] not in get_catalog().native_only_names
+        return split if named or bare_path(split[0], get_catalog().unprefixed_paths) else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         metadata = source.metadata
         modules, orphans = build_modules(source, claim.keys, ("peft",))
         configs = component_configs(metadata)
         embeddings = {module for module, suffix in claim.keys.values() if suffix in EMBEDDING_SUFFIXES}
-        components, bare = diffusers_components(), unprefixed_paths()
+        components, bare = get_catalog().components, get_catalog().unprefixed_paths
         paths = {name: bare_path(name, bare) for name in modules}
         prefixed = {
             name: name

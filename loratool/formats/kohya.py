@@ -72,7 +72,7 @@ class KohyaCodec(Codec):
     alpha_convention = "tensor"
 
     def claim(self, source: TensorSource) -> Claim:
-        claim = self.claim_by_name(source)
+        claim = super().claim(source)
         claim.keys = without_lone_generics(claim.keys)
         return claim
 

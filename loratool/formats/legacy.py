@@ -10,10 +10,10 @@ from __future__ import annotations
 from functools import cache
 
 from ..adapter import Adapter
+from ..archs.catalog import get_catalog
 from ..io.source import TensorSource
 from ..kinds import suffix_table
 from .base import Claim, Codec, Suffixes, build_modules, place_on_architecture, split_dotted, suffixes_longest_first
-from .diffusers import diffusers_components
 
 # Module-name endings of the legacy layout -> the module path ending they stand for, first match wins.
 LEGACY_ENDINGS: tuple[tuple[str, str], ...] = (
@@ -35,7 +35,8 @@ LEGACY_ENDINGS: tuple[tuple[str, str], ...] = (
 
 
 @cache
-def _suffixes() -> Suffixes:
+def legacy_suffixes() -> Suffixes:
+    """The legacy processors' tensor names (XLabs' files use them too)."""
     return suffixes_longest_first(suffix_table("legacy"))
 
 
@@ -52,16 +53,13 @@ class LegacyCodec(Codec):
     name = "diffusers-legacy"
     alpha_convention = "none"
 
-    def claim(self, source: TensorSource) -> Claim:
-        return self.claim_by_name(source)
-
     def verdict(self, key: str) -> tuple[str, str] | None:
-        split = split_dotted(key, _suffixes())
-        return split if split is not None and legacy_to_path(split[0], diffusers_components()) is not None else None
+        split = split_dotted(key, legacy_suffixes())
+        return split if split is not None and legacy_to_path(split[0], get_catalog().components) is not None else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, ("legacy",))
-        components = diffusers_components()
+        components = get_catalog().components
         found = place_on_architecture(
             modules, "diffusers", source.metadata, names=lambda m: legacy_to_path(m, components) or m, only=arch
         )

@@ -34,17 +34,13 @@ from .base import (
 from .kohya import KohyaLayout
 
 
-def native_names() -> frozenset[str]:
-    return get_catalog().native_names
-
-
 class NativeCodec(Codec):
     name = "comfyui"
     alpha_convention = "tensor"
     schemes: tuple[str, ...] = ("kohya", "peft", "bfl")  # the tensor names this layout's files use
 
     def claim(self, source: TensorSource) -> Claim:
-        claim = self.claim_by_name(source)
+        claim = super().claim(source)
         claim.keys = without_lone_generics(claim.keys)
         return claim
 
@@ -54,7 +50,7 @@ class NativeCodec(Codec):
 
     def verdict(self, key: str) -> tuple[str, str] | None:
         split = split_dotted(key, self.suffixes)
-        return split if split is not None and split[0] in native_names() else None
+        return split if split is not None and split[0] in get_catalog().native_names else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
         modules, orphans = build_modules(source, claim.keys, self.schemes)

@@ -32,7 +32,7 @@ from .base import (
     split_dotted,
     suffixes_longest_first,
 )
-from .diffusers import component_configs, diffusers_components
+from .diffusers import component_configs
 from .layout import COMPONENT_KEY, WRAPPER, Origin, carried_metadata
 from .peft_config import checked_config, pattern_value
 from .peft_keyed import PeftKeyed, config_alpha, lora_config, rank_alpha_fields, short_path
@@ -200,7 +200,7 @@ def _place(modules: dict, source: TensorSource, config: dict, arch: str | None) 
     """An LLM adapter names modules by their model path; an adapter on one diffusers component
     (a UNet, a Flux transformer) names them by the path inside that component."""
     metadata = source.metadata
-    components = diffusers_components()
+    components = get_catalog().components
     named = metadata.get(COMPONENT_KEY)
     if named in components:
         return place_on_architecture(modules, "diffusers", metadata, names=lambda m: f"{named}.{m}", only=arch)

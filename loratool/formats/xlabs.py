@@ -8,14 +8,13 @@ alphas: XLabs applies these at scale 1.
 from __future__ import annotations
 
 import re
-from functools import cache
 
 from ..adapter import Adapter
 from ..archs import get_architecture
 from ..errors import FormatError
 from ..io.source import TensorSource
-from ..kinds import suffix_table
-from .base import Claim, Codec, Suffixes, build_modules, split_dotted, suffixes_longest_first
+from .base import Claim, Codec, build_modules, split_dotted
+from .legacy import legacy_suffixes
 
 PATTERN = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(\w+)$")
 # (block type, processor LoRA) -> (BFL module path, how many of its row blocks it covers; None = all)
@@ -27,11 +26,6 @@ PROCESSOR_TARGETS: dict[tuple[str, str], tuple[str, int | None]] = {
     ("single", "qkv_lora"): ("single_blocks.{i}.linear1", 3),
     ("single", "proj_lora"): ("single_blocks.{i}.linear2", None),
 }
-
-
-@cache
-def _suffixes() -> Suffixes:
-    return suffixes_longest_first(suffix_table("legacy"))
 
 
 def native_path(module: str) -> tuple[str, int | None] | None:
@@ -46,11 +40,8 @@ class XLabsCodec(Codec):
     name = "xlabs"
     alpha_convention = "none"
 
-    def claim(self, source: TensorSource) -> Claim:
-        return self.claim_by_name(source)
-
     def verdict(self, key: str) -> tuple[str, str] | None:
-        split = split_dotted(key, _suffixes())
+        split = split_dotted(key, legacy_suffixes())
         return split if split is not None and native_path(split[0]) is not None else None
 
     def read(self, source: TensorSource, claim: Claim, arch: str | None = None) -> Adapter:
